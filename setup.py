@@ -1,0 +1,126 @@
+"""Packaging for specdec.
+
+Two things are unusual here:
+- the top-level ``kernels/`` directory installs as the subpackage ``specdec.kernels`` (Triton kernels
+  and their PyTorch references live beside the package, as in the design's layout);
+- the Python gRPC stubs are generated from ``protos/`` while building, never committed: the proto
+  package ``specdec.v1`` becomes the Python module ``specdec.v1.specdec_pb2``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent.resolve()
+PROTO_ROOT = ROOT / "protos"
+
+
+def compile_protos(out_dir: Path) -> list[Path]:
+    """Run protoc (from grpcio-tools) on every .proto under protos/ into ``out_dir``."""
+    protos = sorted(PROTO_ROOT.rglob("*.proto"))
+    if not protos:
+        return []
+    import grpc_tools
+    from grpc_tools import protoc
+
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for proto in protos:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            str(proto),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+    # Every generated directory needs an __init__.py to be an importable package.
+    inits = []
+    for proto in protos:
+        directory = out_dir / proto.parent.relative_to(PROTO_ROOT)
+        while directory != out_dir:
+            init = directory / "__init__.py"
+            if not init.exists():
+                init.write_text("")
+            inits.append(init)
+            directory = directory.parent
+    return inits
+
+
+class BuildPyWithProtos(build_py):
+    """build_py that also generates the gRPC stubs into the build tree."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.dry_run:
+            # The proto package specdec.v1 lands at <build_lib>/specdec/v1/.
+            compile_protos(Path(self.build_lib))
+
+
+def read_version() -> str:
+    for line in (ROOT / "specdec" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("no __version__ in specdec/__init__.py")
+
+
+packages = find_packages(include=["specdec", "specdec.*"])
+packages.append("specdec.kernels")
+
+setup(
+    name="specdec",
+    version=read_version(),
+    description="Speculative-decoding inference server: a draft model proposes, a target verifies, "
+    "Triton kernels accept; served over gRPC.",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"specdec": "specdec", "specdec.kernels": "kernels"},
+    package_data={"specdec": ["assets/**/*"]},
+    include_package_data=True,
+    cmdclass={"build_py": BuildPyWithProtos},
+    install_requires=[
+        # torch is installed by the Makefile (CPU build where there is no GPU); any 2.4+ works.
+        "torch>=2.4",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "grpcio>=1.62",
+        "grpcio-health-checking>=1.62",
+        "grpcio-reflection>=1.62",
+        "protobuf>=4.25",
+        "prometheus-client>=0.19",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "jsonschema>=4",
+    ],
+    extras_require={
+        # triton is only needed for the kernels themselves: on CUDA it comes with torch; on CPU
+        # the tests run the kernels under TRITON_INTERPRET=1, so dev installs it.
+        "dev": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "pytest-timeout>=2",
+            "hypothesis>=6",
+            "ruff>=0.4",
+            "scipy>=1.10",
+            "matplotlib>=3.7",
+            "triton>=3.0",
+            "grpcio-tools>=1.62",
+        ],
+        "bench": ["matplotlib>=3.7"],
+        # flash-attn cannot be built on CPU machines; nothing requires it.
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["specdec=specdec.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX :: Linux"],
+    zip_safe=False,
+)

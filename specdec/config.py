@@ -1,0 +1,53 @@
+"""EngineConfig: the engine's settings, frozen and validated in one place.
+
+The CLI flags, the server's options and embedding code all build this same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.errors import SpecdecError
+
+MAX_GAMMA_LIMIT = 16
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_batch_size: int = 16  # running sequences = KV cache slots
+    max_queue: int = 256  # waiting requests beyond the running ones; more is RESOURCE_EXHAUSTED
+    max_context: int | None = None  # prompt + output tokens per sequence; None: min(model limit, 4096)
+    max_gamma: int = 8  # γmax: the most drafts per row per step
+    default_gamma: int = 4  # γ for speculative rows that do not force one, until adaptive γ decides
+    max_external_draft: int = 64  # external draft tokens verified per step (the rest wait for later steps)
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: str = "auto"  # "auto": bf16 on cuda, fp32 on cpu; or float32 / bfloat16 / float16
+    attention: str = "auto"  # attention backend: auto | sdpa | math
+    memory_fraction: float = 0.9  # of free memory the KV caches may take
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise SpecdecError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue < 0:
+            raise SpecdecError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_context is not None and self.max_context < 2:
+            raise SpecdecError(f"max_context must be >= 2, got {self.max_context}")
+        if not 1 <= self.max_gamma <= MAX_GAMMA_LIMIT:
+            raise SpecdecError(f"max_gamma must be in [1, {MAX_GAMMA_LIMIT}], got {self.max_gamma}")
+        if not 0 <= self.default_gamma <= self.max_gamma:
+            raise SpecdecError(
+                f"default_gamma must be in [0, max_gamma={self.max_gamma}], got {self.default_gamma}"
+            )
+        if self.max_external_draft < 1:
+            raise SpecdecError(f"max_external_draft must be >= 1, got {self.max_external_draft}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SpecdecError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0 < self.memory_fraction <= 1:
+            raise SpecdecError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+    @property
+    def lookahead(self) -> int:
+        """Cache positions past max_context. Draft passes run every row to the batch's longest γ,
+        so a row near its limit may write up to max_gamma + 1 positions past it (external drafts
+        are cut to the row's remaining budget and never need more)."""
+        return self.max_gamma + 2

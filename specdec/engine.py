@@ -1,0 +1,198 @@
+"""The public facade: ``from specdec import Engine``.
+
+    engine = Engine(target="path/to/target", draft="path/to/draft")
+    [result] = engine.generate(["def fibonacci(n):"], SamplingParams(max_new_tokens=64))
+    print(result.text, result.stats.acceptance_rate)
+
+An Engine loads a pair (or one model) and drives the scheduler synchronously. It knows nothing of
+gRPC; the server runs the same scheduler loop in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdec.config import EngineConfig
+from specdec.errors import InvalidRequestError
+from specdec.models.loader import LoadedModel, load_checkpoint
+from specdec.request import GenerationResult, Mode, Request, RequestOutput, SpecStats, Timing
+from specdec.sampling import SamplingParams
+from specdec.scheduler import Scheduler
+
+log = logging.getLogger("specdec")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class Engine:
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | LoadedModel,
+        draft: str | os.PathLike[str] | LoadedModel | None = None,
+        config: EngineConfig | None = None,
+    ):
+        self.config = config or EngineConfig()
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, device)
+        self.target = _load(target, device, dtype, self.config.attention)
+        self.draft = _load(draft, device, dtype, self.config.attention) if draft is not None else None
+        self.scheduler = Scheduler(self.target, self.draft, self.config)
+        log.info(
+            "target %s (%s, %d layers), draft %s; KV cache per model: %s",
+            self.target.name,
+            self.target.config.model_type,
+            self.target.config.num_layers,
+            self.draft.name if self.draft else "none",
+            self.scheduler.target_cache.describe(),
+        )
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.target.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return self.scheduler.max_context
+
+    # ------------------------------------------------------------------ building requests
+
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of `messages` rendered by the tokenizer's chat template (generation prompt added)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages", "the target's tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.encode(text)
+
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        mode: Mode | str | None = None,
+        num_speculative_tokens: int = 0,
+        request_id: str = "",
+        external_draft: list[int] | None = None,
+    ) -> Request:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(mode, str):
+            try:
+                mode = Mode(mode)
+            except ValueError:
+                raise InvalidRequestError(
+                    "mode", f"unknown mode {mode!r}; one of {', '.join(m.value for m in Mode)}"
+                ) from None
+        return Request(
+            prompt_ids=ids,
+            params=params or SamplingParams(),
+            mode=mode,
+            num_speculative_tokens=num_speculative_tokens,
+            request_id=request_id,
+            external_draft=external_draft,
+        )
+
+    # ------------------------------------------------------------------ running them
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int] | Request],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        mode: Mode | str | None = None,
+        num_speculative_tokens: int = 0,
+    ) -> list[GenerationResult]:
+        """Run `prompts` (strings, token-id lists or Requests) to completion, batched together;
+        `params` is one SamplingParams for all or one per prompt. Results come in prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        requests = [
+            p if isinstance(p, Request) else self.make_request(p, sp, mode, num_speculative_tokens)
+            for p, sp in zip(prompts, params)
+        ]
+        ids = [self.scheduler.add_request(r) for r in requests]
+        collected: dict[str, list[RequestOutput]] = {i: [] for i in ids}
+        while self.scheduler.has_unfinished():
+            for out in self.scheduler.step():
+                if out.request_id in collected:
+                    collected[out.request_id].append(out)
+        return [_merge(collected[i]) for i in ids]
+
+    def stream(
+        self,
+        prompt: str | list[int] | Request,
+        params: SamplingParams | None = None,
+        mode: Mode | str | None = None,
+        num_speculative_tokens: int = 0,
+    ) -> Iterator[RequestOutput]:
+        """Yield one RequestOutput per step for one request (new tokens and text); the last one has
+        `finished` set and carries the totals. Closing the iterator cancels the request."""
+        request = (
+            prompt
+            if isinstance(prompt, Request)
+            else self.make_request(prompt, params, mode, num_speculative_tokens)
+        )
+        request_id = self.scheduler.add_request(request)
+        done = False
+        try:
+            while not done:
+                for out in self.scheduler.step():
+                    if out.request_id == request_id:
+                        done = out.finished
+                        if out.new_token_ids or out.new_text or out.finished:
+                            yield out
+        finally:
+            if not done:
+                self.scheduler.cancel(request_id)
+                while self.scheduler.is_active(request_id):
+                    self.scheduler.step()
+
+
+def _load(spec: Any, device: torch.device, dtype: torch.dtype, attention: str) -> LoadedModel:
+    if isinstance(spec, LoadedModel):
+        return spec
+    return load_checkpoint(Path(spec), device=device, dtype=dtype, attention=attention)
+
+
+def _merge(outputs: list[RequestOutput]) -> GenerationResult:
+    last = outputs[-1]
+    assert last.finished and last.finish_reason is not None
+    return GenerationResult(
+        request_id=last.request_id,
+        text="".join(o.new_text for o in outputs),
+        token_ids=[t for o in outputs for t in o.new_token_ids],
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        stats=last.stats or SpecStats(),
+        timing=last.timing or Timing(arrival=0.0),
+        seed=last.seed,
+        logprobs=[lp for o in outputs for lp in o.new_logprobs],
+        error=last.error,
+    )

@@ -1,0 +1,201 @@
+"""ModelConfig: one frozen description of a decoder, built from a Hugging Face config.
+
+Every architecture of the seed table is the same decoder with different flags; this module is the
+one place that turns a `transformers` config (v4 or v5 spelling) into those flags, and the one
+place that refuses what the decoder cannot run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from specdec.errors import CheckpointError
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+@dataclass(frozen=True, slots=True)
+class RopeConfig:
+    rope_type: str  # one of SUPPORTED_ROPE_TYPES
+    theta: float
+    rotary_dim: int  # head_dim * partial_rotary_factor: the leading dims that rotate
+    factor: float = 1.0  # linear and llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int  # rows of the embedding = logits width; may exceed the tokenizer's vocabulary
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    qkv_bias: bool = False  # q/k/v projections carry a bias (qwen2; llama with attention_bias)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w) and normalises in fp32 (gemma2)
+    sandwich_norm: bool = False  # extra post-attention / pre- and post-MLP norms (gemma2)
+    embed_scale: float | None = None  # embeddings multiplied by sqrt(hidden) (gemma2)
+    attn_scale: float = 0.0  # softmax scale; 0 means head_dim ** -0.5
+    attn_softcap: float | None = None  # tanh soft-capping of attention scores (gemma2)
+    final_softcap: float | None = None  # tanh soft-capping of the final logits (gemma2)
+    sliding_windows: tuple[int | None, ...] = ()  # per layer: window length, None = full attention
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attn_scale or self.head_dim**-0.5
+
+    def num_parameters(self) -> int:
+        per_layer = (
+            self.hidden_size * (self.q_size + 2 * self.kv_size)
+            + self.q_size * self.hidden_size
+            + 3 * self.hidden_size * self.intermediate_size
+        )
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return embed + self.num_layers * per_layer
+
+
+def _get(hf: Any, name: str, default: Any = None) -> Any:
+    value = getattr(hf, name, default)
+    return default if value is None else value
+
+
+def _rope_parameters(hf: Any) -> dict[str, Any]:
+    """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (4.x)."""
+    params = getattr(hf, "rope_parameters", None)
+    if params:
+        params = dict(params)
+        if all(isinstance(v, dict) for v in params.values()):
+            # Per-layer-type RoPE (e.g. gemma3): one decoder-wide table is all we build.
+            distinct = {tuple(sorted(v.items())) for v in params.values()}
+            if len(distinct) != 1:
+                raise CheckpointError(
+                    "per-layer-type RoPE parameters that differ between layer types are not supported"
+                )
+            params = dict(next(iter(params.values())))
+    else:
+        params = dict(getattr(hf, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", _get(hf, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if "partial_rotary_factor" not in params:
+        params["partial_rotary_factor"] = _get(hf, "partial_rotary_factor", 1.0)
+    return params
+
+
+def _rope_config(hf: Any, head_dim: int) -> RopeConfig:
+    params = _rope_parameters(hf)
+    rope_type = params["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            + (
+                " (longrope and dynamic scaling depend on the sequence length, which a static cache does "
+                "not fix; use a checkpoint without them)"
+                if rope_type in ("longrope", "dynamic", "su")
+                else ""
+            )
+        )
+    rotary_dim = int(head_dim * float(params["partial_rotary_factor"]))
+    kwargs: dict[str, Any] = {}
+    if rope_type in ("linear", "llama3"):
+        kwargs["factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        kwargs["low_freq_factor"] = float(params["low_freq_factor"])
+        kwargs["high_freq_factor"] = float(params["high_freq_factor"])
+        kwargs["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+    return RopeConfig(rope_type=rope_type, theta=float(params["rope_theta"]), rotary_dim=rotary_dim, **kwargs)
+
+
+def _eos_ids(hf: Any, generation_eos: Any = None) -> tuple[int, ...]:
+    ids: list[int] = []
+    for value in (getattr(hf, "eos_token_id", None), generation_eos):
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if int(v) not in ids:
+                ids.append(int(v))
+    return tuple(ids)
+
+
+def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
+    """Translate a `transformers` PretrainedConfig into a ModelConfig, or raise CheckpointError."""
+    model_type = getattr(hf, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    hidden = int(hf.hidden_size)
+    heads = int(hf.num_attention_heads)
+    head_dim = int(_get(hf, "head_dim", hidden // heads))
+    num_layers = int(hf.num_hidden_layers)
+    act = _get(hf, "hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise CheckpointError(
+            f"unsupported activation {act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    attention_bias = bool(_get(hf, "attention_bias", False))
+    flags: dict[str, Any] = {
+        "qkv_bias": attention_bias,
+        "o_bias": attention_bias,
+        "mlp_bias": bool(_get(hf, "mlp_bias", False)),
+        "hidden_act": act,
+    }
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=int(hf.vocab_size),
+        hidden_size=hidden,
+        intermediate_size=int(hf.intermediate_size),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=int(_get(hf, "num_key_value_heads", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(_get(hf, "max_position_embeddings", 2048)),
+        rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+        rope=_rope_config(hf, head_dim),
+        tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        sliding_windows=tuple([None] * num_layers),
+        eos_token_ids=_eos_ids(hf, generation_eos),
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        **flags,
+    )
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Consistency checks that would otherwise surface as shape errors deep in a forward pass."""
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise CheckpointError(
+            f"num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}"
+        )
+    if cfg.rope.rotary_dim % 2 or cfg.rope.rotary_dim > cfg.head_dim:
+        raise CheckpointError(
+            f"rotary dimension {cfg.rope.rotary_dim} must be even and <= head_dim {cfg.head_dim}"
+        )
+    if len(cfg.sliding_windows) != cfg.num_layers:
+        raise CheckpointError("sliding_windows must list one entry per layer")
+    if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
+        raise CheckpointError(f"rms_norm_eps must be positive, got {cfg.rms_norm_eps}")

@@ -1,0 +1,202 @@
+"""One decoder for the whole seed table; every architectural difference is a ModelConfig flag.
+
+Parameter names follow Hugging Face's (without the leading ``model.``), except that q/k/v and
+gate/up are always fused (``qkv_proj``, ``gate_up_proj``): one matmul instead of three, and Phi-3's
+checkpoints already store them that way. The loader fuses the others.
+
+A forward pass takes a ragged batch: tokens [B, T] where row b has n_valid[b] real tokens starting
+at absolute position start[b] of the sequence in cache slot slots[b]. Each row writes its K/V at its
+own positions in its own slot and attends causally to its own prefix. Nothing here reads a tensor
+value on the host, so the pass can be captured as a CUDA graph for a fixed (B, T, kv_len).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec.models.attention import AttentionFn, select_backend
+from specdec.models.config import ModelConfig
+from specdec.models.kv_cache import KVCache
+from specdec.models.rope import apply_rope, rope_tables
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    tokens: torch.Tensor  # [B, T] int64, padded rows filled with any valid id
+    slots: torch.Tensor  # [B] int64: each row's cache slot
+    start: torch.Tensor  # [B] int64: absolute position of tokens[:, 0]
+    n_valid: torch.Tensor  # [B] int64: real tokens per row; the rest of the row is padding
+    kv_len: int  # attention reads positions [0, kv_len); >= max(start + n_valid)
+    logits_index: torch.Tensor | None = None  # [B, K] int64 columns of T whose logits are wanted
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, plus_one: bool):
+        super().__init__()
+        self.eps = eps
+        self.plus_one = plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            # Gemma scales by (1 + w) in float32 and casts once, at the end.
+            return (xf * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_fn: AttentionFn):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.attn_fn = attn_fn
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+        self.window = cfg.sliding_windows[layer_idx]
+
+    def forward(self, x: torch.Tensor, ctx: _PassContext) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)  # [B, H, T, D]
+        k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)  # [B, KVH, T, D]
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        ctx.cache.write(self.layer_idx, ctx.slot_index, ctx.write_positions, k, v)
+        k_all, v_all = ctx.cache.read(self.layer_idx, ctx.slots, ctx.kv_len)  # [B, KVH, L, D]
+        mask = ctx.masks[self.window]
+        out = self.attn_fn(q, k_all, v_all, mask, cfg.softmax_scale, cfg.attn_softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_fn: AttentionFn):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
+        self.sandwich = cfg.sandwich_norm
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer_idx, attn_fn)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: _PassContext) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), ctx)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass(slots=True)
+class _PassContext:
+    """What every layer of one forward pass shares: built once per pass, not per layer."""
+
+    cache: KVCache
+    cos: torch.Tensor  # [B, 1, T, rotary_dim]
+    sin: torch.Tensor
+    slots: torch.Tensor  # [B]
+    slot_index: torch.Tensor  # [B, T]: slots broadcast over the row
+    write_positions: torch.Tensor  # [B, T]: where each token's K/V goes (padding -> scratch)
+    kv_len: int
+    masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, kv_len] bool
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        attn_fn = select_backend(attention, needs_softcap=cfg.attn_softcap is not None)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_fn) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.num_positions = 0
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_rope(self, num_positions: int) -> None:
+        """Build the cos/sin tables for positions [0, num_positions) on the model's device and dtype."""
+        ref = self.embed_tokens.weight
+        cos, sin = rope_tables(self.cfg.rope, num_positions)
+        # Non-persistent: derived from the config, never part of a checkpoint.
+        self.register_buffer("rope_cos", cos.to(ref.device, ref.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(ref.device, ref.dtype), persistent=False)
+        self.num_positions = num_positions
+
+    def _context(self, batch: ForwardBatch, cache: KVCache) -> _PassContext:
+        b, t = batch.tokens.shape
+        device = batch.tokens.device
+        steps = torch.arange(t, device=device)
+        q_pos = batch.start[:, None] + steps[None, :]  # [B, T]
+        valid = steps[None, :] < batch.n_valid[:, None]
+        write_positions = torch.where(valid, q_pos, cache.layout.scratch_position)
+        table_index = q_pos.clamp(max=self.num_positions - 1)
+        cos = self.rope_cos[table_index].unsqueeze(1)
+        sin = self.rope_sin[table_index].unsqueeze(1)
+        k_pos = torch.arange(batch.kv_len, device=device)
+        causal = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
+        masks: dict[int | None, torch.Tensor] = {None: causal.unsqueeze(1)}
+        for window in set(self.cfg.sliding_windows) - {None}:
+            in_window = k_pos[None, None, :] > q_pos[:, :, None] - window
+            masks[window] = (causal & in_window).unsqueeze(1)
+        return _PassContext(
+            cache=cache,
+            cos=cos,
+            sin=sin,
+            slots=batch.slots,
+            slot_index=batch.slots[:, None].expand(b, t),
+            write_positions=write_positions,
+            kv_len=batch.kv_len,
+            masks=masks,
+        )
+
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:
+        """Logits [B, K, vocab] float32 at batch.logits_index (all T if None); None if K == 0."""
+        ctx = self._context(batch, cache)
+        x = self.embed_tokens(batch.tokens)
+        if self.cfg.embed_scale is not None:
+            # Gemma rounds the scale to the activation dtype before multiplying.
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if batch.logits_index is not None:
+            if batch.logits_index.shape[1] == 0:
+                return None
+            index = batch.logits_index[:, :, None].expand(-1, -1, x.shape[-1])
+            x = torch.gather(x, 1, index)
+        logits = self.lm_head(self.norm(x)).float()
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits

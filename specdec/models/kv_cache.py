@@ -1,0 +1,99 @@
+"""The static KV cache: one slot per running sequence, rollback by length.
+
+k, v: [layers, slots, kv_heads, capacity, head_dim]. A sequence owns one slot; the scheduler keeps its
+length. Rolling back rejected draft tokens is setting that length: nothing is copied, and positions
+past the length are simply never attended (every query attends only to positions <= its own).
+
+capacity = max_context + lookahead + 1. The lookahead positions take the speculative writes past
+the context limit (a verify of γ+1 tokens at the last position); the final position is a scratch
+row where padded tokens of ragged batches write, so no real position is ever clobbered by padding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from specdec.errors import CapacityError
+from specdec.models.config import ModelConfig
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """KV bytes one token occupies across all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a new allocation on `device` (GPU: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    num_slots: int
+    max_context: int  # longest sequence (prompt + generated) a slot holds
+    lookahead: int  # positions past max_context for speculative writes
+
+    @property
+    def capacity(self) -> int:
+        return self.max_context + self.lookahead + 1
+
+    @property
+    def scratch_position(self) -> int:
+        return self.capacity - 1
+
+
+class KVCache:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layout: CacheLayout,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        memory_fraction: float = 0.9,
+    ):
+        device = torch.device(device)
+        self.layout = layout
+        self.nbytes = layout.num_slots * layout.capacity * bytes_per_token(cfg, dtype)
+        free = available_memory(device)
+        if self.nbytes > memory_fraction * free:
+            raise CapacityError(
+                f"KV cache needs {self.nbytes / 2**20:.1f} MiB ({layout.num_slots} slots x {layout.capacity} "
+                f"positions x {bytes_per_token(cfg, dtype)} bytes/token) but only {free / 2**20:.1f} MiB is "
+                f"free on {device}: lower the number of slots (--max-batch-size) or the context length "
+                "(--max-context)"
+            )
+        shape = (cfg.num_layers, layout.num_slots, cfg.num_kv_heads, layout.capacity, cfg.head_dim)
+        # Zeros, not empty: padded queries read positions nobody wrote, and must read finite numbers.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(
+        self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store k, v [B, KVH, T, D] at (slot_index[b, t], positions[b, t]) of `layer`."""
+        self.k[layer][slot_index, :, positions] = k.transpose(1, 2)
+        self.v[layer][slot_index, :, positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, KVH, kv_len, D] of each row's slot, positions [0, kv_len)."""
+        return self.k[layer][slots, :, :kv_len], self.v[layer][slots, :, :kv_len]
+
+    def describe(self) -> str:
+        return (
+            f"{self.layout.num_slots} slots x {self.layout.capacity} positions "
+            f"({self.layout.max_context} context + {self.layout.lookahead} look-ahead + 1 scratch): "
+            f"{self.nbytes / 2**20:.1f} MiB"
+        )

@@ -1,0 +1,151 @@
+"""Sampling parameters, and the one transform from logits to probabilities.
+
+`transform_logits` is the only place temperature, top-k and top-p are applied. Draft logits and
+target logits both go through it before acceptance, so the speculative guarantee is stated with
+respect to its output: the emitted tokens follow the target's *transformed* distribution.
+Greedy rows (temperature 0) never reach it: they take the argmax of the raw logits.
+
+It is a pipeline of per-row steps on a [N, V] tensor, so per-position penalties and logit bias can
+be added as further steps before temperature without touching the callers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from specdec.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request generation settings. Defaults: greedy, 128 new tokens, no stop strings."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # 0 = no top-k
+    seed: int | None = None  # None: the engine draws one (reported back, so a run can be repeated)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives returned per token, when logprobs is set
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidRequestError naming the first field that is out of range."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise InvalidRequestError(
+                "max_new_tokens", f"must be a positive integer, got {self.max_new_tokens}"
+            )
+        if math.isnan(self.temperature) or self.temperature < 0 or math.isinf(self.temperature):
+            raise InvalidRequestError(
+                "temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature}"
+            )
+        if math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError("top_k", f"must be >= 0 (0 = disabled), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequestError("seed", f"must be in [0, 2**63 - 1], got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(
+                "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"
+            )
+        for s in self.stop:
+            if not s:
+                raise InvalidRequestError("stop", "stop strings must not be empty")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequestError(
+                    "stop",
+                    f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters, got {len(s)}",
+                )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(
+                "stop_token_ids",
+                f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.stop_token_ids)}",
+            )
+        for t in self.stop_token_ids:
+            if t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise InvalidRequestError(
+                    "stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab_size})"
+                )
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """The per-row parameters of one batch, as device tensors, plus what the host knows about them."""
+
+    temperature: torch.Tensor  # [N] float32, greedy rows hold 1.0 (they never use the result)
+    top_k: torch.Tensor  # [N] int64, 0 = off
+    top_p: torch.Tensor  # [N] float32
+    greedy: torch.Tensor  # [N] bool
+    any_sampled: bool  # host-side: is there any row to transform at all
+    any_truncation: bool  # host-side: does any row use top-k or top-p (the sort is skipped if not)
+
+    @staticmethod
+    def from_params(params: list[SamplingParams], device: torch.device) -> SamplingTensors:
+        temperature = [p.temperature if not p.greedy else 1.0 for p in params]
+        return SamplingTensors(
+            temperature=torch.tensor(temperature, dtype=torch.float32).to(device, non_blocking=True),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64).to(device, non_blocking=True),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool).to(device, non_blocking=True),
+            any_sampled=any(not p.greedy for p in params),
+            any_truncation=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+        )
+
+    def repeat_rows(self, n: int) -> SamplingTensors:
+        """The same parameters for each of n consecutive positions per row ([N] -> [N * n])."""
+        return SamplingTensors(
+            temperature=self.temperature.repeat_interleave(n),
+            top_k=self.top_k.repeat_interleave(n),
+            top_p=self.top_p.repeat_interleave(n),
+            greedy=self.greedy.repeat_interleave(n),
+            any_sampled=self.any_sampled,
+            any_truncation=self.any_truncation,
+        )
+
+
+def transform_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """logits [N, V] -> transformed logits [N, V] float32: temperature, then top-k, then top-p.
+    Removed entries are -inf. V must already be the real vocabulary (padded lanes sliced off)."""
+    x = logits.float() / st.temperature[:, None]
+    if st.any_truncation:
+        x = _top_k_top_p(x, st.top_k, st.top_p)
+    return x
+
+
+def probabilities(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """[N, V] probabilities of the transformed distribution (what acceptance compares)."""
+    return torch.softmax(transform_logits(logits, st), dim=-1)
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    vocab = x.shape[-1]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=x.device)[None, :]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    sorted_x = sorted_x.masked_fill(ranks >= k[:, None], float("-inf"))
+    # Top-p on the top-k-renormalised distribution: keep the shortest prefix whose mass reaches p
+    # (a token is dropped when the mass before it already reaches p; the first is always kept).
+    sorted_p = torch.softmax(sorted_x, dim=-1)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    sorted_x = sorted_x.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.empty_like(x).scatter_(-1, order, sorted_x)

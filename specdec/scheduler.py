@@ -1,0 +1,363 @@
+"""The synchronous scheduler: it owns the models' caches and the slots.
+
+Each `step()` reaps cancelled requests, admits waiting ones into free slots (prefilling their
+prompts), runs one decoding step for every running row, and commits the tokens it produced. It
+knows nothing of threads or gRPC: the engine calls it in a loop, the server runs that loop in a
+thread of its own.
+
+Invariant between steps, for every running sequence: `tokens` holds prompt + committed output; the
+target cache holds K/V for tokens[:target_len] (target_len = len(tokens) - 1: the last committed
+token is the first input of the next pass); the draft cache holds tokens[:draft_len].
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.batching import Row, make_batch
+from specdec.config import EngineConfig
+from specdec.errors import IncompatiblePairError, InvalidRequestError, QueueFullError
+from specdec.kernels.philox import STREAM_RESAMPLE
+from specdec.kernels.sample import sample_reference
+from specdec.models.kv_cache import CacheLayout, KVCache
+from specdec.models.loader import LoadedModel
+from specdec.request import (
+    FinishReason,
+    Mode,
+    Request,
+    RequestOutput,
+    SpecStats,
+    Timing,
+    TokenLogprob,
+)
+from specdec.sampling import SamplingTensors, probabilities
+from specdec.stopping import OutputStopper
+from specdec.tokenization import real_vocab_size
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request: Request
+    request_id: str
+    mode: Mode
+    slot: int
+    seed: int
+    stopper: OutputStopper
+    tokens: list[int]
+    num_prompt: int
+    timing: Timing
+    target_len: int = 0
+    draft_len: int = 0
+    stats: SpecStats = field(default_factory=SpecStats)
+    reported: int = 0  # output tokens already handed out
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+
+class Scheduler:
+    def __init__(self, target: LoadedModel, draft: LoadedModel | None, config: EngineConfig):
+        self.target = target
+        self.draft = draft
+        self.config = config
+        self.device = target.device
+        self.vocab_size = real_vocab_size(target.tokenizer)
+        if self.vocab_size > target.config.vocab_size:
+            # Added tokens the embedding does not cover can never be produced; never emit them.
+            self.vocab_size = target.config.vocab_size
+        if draft is not None:
+            self.vocab_size = min(self.vocab_size, draft.config.vocab_size)
+            check_pair(target, draft)
+        limits = [target.config.max_position_embeddings] + (
+            [draft.config.max_position_embeddings] if draft else []
+        )
+        self.max_context = config.max_context or min(*limits, DEFAULT_MAX_CONTEXT)
+        if self.max_context > min(limits):
+            raise InvalidRequestError(
+                "max_context", f"{self.max_context} exceeds the models' max_position_embeddings {min(limits)}"
+            )
+        self.layout = CacheLayout(config.max_batch_size, self.max_context, config.lookahead)
+        self.target_cache = KVCache(
+            target.config, self.layout, target.dtype, self.device, config.memory_fraction
+        )
+        target.model.init_rope(self.layout.capacity)
+        self.draft_cache: KVCache | None = None
+        if draft is not None:
+            self.draft_cache = KVCache(
+                draft.config, self.layout, draft.dtype, self.device, config.memory_fraction
+            )
+            draft.model.init_rope(self.layout.capacity)
+        self.eos_ids = tuple(
+            sorted(set(target.config.eos_token_ids) | ({target.tokenizer.eos_token_id} - {None}))
+        )
+        self.free_slots: list[int] = list(reversed(range(config.max_batch_size)))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._seeds = random.SystemRandom()
+
+    # ----------------------------------------------------------------------------- requests
+
+    @property
+    def default_mode(self) -> Mode:
+        return Mode.SPECULATIVE if self.draft is not None else Mode.TARGET
+
+    def add_request(self, request: Request) -> str:
+        """Validate and queue a request; return its id. Raises InvalidRequestError / QueueFullError."""
+        mode = self._validate(request)
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
+        request_id = request.request_id or f"req-{next(self._ids)}"
+        if request_id in self._by_id:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        params = request.params
+        seed = params.seed if params.seed is not None else self._seeds.randrange(2**63)
+        stopper = OutputStopper(
+            self.target.tokenizer,
+            request.prompt_ids,
+            () if params.ignore_eos else self.eos_ids,
+            params.stop_token_ids,
+            params.stop,
+            params.max_new_tokens,
+            self.max_context,
+        )
+        seq = Sequence(
+            request=request,
+            request_id=request_id,
+            mode=mode,
+            slot=-1,
+            seed=seed,
+            stopper=stopper,
+            tokens=list(request.prompt_ids),
+            num_prompt=len(request.prompt_ids),
+            timing=Timing(arrival=request.arrival_time),
+        )
+        self.waiting.append(seq)
+        self._by_id[request_id] = seq
+        return request_id
+
+    def _validate(self, request: Request) -> Mode:
+        mode = request.mode or self.default_mode
+        if mode in (Mode.SPECULATIVE, Mode.DRAFT) and self.draft is None:
+            raise InvalidRequestError(
+                "mode", f"mode {mode.value} needs a draft model; this engine has only a target"
+            )
+        ids = request.prompt_ids
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                "prompt_token_ids", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if len(ids) >= self.max_context:
+            raise InvalidRequestError(
+                "prompt",
+                f"{len(ids)} prompt tokens leave no room in the context of {self.max_context} tokens",
+            )
+        request.params.validate(self.vocab_size)
+        room = self.max_context - len(ids)
+        if request.params.max_new_tokens > room:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"{request.params.max_new_tokens} exceeds the room left in the context: {len(ids)} prompt tokens "
+                f"+ max_new_tokens must be <= {self.max_context}, so at most {room}",
+            )
+        if not 0 <= request.num_speculative_tokens <= self.config.max_gamma:
+            raise InvalidRequestError(
+                "num_speculative_tokens",
+                f"must be in [0, {self.config.max_gamma}] (0 = adaptive), got {request.num_speculative_tokens}",
+            )
+        return mode
+
+    def cancel(self, request_id: str) -> bool:
+        """Mark a request cancelled; its slot is freed at the start of the next step."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return False
+        seq.cancelled = True
+        return True
+
+    def is_active(self, request_id: str) -> bool:
+        """Whether the request is still waiting or running."""
+        return request_id in self._by_id
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        self._reap_cancelled(outputs)
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self.running:
+            self._decode(outputs)
+        return outputs
+
+    def _reap_cancelled(self, outputs: list[RequestOutput]) -> None:
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.finish_reason = FinishReason.CANCELLED
+            outputs.append(self._finish(seq))
+        for seq in [s for s in self.running if s.cancelled]:
+            seq.finish_reason = FinishReason.CANCELLED
+            outputs.append(self._finish(seq))
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        now = time.monotonic()
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            seq.timing.admitted = now
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Write every prompt but its last token into the caches that will serve it (the last
+        token is the first input of the row's first decoding pass, which yields logits)."""
+        for model, cache, modes, attr in (
+            (self.target, self.target_cache, (Mode.SPECULATIVE, Mode.TARGET), "target_len"),
+            (self.draft, self.draft_cache, (Mode.SPECULATIVE, Mode.DRAFT), "draft_len"),
+        ):
+            rows = [s for s in seqs if s.mode in modes and s.num_prompt > 1]
+            if model is None or cache is None or not rows:
+                continue
+            batch = make_batch(
+                [Row(s.slot, 0, s.tokens[: s.num_prompt - 1]) for s in rows],
+                self.device,
+                self.layout.capacity,
+                logits_columns=[[] for _ in rows],
+            )
+            model.model(batch, cache)
+            for s in rows:
+                setattr(s, attr, s.num_prompt - 1)
+
+    def _decode(self, outputs: list[RequestOutput]) -> None:
+        """One plain step of the target for every running row."""
+        rows = list(self.running)  # a copy: finishing a row removes it from self.running
+        batch = make_batch(
+            [Row(s.slot, s.target_len, s.tokens[s.target_len :]) for s in rows],
+            self.device,
+            self.layout.capacity,
+            logits_columns=[[len(s.tokens) - s.target_len - 1] for s in rows],
+        )
+        logits = self.target.model(batch, self.target_cache)[:, 0]  # [B, V_target]
+        st = SamplingTensors.from_params([s.request.params for s in rows], self.device)
+        probs = probabilities(logits[:, : self.vocab_size], st) if st.any_sampled else None
+        seeds = torch.tensor([s.seed for s in rows], dtype=torch.int64).to(self.device, non_blocking=True)
+        positions = torch.tensor([len(s.tokens) for s in rows], dtype=torch.int64).to(
+            self.device, non_blocking=True
+        )
+        tokens, bad = sample_reference(
+            logits, probs, st.greedy, seeds, positions, STREAM_RESAMPLE, self.vocab_size
+        )
+        host = torch.stack([tokens, bad.long()]).cpu()  # the step's one device-to-host sync
+        for b, seq in enumerate(rows):
+            if host[1, b]:
+                self._fail(seq, "non-finite logits from the target model")
+                outputs.append(self._finish(seq))
+                continue
+            self._commit(seq, [int(host[0, b])], outputs)
+
+    # ----------------------------------------------------------------------------- commit
+
+    def _commit(self, seq: Sequence, new_tokens: list[int], outputs: list[RequestOutput]) -> None:
+        kept, reason = seq.stopper.consume(new_tokens)
+        seq.tokens.extend(new_tokens[:kept])
+        seq.target_len = len(seq.tokens) - 1
+        if seq.timing.first_token is None and kept:
+            seq.timing.first_token = time.monotonic()
+        if reason is not None:
+            seq.finish_reason = reason
+            outputs.append(self._finish(seq))
+        else:
+            outputs.append(self._delta(seq, final=False))
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.finish_reason = FinishReason.ERROR
+        seq.error = (
+            f"request {seq.request_id}: {message}; the request was stopped (other requests are unaffected)"
+        )
+
+    def _delta(self, seq: Sequence, final: bool) -> RequestOutput:
+        new_ids = seq.output_ids[seq.reported :]
+        seq.reported += len(new_ids)
+        logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            new_text=seq.stopper.take_text(final),
+            new_logprobs=logprobs,
+            finished=final,
+            finish_reason=seq.finish_reason if final else None,
+            error=seq.error if final else None,
+            prompt_tokens=seq.num_prompt,
+            completion_tokens=len(seq.output_ids),
+            stats=seq.stats,
+            timing=seq.timing,
+            seed=seq.seed,
+            mode=seq.mode,
+        )
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        seq.timing.finished = time.monotonic()
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+        self._by_id.pop(seq.request_id, None)
+        return self._delta(seq, final=True)
+
+
+def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
+    """Refuse a draft whose tokenizer maps tokens to ids differently from the target's.
+
+    Logits widths may differ (checkpoints pad the vocabulary differently); the token <-> id mapping
+    may not."""
+    t_vocab, d_vocab = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if t_vocab == d_vocab:
+        return
+    only_t = sorted(set(t_vocab) - set(d_vocab))
+    only_d = sorted(set(d_vocab) - set(t_vocab))
+    moved = sorted(k for k in set(t_vocab) & set(d_vocab) if t_vocab[k] != d_vocab[k])
+    details = []
+    if len(t_vocab) != len(d_vocab):
+        details.append(f"target tokenizer has {len(t_vocab)} entries, draft {len(d_vocab)}")
+    if only_t:
+        details.append(f"{len(only_t)} tokens only in the target's (e.g. {only_t[:3]})")
+    if only_d:
+        details.append(f"{len(only_d)} tokens only in the draft's (e.g. {only_d[:3]})")
+    if moved:
+        k = moved[0]
+        details.append(
+            f"{len(moved)} tokens with different ids (e.g. {k!r}: target {t_vocab[k]}, draft {d_vocab[k]})"
+        )
+    raise IncompatiblePairError(
+        f"draft {draft.path} and target {target.path} do not share a tokenizer: " + "; ".join(details)
+    )

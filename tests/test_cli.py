@@ -1,0 +1,37 @@
+"""The `specdec` command, run as a user runs it: a subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SPECDEC = shutil.which("specdec") or str(Path(sys.executable).parent / "specdec")
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SPECDEC, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+
+
+def test_generate_json_on_a_checkpoint(llama_path):
+    out = run("generate", "def add(a, b):", "--target", str(llama_path), "--max-new-tokens", "6", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) >= {"text", "token_ids", "finish_reason", "stats"}
+    assert len(result["token_ids"]) <= 6 and result["finish_reason"] in ("length", "eos")
+
+
+def test_generate_reports_bad_arguments(llama_path):
+    out = run("generate", "x", "--target", str(llama_path), "--top-p", "2", "--temperature", "1")
+    assert out.returncode == 2
+    assert "top_p: must be in (0, 1]" in out.stderr
+
+
+def test_generate_reports_bad_checkpoint(tmp_path):
+    out = run("generate", "x", "--target", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "checkpoint directory does not exist" in out.stderr

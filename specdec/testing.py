@@ -34,8 +34,24 @@ _CORPUS = [
 ] * 4
 
 # Per-architecture defaults for a tiny model; the caller's keyword arguments override them.
+# Each exercises what makes its family different: windows shorter than the test sequences, a
+# head_dim that is not hidden / heads, partial rotary, soft-capping, tied embeddings.
 _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {},
+    "mistral": {"sliding_window": 16},
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {"head_dim": 24},
+    "phi3": {
+        "sliding_window": 20,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+    },
+    "gemma2": {
+        "head_dim": 32,
+        "sliding_window": 12,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
 }
 
 

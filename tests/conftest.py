@@ -33,6 +33,25 @@ LLAMA3_ROPE = {
 }
 
 
+# name -> (model_type, checkpoint kwargs). Each is a distinct feature set of the one decoder.
+ARCHITECTURES = {
+    "llama": ("llama", {"vocab_size": PADDED_VOCAB, "rope_parameters": LLAMA3_ROPE}),
+    "llama-linear-rope-tied": (
+        "llama",
+        {
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+            "tie_word_embeddings": True,
+        },
+    ),
+    "llama-bias-mha": ("llama", {"attention_bias": True, "mlp_bias": True, "num_kv_heads": 4}),
+    "mistral": ("mistral", {"vocab_size": PADDED_VOCAB}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"vocab_size": PADDED_VOCAB}),
+    "phi3": ("phi3", {}),
+    "gemma2": ("gemma2", {"vocab_size": PADDED_VOCAB}),
+}
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """A factory of tiny checkpoints, cached by their arguments for the whole session."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from specdec.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
@@ -142,6 +142,36 @@ def _eos_ids(hf: Any, generation_eos: Any = None) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _sliding_windows(hf: Any, model_type: str, num_layers: int) -> tuple[int | None, ...]:
+    """Per layer: the sliding-window length, or None for full attention.
+
+    transformers 5 configs list `layer_types`; for configs without them (mistral, phi3, and 4.x
+    spellings) the family's own rule applies."""
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types:
+        if len(layer_types) != num_layers:
+            raise CheckpointError(
+                f"layer_types lists {len(layer_types)} layers, num_hidden_layers is {num_layers}"
+            )
+        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise CheckpointError(
+                f"unsupported layer types {sorted(unknown)}; supported: full_attention, sliding_attention"
+            )
+        if "sliding_attention" in layer_types and not window:
+            raise CheckpointError("layer_types has sliding_attention layers but sliding_window is not set")
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if model_type in ("mistral", "phi3") and window:
+        return tuple([int(window)] * num_layers)
+    if model_type in ("qwen2", "qwen3") and window and getattr(hf, "use_sliding_window", False):
+        first = int(_get(hf, "max_window_layers", num_layers))
+        return tuple(int(window) if i >= first else None for i in range(num_layers))
+    if model_type == "gemma2" and window:
+        return tuple(int(window) if i % 2 == 0 else None for i in range(num_layers))
+    return tuple([None] * num_layers)
+
+
 def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
     """Translate a `transformers` PretrainedConfig into a ModelConfig, or raise CheckpointError."""
     model_type = getattr(hf, "model_type", None)
@@ -154,10 +184,6 @@ def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
     head_dim = int(_get(hf, "head_dim", hidden // heads))
     num_layers = int(hf.num_hidden_layers)
     act = _get(hf, "hidden_act", "silu")
-    if act not in SUPPORTED_ACTIVATIONS:
-        raise CheckpointError(
-            f"unsupported activation {act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
-        )
     attention_bias = bool(_get(hf, "attention_bias", False))
     flags: dict[str, Any] = {
         "qkv_bias": attention_bias,
@@ -165,6 +191,25 @@ def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
         "mlp_bias": bool(_get(hf, "mlp_bias", False)),
         "hidden_act": act,
     }
+    if model_type == "qwen2":
+        # Qwen2 always carries q/k/v biases (and none on o_proj), whatever attention_bias says.
+        flags.update(qkv_bias=True, o_bias=False)
+    if model_type == "qwen3":
+        flags["qk_norm"] = True
+    if model_type == "gemma2":
+        flags.update(
+            hidden_act=_get(hf, "hidden_activation", _get(hf, "hidden_act", "gelu_pytorch_tanh")),
+            norm_plus_one=True,
+            sandwich_norm=True,
+            embed_scale=hidden**0.5,
+            attn_scale=float(_get(hf, "query_pre_attn_scalar", head_dim)) ** -0.5,
+            attn_softcap=getattr(hf, "attn_logit_softcapping", None),
+            final_softcap=getattr(hf, "final_logit_softcapping", None),
+        )
+    if flags["hidden_act"] not in SUPPORTED_ACTIVATIONS:
+        raise CheckpointError(
+            f"unsupported activation {flags['hidden_act']!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
     return ModelConfig(
         model_type=model_type,
         vocab_size=int(hf.vocab_size),
@@ -178,7 +223,7 @@ def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
         rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
         rope=_rope_config(hf, head_dim),
         tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-        sliding_windows=tuple([None] * num_layers),
+        sliding_windows=_sliding_windows(hf, model_type, num_layers),
         eos_token_ids=_eos_ids(hf, generation_eos),
         bos_token_id=getattr(hf, "bos_token_id", None),
         **flags,

@@ -8,26 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA3_ROPE, PADDED_VOCAB, hf_reference, random_prompt
+from conftest import ARCHITECTURES, LLAMA3_ROPE, PADDED_VOCAB, hf_reference, random_prompt
 
 from specdec.batching import Row, make_batch
 from specdec.models import CacheLayout, KVCache, load_checkpoint
 
 ATOL = 2e-5
 RTOL = 1e-4
-
-# name -> (model_type, checkpoint kwargs). Each is a distinct feature set of the one decoder.
-ARCHITECTURES = {
-    "llama": ("llama", {"vocab_size": PADDED_VOCAB, "rope_parameters": LLAMA3_ROPE}),
-    "llama-linear-rope-tied": (
-        "llama",
-        {
-            "rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
-            "tie_word_embeddings": True,
-        },
-    ),
-    "llama-bias-mha": ("llama", {"attention_bias": True, "mlp_bias": True, "num_kv_heads": 4}),
-}
 
 
 class Runner:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENIZER_VOCAB, assert_greedy_equal, hf_greedy, hf_reference, random_prompt
+from conftest import (
+    ARCHITECTURES,
+    TOKENIZER_VOCAB,
+    assert_greedy_equal,
+    hf_greedy,
+    hf_reference,
+    random_prompt,
+)
 
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
@@ -114,3 +121,20 @@ def test_closing_a_stream_cancels_and_frees_the_slot(engine):
     it.close()
     assert not engine.scheduler.has_unfinished()
     assert len(engine.scheduler.free_slots) == engine.config.max_batch_size
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_greedy_equals_transformers_per_architecture(arch, checkpoints):
+    """Every architecture of the seed table, batched and ragged, against `generate()`; long enough
+    to run past the sliding windows."""
+    model_type, kwargs = ARCHITECTURES[arch]
+    path = checkpoints(model_type, **kwargs)
+    ref = hf_reference(path)
+    engine = Engine(target=path, config=EngineConfig(max_batch_size=3, max_context=96))
+    g = torch.Generator().manual_seed(20)
+    prompts = [random_prompt(g, n) for n in (3, 14, 25, 9)]
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=20))
+    exact = sum(
+        assert_greedy_equal(ref, p, r.token_ids, hf_greedy(ref, p, 20)) for p, r in zip(prompts, results)
+    )
+    assert exact >= len(prompts) - 1

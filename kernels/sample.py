@@ -12,11 +12,13 @@ or whose probabilities sum to zero; a flagged row still yields an id inside [0, 
 from __future__ import annotations
 
 import torch
+
 from specdec.kernels.philox import HAVE_TRITON, uniform_reference
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
     from specdec.kernels.philox import philox_uniform
 
 

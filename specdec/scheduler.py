@@ -16,56 +16,19 @@ import itertools
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
-
-import torch
 
 from specdec.batching import Row, make_batch
 from specdec.config import EngineConfig
 from specdec.errors import IncompatiblePairError, InvalidRequestError, QueueFullError
-from specdec.kernels.philox import STREAM_RESAMPLE
-from specdec.kernels.sample import sample_reference
 from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.loader import LoadedModel
-from specdec.request import (
-    FinishReason,
-    Mode,
-    Request,
-    RequestOutput,
-    SpecStats,
-    Timing,
-    TokenLogprob,
-)
-from specdec.sampling import SamplingTensors, probabilities
+from specdec.request import FinishReason, Mode, Request, RequestOutput, Timing
+from specdec.sequence import Sequence
+from specdec.speculative import RowPlan, SpeculativeStep, commit
 from specdec.stopping import OutputStopper
 from specdec.tokenization import real_vocab_size
 
 DEFAULT_MAX_CONTEXT = 4096
-
-
-@dataclass(slots=True, eq=False)
-class Sequence:
-    request: Request
-    request_id: str
-    mode: Mode
-    slot: int
-    seed: int
-    stopper: OutputStopper
-    tokens: list[int]
-    num_prompt: int
-    timing: Timing
-    target_len: int = 0
-    draft_len: int = 0
-    stats: SpecStats = field(default_factory=SpecStats)
-    reported: int = 0  # output tokens already handed out
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    error: str | None = None
-    cancelled: bool = False
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
 
 
 class Scheduler:
@@ -102,6 +65,9 @@ class Scheduler:
             draft.model.init_rope(self.layout.capacity)
         self.eos_ids = tuple(
             sorted(set(target.config.eos_token_ids) | ({target.tokenizer.eos_token_id} - {None}))
+        )
+        self.step_runner = SpeculativeStep(
+            target, draft, self.target_cache, self.draft_cache, self.vocab_size
         )
         self.free_slots: list[int] = list(reversed(range(config.max_batch_size)))
         self.waiting: deque[Sequence] = deque()
@@ -145,6 +111,7 @@ class Scheduler:
             tokens=list(request.prompt_ids),
             num_prompt=len(request.prompt_ids),
             timing=Timing(arrival=request.arrival_time),
+            external_pending=list(request.external_draft or []),
         )
         self.waiting.append(seq)
         self._by_id[request_id] = seq
@@ -177,6 +144,17 @@ class Scheduler:
                 f"{request.params.max_new_tokens} exceeds the room left in the context: {len(ids)} prompt tokens "
                 f"+ max_new_tokens must be <= {self.max_context}, so at most {room}",
             )
+        if request.external_draft:
+            if mode is Mode.DRAFT:
+                raise InvalidRequestError(
+                    "external_draft", "external drafts are verified by the target; not in draft mode"
+                )
+            outside = [t for t in request.external_draft if not 0 <= t < self.vocab_size]
+            if outside:
+                raise InvalidRequestError(
+                    "external_draft",
+                    f"token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})",
+                )
         if not 0 <= request.num_speculative_tokens <= self.config.max_gamma:
             raise InvalidRequestError(
                 "num_speculative_tokens",
@@ -260,45 +238,52 @@ class Scheduler:
                 setattr(s, attr, s.num_prompt - 1)
 
     def _decode(self, outputs: list[RequestOutput]) -> None:
-        """One plain step of the target for every running row."""
-        rows = list(self.running)  # a copy: finishing a row removes it from self.running
-        batch = make_batch(
-            [Row(s.slot, s.target_len, s.tokens[s.target_len :]) for s in rows],
-            self.device,
-            self.layout.capacity,
-            logits_columns=[[len(s.tokens) - s.target_len - 1] for s in rows],
-        )
-        logits = self.target.model(batch, self.target_cache)[:, 0]  # [B, V_target]
-        st = SamplingTensors.from_params([s.request.params for s in rows], self.device)
-        probs = probabilities(logits[:, : self.vocab_size], st) if st.any_sampled else None
-        seeds = torch.tensor([s.seed for s in rows], dtype=torch.int64).to(self.device, non_blocking=True)
-        positions = torch.tensor([len(s.tokens) for s in rows], dtype=torch.int64).to(
-            self.device, non_blocking=True
-        )
-        tokens, bad = sample_reference(
-            logits, probs, st.greedy, seeds, positions, STREAM_RESAMPLE, self.vocab_size
-        )
-        host = torch.stack([tokens, bad.long()]).cpu()  # the step's one device-to-host sync
-        for b, seq in enumerate(rows):
-            if host[1, b]:
-                self._fail(seq, "non-finite logits from the target model")
+        """One speculative step for every running row (plain target and draft-only rows included)."""
+        plans, draft_only = [], []
+        for seq in self.running:
+            if seq.mode is Mode.DRAFT:
+                draft_only.append(seq)
+            else:
+                plans.append(self._plan(seq))
+        outcomes = self.step_runner.run(plans, draft_only)
+        externals = {id(p.seq): p.external for p in plans}
+        for outcome in outcomes:
+            seq = outcome.seq
+            if outcome.error is not None:
+                self._fail(seq, outcome.error)
                 outputs.append(self._finish(seq))
                 continue
-            self._commit(seq, [int(host[0, b])], outputs)
+            reason = commit(seq, outcome, externals.get(id(seq)))
+            if seq.timing.first_token is None and outcome.tokens:
+                seq.timing.first_token = time.monotonic()
+            if reason is not None:
+                seq.finish_reason = reason
+                outputs.append(self._finish(seq))
+            else:
+                outputs.append(self._delta(seq, final=False))
+
+    def _plan(self, seq: Sequence) -> RowPlan:
+        """The row's γ this step: 0 for target rows; the external draft's next chunk if it has one;
+        else the forced or default γ. Never more drafts than the row may still emit, minus one."""
+        room = seq.remaining - 1
+        if room <= 0:
+            return RowPlan(seq, 0)
+        if seq.external_pending:
+            chunk = seq.external_pending[: min(self.config.max_external_draft, room)]
+            return RowPlan(seq, len(chunk), chunk)
+        if seq.mode is Mode.TARGET:
+            return RowPlan(seq, 0)
+        if not seq.request.params.greedy:
+            # Lossless rejection sampling is not in yet: sampled rows take plain target steps.
+            return RowPlan(seq, 0)
+        gamma = seq.request.num_speculative_tokens or self.choose_gamma(seq)
+        return RowPlan(seq, min(gamma, room))
+
+    def choose_gamma(self, seq: Sequence) -> int:
+        """γ for a row that does not force one. Replaceable: the adaptive policy plugs in here."""
+        return self.config.default_gamma
 
     # ----------------------------------------------------------------------------- commit
-
-    def _commit(self, seq: Sequence, new_tokens: list[int], outputs: list[RequestOutput]) -> None:
-        kept, reason = seq.stopper.consume(new_tokens)
-        seq.tokens.extend(new_tokens[:kept])
-        seq.target_len = len(seq.tokens) - 1
-        if seq.timing.first_token is None and kept:
-            seq.timing.first_token = time.monotonic()
-        if reason is not None:
-            seq.finish_reason = reason
-            outputs.append(self._finish(seq))
-        else:
-            outputs.append(self._delta(seq, final=False))
 
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.finish_reason = FinishReason.ERROR

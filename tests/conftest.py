@@ -124,3 +124,47 @@ def assert_greedy_equal(reference_model, prompt, ours, theirs, vocab=TOKENIZER_V
     if i < min(len(ours), len(theirs)) and is_near_tie(reference_model, prompt + theirs[:i], vocab):
         return False
     raise AssertionError(f"greedy outputs diverge at token {i}:\n ours   {ours}\n theirs {theirs}")
+
+
+# Draft/target pairs: (target model_type, target kwargs, draft kwargs). The drafts are shallower
+# and narrower, share the tokenizer, and (for some) pad their vocabulary differently.
+PAIRS = {
+    "llama": (
+        "llama",
+        {"vocab_size": PADDED_VOCAB, "num_layers": 3, "seed": 1},
+        {"vocab_size": 310, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64, "seed": 2},
+    ),
+    "qwen2": (
+        "qwen2",
+        {"num_layers": 3, "seed": 3},
+        {"num_layers": 1, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "seed": 4},
+    ),
+    "gemma2": (
+        "gemma2",
+        {"vocab_size": PADDED_VOCAB, "num_layers": 2, "seed": 5},
+        {"num_layers": 1, "hidden_size": 32, "head_dim": 16, "seed": 6},
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def pairs(checkpoints, tmp_path_factory):
+    """name -> (target path, draft path); plus name + '-close': a draft that is a perturbed copy of
+    the target, so most drafts are accepted (exercises full accepts and bonus tokens)."""
+    from specdec.testing import perturb_checkpoint
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            base = name.removesuffix("-close")
+            arch, target_kwargs, draft_kwargs = PAIRS[base]
+            target = checkpoints(arch, **target_kwargs)
+            if name.endswith("-close"):
+                draft = perturb_checkpoint(target, tmp_path_factory.mktemp(name), noise=0.05, seed=9)
+            else:
+                draft = checkpoints(arch, **draft_kwargs)
+            made[name] = (target, draft)
+        return made[name]
+
+    return get

@@ -35,3 +35,43 @@ def test_generate_reports_bad_arguments(llama_path):
 def test_generate_reports_bad_checkpoint(tmp_path):
     out = run("generate", "x", "--target", str(tmp_path / "missing"))
     assert out.returncode == 2 and "checkpoint directory does not exist" in out.stderr
+
+
+def test_generate_speculative_json_with_a_draft(pairs):
+    target, draft = pairs("llama-close")
+    out = run(
+        "generate",
+        "def add(a, b):",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--mode",
+        "speculative",
+        "--num-speculative-tokens",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    stats = result["stats"]
+    assert stats["drafted_tokens"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+    assert stats["mean_accepted_length"] >= 1
+    target_only = json.loads(
+        run(
+            "generate",
+            "def add(a, b):",
+            "--target",
+            str(target),
+            "--draft",
+            str(draft),
+            "--mode",
+            "target",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ).stdout
+    )
+    assert target_only["token_ids"] == result["token_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from specdec.kernels.philox import (
     STREAM_ACCEPT,
     STREAM_DRAFT,

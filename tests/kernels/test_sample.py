@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from scipy.stats import chisquare
+
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.sample import sample_reference, sample_triton
 

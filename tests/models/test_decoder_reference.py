@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, LLAMA3_ROPE, PADDED_VOCAB, hf_reference, random_prompt
 
 from specdec.batching import Row, make_batch
 from specdec.models import CacheLayout, KVCache, load_checkpoint
+
+from conftest import ARCHITECTURES, LLAMA3_ROPE, PADDED_VOCAB, hf_reference, random_prompt
 
 ATOL = 2e-5
 RTOL = 1e-4

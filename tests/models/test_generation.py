@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from specdec import Engine, SamplingParams
+from specdec.config import EngineConfig
+from specdec.request import FinishReason, Mode
+
 from conftest import (
     ARCHITECTURES,
     TOKENIZER_VOCAB,
@@ -12,10 +17,6 @@ from conftest import (
     hf_reference,
     random_prompt,
 )
-
-from specdec import Engine, SamplingParams
-from specdec.config import EngineConfig
-from specdec.request import FinishReason, Mode
 
 
 @pytest.fixture(scope="module")

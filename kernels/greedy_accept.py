@@ -1,0 +1,139 @@
+"""Batched greedy acceptance over a ragged batch.
+
+For row b with γ_b = num_drafts[b] drafted tokens d_1..d_γ and the target's logits at γ_b + 1
+positions: accept drafts while d_i == argmax(logits_i); the row then emits the target's argmax at
+the first mismatch (the correction), or at position γ_b + 1 after a full accept (the bonus token).
+Because accepted drafts equal the target's argmax, the emitted tokens of row b are exactly
+``tokens[b, :accepted[b] + 1]`` where ``tokens`` is the per-position argmax.
+
+Padded vocabulary lanes (>= vocab_size) never win an argmax. A row with a non-finite logit in any
+of its valid positions is flagged in ``bad`` (accepted 0, and a non-finite position yields id 0), so
+its tokens still lie in [0, vocab_size). Positions past a row's γ_b + 1 hold 0.
+
+Two phases, both Triton: an argmax per (row, position) over the vocabulary (parallel over the whole
+[B, G+1] grid, one read of the logits), then a scan per row over at most G+1 positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.kernels.philox import HAVE_TRITON
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def greedy_accept_reference(
+    logits: torch.Tensor, draft_tokens: torch.Tensor, num_drafts: torch.Tensor, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """accepted [B] int64, tokens [B, G+1] int64, bad [B] bool.
+
+    logits [B, G+1, >=V] (raw target logits), draft_tokens [B, G] int64, num_drafts [B] int64 <= G."""
+    x = logits[..., :vocab_size].float()
+    g1 = x.shape[1]
+    finite = torch.isfinite(x).all(dim=-1)  # [B, G+1]
+    positions = torch.arange(g1, device=x.device)
+    in_row = positions[None, :] <= num_drafts[:, None]
+    bad = (~finite & in_row).any(dim=-1)
+    tokens = torch.where(finite[..., None], x, float("-inf")).argmax(dim=-1)  # [B, G+1]
+    tokens = torch.where(in_row, tokens, 0)  # positions past a row's drafts are not its to read
+    match = (tokens[:, :-1] == draft_tokens) & (positions[None, :-1] < num_drafts[:, None])
+    accepted = match.long().cumprod(dim=-1).sum(dim=-1)
+    accepted = torch.where(bad, 0, accepted)
+    return accepted, tokens, bad
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _argmax_kernel(
+        logits_ptr,
+        stride_b,
+        stride_p,
+        num_drafts_ptr,
+        argmax_ptr,
+        nonfinite_ptr,
+        vocab_size,
+        G1,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        pos = tl.program_id(1)
+        n = tl.load(num_drafts_ptr + row)
+        if pos <= n:
+            base = logits_ptr + row * stride_b + pos * stride_p
+            best = float("-inf")
+            best_index = 0
+            n_bad = 0
+            for start in range(0, vocab_size, BLOCK):
+                lanes = start + tl.arange(0, BLOCK)
+                in_vocab = lanes < vocab_size
+                x = tl.load(base + lanes, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                ok = (x == x) & (tl.abs(x) < float("inf"))
+                n_bad += tl.sum(tl.where(in_vocab & ~ok, 1, 0))
+                x = tl.where(ok, x, float("-inf"))
+                block_best = tl.max(x, axis=0)
+                block_index = tl.argmax(x, axis=0) + start
+                better = block_best > best
+                best_index = tl.where(better, block_index, best_index)
+                best = tl.where(better, block_best, best)
+            best_index = tl.where(n_bad > 0, 0, best_index)  # as the reference: a bad position yields id 0
+            tl.store(argmax_ptr + row * G1 + pos, best_index.to(tl.int64))
+            tl.store(nonfinite_ptr + row * G1 + pos, (n_bad > 0).to(tl.int8))
+        else:
+            tl.store(argmax_ptr + row * G1 + pos, tl.zeros([], dtype=tl.int64))
+            tl.store(nonfinite_ptr + row * G1 + pos, tl.zeros([], dtype=tl.int8))
+
+    @triton.jit
+    def _scan_kernel(
+        argmax_ptr,
+        nonfinite_ptr,
+        draft_ptr,
+        num_drafts_ptr,
+        accepted_ptr,
+        bad_ptr,
+        G,
+        G1_BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        n = tl.load(num_drafts_ptr + row)
+        pos = tl.arange(0, G1_BLOCK)
+        target = tl.load(argmax_ptr + row * (G + 1) + pos, mask=pos <= G, other=-1)
+        nonfinite = tl.load(nonfinite_ptr + row * (G + 1) + pos, mask=pos <= n, other=0)
+        drafts = tl.load(draft_ptr + row * G + pos, mask=pos < n, other=-2)
+        mismatch = (target != drafts) | (pos >= n)
+        first_mismatch = tl.min(tl.where(mismatch, pos, G1_BLOCK), axis=0)
+        accepted = tl.minimum(first_mismatch, n)
+        bad = tl.sum(nonfinite.to(tl.int32), axis=0) > 0
+        tl.store(accepted_ptr + row, tl.where(bad, 0, accepted).to(tl.int64))
+        tl.store(bad_ptr + row, bad.to(tl.int8))
+
+
+def greedy_accept_triton(
+    logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_drafts: torch.Tensor,
+    vocab_size: int,
+    block: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton twin of `greedy_accept_reference` (same arguments, same results)."""
+    b, g1, _ = logits.shape
+    assert logits.stride(-1) == 1, "the vocabulary dimension must be contiguous"
+    device = logits.device
+    tokens = torch.empty((b, g1), dtype=torch.int64, device=device)
+    nonfinite = torch.empty((b, g1), dtype=torch.int8, device=device)
+    accepted = torch.empty(b, dtype=torch.int64, device=device)
+    bad = torch.empty(b, dtype=torch.int8, device=device)
+    num_drafts = num_drafts.to(torch.int64).contiguous()
+    _argmax_kernel[(b, g1)](
+        logits, logits.stride(0), logits.stride(1), num_drafts, tokens, nonfinite, vocab_size, g1, BLOCK=block
+    )
+    drafts = draft_tokens.to(torch.int64).contiguous()
+    if drafts.shape[1] == 0:  # γ = 0 everywhere: give the scan a valid (never read) pointer
+        drafts = torch.zeros((b, 1), dtype=torch.int64, device=device)
+    _scan_kernel[(b,)](
+        tokens, nonfinite, drafts, num_drafts, accepted, bad, g1 - 1, G1_BLOCK=triton.next_power_of_2(g1)
+    )
+    return accepted, tokens, bad.bool()

@@ -1,0 +1,42 @@
+"""One running request's state, shared by the scheduler and the speculative step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specdec.request import FinishReason, Mode, Request, SpecStats, Timing, TokenLogprob
+from specdec.stopping import OutputStopper
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request: Request
+    request_id: str
+    mode: Mode
+    slot: int
+    seed: int
+    stopper: OutputStopper
+    tokens: list[int]
+    num_prompt: int
+    timing: Timing
+    target_len: int = 0  # tokens[:target_len] have K/V in the target cache
+    draft_len: int = 0  # tokens[:draft_len] have K/V in the draft cache
+    external_pending: list[int] = field(default_factory=list)  # external draft tokens not yet verified
+    stats: SpecStats = field(default_factory=SpecStats)
+    reported: int = 0  # output tokens already handed out
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this sequence may still emit (max_new_tokens and the context limit)."""
+        return min(
+            self.request.params.max_new_tokens - len(self.output_ids),
+            self.stopper.max_total_tokens - len(self.tokens),
+        )

@@ -1,0 +1,259 @@
+"""One batched speculative step: draft -> verify -> accept, then commit.
+
+For every running row the step (1) lets the draft propose γ_b tokens, (2) has the target score the
+row's pending token plus its drafts in one pass (γ_b + 1 distributions), (3) accepts a prefix of the
+drafts in one kernel call for the whole batch, and (4) commits the emitted tokens and sets both
+caches' lengths. Rows are ragged: each has its own γ_b (0 = a plain target step), its own number of
+tokens the draft has not seen yet, and possibly drafts supplied from outside instead of by the
+draft model. Draft-only rows ride along in the draft passes and keep every token they sample.
+
+The host reads the device exactly once per step: the accepted counts, emitted tokens and per-row
+non-finite flags, packed into one tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.batching import Row, kv_extent, make_batch
+from specdec.kernels import use_triton
+from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
+from specdec.kernels.philox import STREAM_DRAFT, STREAM_RESAMPLE
+from specdec.kernels.sample import sample_reference, sample_triton
+from specdec.models.decoder import ForwardBatch
+from specdec.models.kv_cache import KVCache
+from specdec.models.loader import LoadedModel
+from specdec.request import FinishReason
+from specdec.sampling import SamplingTensors, probabilities
+from specdec.sequence import Sequence
+
+
+@dataclass(slots=True)
+class RowPlan:
+    """What one target-verified row does this step."""
+
+    seq: Sequence
+    gamma: int  # drafts to verify (0: a plain target step)
+    external: list[int] | None = None  # drafts supplied from outside; the draft model skips the row
+
+
+@dataclass(slots=True)
+class RowOutcome:
+    seq: Sequence
+    tokens: list[int]  # emitted this step, before stop conditions
+    gamma: int  # drafts verified (0 for plain target and draft-only rows)
+    accepted: int
+    draft_fed: int | None  # new tokens whose K/V the draft cache now holds; None: draft not run
+    error: str | None = None  # set when the row's numbers went bad
+
+
+@dataclass(slots=True)
+class _Drafts:
+    tokens: torch.Tensor  # [Bd, n] proposals (or a draft-only row's output)
+    bad: torch.Tensor  # [Bd] bool: the draft produced non-finite numbers for the row
+    probs: list[torch.Tensor]  # n x [Bd, V] q of each proposal (sampled rows; empty if all greedy)
+    passes: int
+
+
+class SpeculativeStep:
+    def __init__(
+        self,
+        target: LoadedModel,
+        draft: LoadedModel | None,
+        target_cache: KVCache,
+        draft_cache: KVCache | None,
+        vocab_size: int,
+    ):
+        self.target = target
+        self.draft = draft
+        self.target_cache = target_cache
+        self.draft_cache = draft_cache
+        self.vocab_size = vocab_size
+        self.device = target.device
+        self.capacity = target_cache.layout.capacity
+        triton_ok = use_triton(self.device)
+        self._sample = sample_triton if triton_ok else sample_reference
+        self._greedy_accept = greedy_accept_triton if triton_ok else greedy_accept_reference
+
+    # ------------------------------------------------------------------------- the step
+
+    def run(self, plans: list[RowPlan], draft_only: list[Sequence]) -> list[RowOutcome]:
+        model_drafted = [p for p in plans if p.gamma > 0 and p.external is None]
+        drafting = [p.seq for p in model_drafted] + draft_only
+        passes = max((p.gamma for p in model_drafted), default=1 if draft_only else 0)
+        drafts = self._draft(drafting, passes) if drafting else None
+        verified = self._verify(plans, drafts) if plans else None
+
+        # The step's one device-to-host copy.
+        packed = []
+        if verified is not None:
+            packed.append(verified.flatten())
+        if drafts is not None:
+            packed.append(torch.cat([drafts.tokens, drafts.bad[:, None].long()], dim=1).flatten())
+        host = torch.cat(packed).cpu().tolist() if packed else []
+        n_verify = verified.numel() if verified is not None else 0
+        verify_rows = _rows(host[:n_verify], verified.shape[1] if verified is not None else 1)
+        draft_rows = _rows(host[n_verify:], passes + 1)
+
+        outcomes: list[RowOutcome] = []
+        draft_index = 0
+        for plan, (accepted, bad, *candidates) in zip(plans, verify_rows):
+            error, draft_fed = None, None
+            if plan.gamma > 0 and plan.external is None:
+                # Proposals 1..passes-1 went through the draft; the accepted ones among them are
+                # valid draft cache (the last proposal and the correction/bonus are not in it).
+                draft_fed = min(accepted, passes - 1)
+                if draft_rows[draft_index][-1]:
+                    error = "non-finite logits from the draft model"
+                draft_index += 1
+            if bad:
+                error = "non-finite logits from the target model"
+            outcomes.append(
+                RowOutcome(plan.seq, candidates[: accepted + 1], plan.gamma, accepted, draft_fed, error)
+            )
+        for seq, row in zip(draft_only, draft_rows[draft_index:]):
+            error = "non-finite logits from the draft model" if row[-1] else None
+            outcomes.append(RowOutcome(seq, row[:passes], 0, 0, passes - 1, error))
+        return outcomes
+
+    # ------------------------------------------------------------------------- draft
+
+    def _draft(self, seqs: list[Sequence], passes: int) -> _Drafts:
+        """`passes` draft passes over `seqs`; pass j samples the token at index len(tokens) + j."""
+        assert self.draft is not None and self.draft_cache is not None
+        model, cache, device = self.draft.model, self.draft_cache, self.device
+        # Catch-up: rows that ran plain target steps are several tokens behind; feed all but the
+        # last in one eager pass of its own, so the drafting passes below stay narrow.
+        behind = [s for s in seqs if len(s.tokens) - s.draft_len > 2]
+        if behind:
+            rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len : -1]) for s in behind]
+            model(make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows]), cache)
+            for s in behind:
+                s.draft_len = len(s.tokens) - 1
+        # Pass 0 feeds each row's unseen tokens (1, or 2 after a fully accepted step).
+        rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len :]) for s in seqs]
+        batch = make_batch(rows, device, self.capacity, logits_columns=[[len(r.tokens) - 1] for r in rows])
+        st = SamplingTensors.from_params([s.request.params for s in seqs], device)
+        seeds = _device_ints([s.seed for s in seqs], device)
+        lengths_host = [len(s.tokens) for s in seqs]
+        lengths = _device_ints(lengths_host, device)
+        tokens = torch.empty((len(seqs), passes), dtype=torch.int64, device=device)
+        bad = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+        probs: list[torch.Tensor] = []
+        logits = model(batch, cache)[:, 0]
+        for j in range(passes):
+            if j > 0:
+                # Feed the previous proposal; every row is one token wide at index len + j - 1.
+                step = ForwardBatch(
+                    tokens=tokens[:, j - 1 : j],
+                    slots=batch.slots,
+                    start=lengths + (j - 1),
+                    n_valid=torch.ones_like(lengths),
+                    kv_len=kv_extent(max(lengths_host) + j, self.capacity),
+                )
+                logits = model(step, cache)[:, 0]
+            q = probabilities(logits[:, : self.vocab_size], st) if st.any_sampled else None
+            tokens[:, j], row_bad = self._sample(
+                logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
+            )
+            bad |= row_bad
+            if q is not None:
+                probs.append(q)
+        return _Drafts(tokens=tokens, bad=bad, probs=probs, passes=passes)
+
+    # ------------------------------------------------------------------------- verify + accept
+
+    def _verify(self, plans: list[RowPlan], drafts: _Drafts | None) -> torch.Tensor:
+        """Target pass over [pending tokens, drafts] per row and acceptance; returns
+        [B, 2 + G + 1] int64 rows of (accepted, bad, emitted-token candidates...)."""
+        device = self.device
+        rows, columns, placements = [], [], []
+        di = 0
+        for b, plan in enumerate(plans):
+            seq = plan.seq
+            pending = seq.tokens[seq.target_len :]
+            if plan.external is not None:
+                inputs = pending + plan.external
+            else:
+                inputs = pending + [0] * plan.gamma  # model drafts are placed on the device below
+                if plan.gamma:
+                    placements.append((b, len(pending), di, plan.gamma))
+                    di += 1
+            rows.append(Row(seq.slot, seq.target_len, inputs))
+            columns.append([len(pending) - 1 + i for i in range(plan.gamma + 1)])
+        batch = make_batch(rows, device, self.capacity, logits_columns=columns)
+        if placements:
+            assert drafts is not None
+            r, c, d, j = [], [], [], []
+            for b, start, draft_row, gamma in placements:
+                r += [b] * gamma
+                c += range(start, start + gamma)
+                d += [draft_row] * gamma
+                j += range(gamma)
+            batch.tokens[_device_ints(r, device), _device_ints(c, device)] = drafts.tokens[
+                _device_ints(d, device), _device_ints(j, device)
+            ]
+        logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
+        g = logits.shape[1] - 1
+        # The drafts sit in the verify input right after each row's pending tokens.
+        first = _device_ints([len(r.tokens) - p.gamma for r, p in zip(rows, plans)], device)
+        cols = (first[:, None] + torch.arange(g, device=device)[None, :]).clamp(max=batch.tokens.shape[1] - 1)
+        draft_tokens = torch.gather(batch.tokens, 1, cols)  # [B, G]
+        num_drafts = _device_ints([p.gamma for p in plans], device)
+        accepted, tokens, bad = self.accept(logits, draft_tokens, num_drafts, plans)
+        return torch.cat([accepted[:, None], bad[:, None].long(), tokens], dim=1)
+
+    def accept(
+        self, logits: torch.Tensor, draft_tokens: torch.Tensor, num_drafts: torch.Tensor, plans: list[RowPlan]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """accepted [B], emitted-token candidates [B, G+1], bad [B]. Greedy rows go through the
+        greedy kernel; sampled rows (γ = 0 until rejection sampling lands) are plain sampling."""
+        accepted, tokens, bad = self._greedy_accept(logits, draft_tokens, num_drafts, self.vocab_size)
+        params = [p.seq.request.params for p in plans]
+        st = SamplingTensors.from_params(params, self.device)
+        if st.any_sampled:
+            assert all(p.gamma == 0 for p, sp in zip(plans, params) if not sp.greedy)
+            first = logits[:, 0]
+            p = probabilities(first[:, : self.vocab_size], st)
+            seeds = _device_ints([pl.seq.seed for pl in plans], self.device)
+            positions = _device_ints([len(pl.seq.tokens) for pl in plans], self.device)
+            sampled, sampled_bad = self._sample(
+                first, p, st.greedy, seeds, positions, STREAM_RESAMPLE, self.vocab_size
+            )
+            tokens[:, 0] = torch.where(st.greedy, tokens[:, 0], sampled)
+            accepted = torch.where(st.greedy, accepted, 0)
+            bad = torch.where(st.greedy, bad, sampled_bad)
+        return accepted, tokens, bad
+
+
+def commit(seq: Sequence, outcome: RowOutcome, external: list[int] | None) -> FinishReason | None:
+    """Append the emitted tokens (cut by the stop conditions), set both caches' lengths, and
+    advance the row's external draft. Returns the finish reason if a stop condition fired."""
+    before = len(seq.tokens)
+    kept, reason = seq.stopper.consume(outcome.tokens)
+    seq.tokens.extend(outcome.tokens[:kept])
+    seq.stats.record(outcome.gamma, outcome.accepted, outcome.accepted + 1)
+    # The last committed token is not in the target cache: it is the next pass's first input.
+    seq.target_len = len(seq.tokens) - 1
+    if outcome.draft_fed is not None:
+        seq.draft_len = before + min(outcome.draft_fed, kept)
+    if external is not None:
+        rest = seq.external_pending[len(external) :]
+        fully_accepted = outcome.accepted == len(external)
+        # After a full accept the target's bonus token stands where the next external token
+        # would: the external draft goes on only if the two agree.
+        if fully_accepted and rest and rest[0] == outcome.tokens[-1]:
+            seq.external_pending = rest[1:]
+        else:
+            seq.external_pending = []
+    return reason
+
+
+def _rows(flat: list[int], width: int) -> list[list[int]]:
+    return [flat[i : i + width] for i in range(0, len(flat), width)]
+
+
+def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)

@@ -56,3 +56,53 @@ def test_greedy_accept_triton(benchmark, greedy_inputs, device):
     benchmark.extra_info["bytes_read"] = logits.numel() * logits.element_size()
     result = benchmark.pedantic(run, rounds=3 if device.type == "cpu" else 50, warmup_rounds=1)
     assert all(torch.equal(a, b) for a, b in zip(result, greedy_accept_reference(logits, drafts, num, vocab)))
+
+
+@pytest.fixture(scope="module")
+def rejection_inputs(device):
+    shape = sizes(device, {"b": 64, "g": 4, "v": 128_256}, {"b": 4, "g": 4, "v": 1024})
+    b, g, v = shape["b"], shape["g"], shape["v"]
+    gen = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(b, g + 1, v, generator=gen), -1).to(device)
+    q = torch.softmax(torch.randn(b, g, v, generator=gen), -1).to(device)
+    return {
+        "p": p,
+        "q": q,
+        "q_row": torch.arange(b, device=device),
+        "point_mass": torch.zeros(b, dtype=torch.bool, device=device),
+        "draft_tokens": torch.randint(0, v, (b, g), generator=gen).to(device),
+        "num_drafts": torch.full((b,), g, device=device),
+        "active": torch.ones(b, dtype=torch.bool, device=device),
+        "seeds": torch.arange(b, device=device),
+        "positions": torch.full((b,), 100, device=device),
+        "vocab_size": v,
+    }
+
+
+@pytest.mark.benchmark(group="rejection-sample")
+def test_rejection_sample_reference(benchmark, rejection_inputs, device):
+    from specdec.kernels.rejection_sample import rejection_sample_reference
+
+    def run():
+        out = rejection_sample_reference(**rejection_inputs)
+        _sync(device)
+        return out
+
+    # The HBM floor: p and q each read once.
+    benchmark.extra_info["bytes_read"] = sum(rejection_inputs[k].numel() * 4 for k in ("p", "q"))
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="rejection-sample")
+def test_rejection_sample_triton(benchmark, rejection_inputs, device):
+    from specdec.kernels.rejection_sample import rejection_sample_reference, rejection_sample_triton
+
+    def run():
+        out = rejection_sample_triton(**rejection_inputs)
+        _sync(device)
+        return out
+
+    benchmark.extra_info["bytes_read"] = sum(rejection_inputs[k].numel() * 4 for k in ("p", "q"))
+    result = benchmark.pedantic(run, rounds=2 if device.type == "cpu" else 50, warmup_rounds=1)
+    expected = rejection_sample_reference(**rejection_inputs)
+    assert all(torch.equal(a, b) for a, b in zip(result, expected))

@@ -26,11 +26,16 @@ if HAVE_TRITON:
 
 
 def greedy_accept_reference(
-    logits: torch.Tensor, draft_tokens: torch.Tensor, num_drafts: torch.Tensor, vocab_size: int
+    logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_drafts: torch.Tensor,
+    vocab_size: int,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """accepted [B] int64, tokens [B, G+1] int64, bad [B] bool.
 
-    logits [B, G+1, >=V] (raw target logits), draft_tokens [B, G] int64, num_drafts [B] int64 <= G."""
+    logits [B, G+1, >=V] (raw target logits), draft_tokens [B, G] int64, num_drafts [B] int64 <= G;
+    active [B] bool: the greedy rows of a mixed batch (None: all); inactive rows yield zeros."""
     x = logits[..., :vocab_size].float()
     g1 = x.shape[1]
     finite = torch.isfinite(x).all(dim=-1)  # [B, G+1]
@@ -42,6 +47,10 @@ def greedy_accept_reference(
     match = (tokens[:, :-1] == draft_tokens) & (positions[None, :-1] < num_drafts[:, None])
     accepted = match.long().cumprod(dim=-1).sum(dim=-1)
     accepted = torch.where(bad, 0, accepted)
+    if active is not None:
+        accepted = torch.where(active, accepted, 0)
+        tokens = torch.where(active[:, None], tokens, 0)
+        bad = bad & active
     return accepted, tokens, bad
 
 
@@ -53,6 +62,7 @@ if HAVE_TRITON:
         stride_b,
         stride_p,
         num_drafts_ptr,
+        active_ptr,
         argmax_ptr,
         nonfinite_ptr,
         vocab_size,
@@ -62,7 +72,7 @@ if HAVE_TRITON:
         row = tl.program_id(0).to(tl.int64)
         pos = tl.program_id(1)
         n = tl.load(num_drafts_ptr + row)
-        if pos <= n:
+        if (pos <= n) & (tl.load(active_ptr + row) != 0):
             base = logits_ptr + row * stride_b + pos * stride_p
             best = float("-inf")
             best_index = 0
@@ -92,6 +102,7 @@ if HAVE_TRITON:
         nonfinite_ptr,
         draft_ptr,
         num_drafts_ptr,
+        active_ptr,
         accepted_ptr,
         bad_ptr,
         G,
@@ -99,6 +110,7 @@ if HAVE_TRITON:
     ):
         row = tl.program_id(0).to(tl.int64)
         n = tl.load(num_drafts_ptr + row)
+        active = tl.load(active_ptr + row) != 0
         pos = tl.arange(0, G1_BLOCK)
         target = tl.load(argmax_ptr + row * (G + 1) + pos, mask=pos <= G, other=-1)
         nonfinite = tl.load(nonfinite_ptr + row * (G + 1) + pos, mask=pos <= n, other=0)
@@ -106,8 +118,8 @@ if HAVE_TRITON:
         mismatch = (target != drafts) | (pos >= n)
         first_mismatch = tl.min(tl.where(mismatch, pos, G1_BLOCK), axis=0)
         accepted = tl.minimum(first_mismatch, n)
-        bad = tl.sum(nonfinite.to(tl.int32), axis=0) > 0
-        tl.store(accepted_ptr + row, tl.where(bad, 0, accepted).to(tl.int64))
+        bad = (tl.sum(nonfinite.to(tl.int32), axis=0) > 0) & active
+        tl.store(accepted_ptr + row, tl.where(bad | ~active, 0, accepted).to(tl.int64))
         tl.store(bad_ptr + row, bad.to(tl.int8))
 
 
@@ -116,10 +128,14 @@ def greedy_accept_triton(
     draft_tokens: torch.Tensor,
     num_drafts: torch.Tensor,
     vocab_size: int,
+    active: torch.Tensor | None = None,
     block: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of `greedy_accept_reference` (same arguments, same results)."""
     b, g1, _ = logits.shape
+    if active is None:
+        active = torch.ones(b, dtype=torch.bool, device=logits.device)
+    act = active.to(torch.int8).contiguous()
     assert logits.stride(-1) == 1, "the vocabulary dimension must be contiguous"
     device = logits.device
     tokens = torch.empty((b, g1), dtype=torch.int64, device=device)
@@ -128,12 +144,21 @@ def greedy_accept_triton(
     bad = torch.empty(b, dtype=torch.int8, device=device)
     num_drafts = num_drafts.to(torch.int64).contiguous()
     _argmax_kernel[(b, g1)](
-        logits, logits.stride(0), logits.stride(1), num_drafts, tokens, nonfinite, vocab_size, g1, BLOCK=block
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        num_drafts,
+        act,
+        tokens,
+        nonfinite,
+        vocab_size,
+        g1,
+        BLOCK=block,
     )
     drafts = draft_tokens.to(torch.int64).contiguous()
     if drafts.shape[1] == 0:  # γ = 0 everywhere: give the scan a valid (never read) pointer
         drafts = torch.zeros((b, 1), dtype=torch.int64, device=device)
     _scan_kernel[(b,)](
-        tokens, nonfinite, drafts, num_drafts, accepted, bad, g1 - 1, G1_BLOCK=triton.next_power_of_2(g1)
+        tokens, nonfinite, drafts, num_drafts, act, accepted, bad, g1 - 1, G1_BLOCK=triton.next_power_of_2(g1)
     )
     return accepted, tokens, bad.bool()

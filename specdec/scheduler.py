@@ -273,9 +273,6 @@ class Scheduler:
             return RowPlan(seq, len(chunk), chunk)
         if seq.mode is Mode.TARGET:
             return RowPlan(seq, 0)
-        if not seq.request.params.greedy:
-            # Lossless rejection sampling is not in yet: sampled rows take plain target steps.
-            return RowPlan(seq, 0)
         gamma = seq.request.num_speculative_tokens or self.choose_gamma(seq)
         return RowPlan(seq, min(gamma, room))
 

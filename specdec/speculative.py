@@ -20,7 +20,8 @@ import torch
 from specdec.batching import Row, kv_extent, make_batch
 from specdec.kernels import use_triton
 from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
-from specdec.kernels.philox import STREAM_DRAFT, STREAM_RESAMPLE
+from specdec.kernels.philox import STREAM_DRAFT
+from specdec.kernels.rejection_sample import rejection_sample_reference, rejection_sample_triton
 from specdec.kernels.sample import sample_reference, sample_triton
 from specdec.models.decoder import ForwardBatch
 from specdec.models.kv_cache import KVCache
@@ -53,7 +54,7 @@ class RowOutcome:
 class _Drafts:
     tokens: torch.Tensor  # [Bd, n] proposals (or a draft-only row's output)
     bad: torch.Tensor  # [Bd] bool: the draft produced non-finite numbers for the row
-    probs: list[torch.Tensor]  # n x [Bd, V] q of each proposal (sampled rows; empty if all greedy)
+    probs: torch.Tensor | None  # [Bd, n, V] q of each proposal (None when every row is greedy)
     passes: int
 
 
@@ -76,6 +77,7 @@ class SpeculativeStep:
         triton_ok = use_triton(self.device)
         self._sample = sample_triton if triton_ok else sample_reference
         self._greedy_accept = greedy_accept_triton if triton_ok else greedy_accept_reference
+        self._rejection_sample = rejection_sample_triton if triton_ok else rejection_sample_reference
 
     # ------------------------------------------------------------------------- the step
 
@@ -141,7 +143,9 @@ class SpeculativeStep:
         lengths = _device_ints(lengths_host, device)
         tokens = torch.empty((len(seqs), passes), dtype=torch.int64, device=device)
         bad = torch.zeros(len(seqs), dtype=torch.bool, device=device)
-        probs: list[torch.Tensor] = []
+        probs = None
+        if st.any_sampled:
+            probs = torch.empty((len(seqs), passes, self.vocab_size), dtype=torch.float32, device=device)
         logits = model(batch, cache)[:, 0]
         for j in range(passes):
             if j > 0:
@@ -154,13 +158,14 @@ class SpeculativeStep:
                     kv_len=kv_extent(max(lengths_host) + j, self.capacity),
                 )
                 logits = model(step, cache)[:, 0]
-            q = probabilities(logits[:, : self.vocab_size], st) if st.any_sampled else None
+            q = None
+            if probs is not None:
+                q = probs[:, j]
+                q.copy_(probabilities(logits[:, : self.vocab_size], st))
             tokens[:, j], row_bad = self._sample(
                 logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
             )
             bad |= row_bad
-            if q is not None:
-                probs.append(q)
         return _Drafts(tokens=tokens, bad=bad, probs=probs, passes=passes)
 
     # ------------------------------------------------------------------------- verify + accept
@@ -170,16 +175,20 @@ class SpeculativeStep:
         [B, 2 + G + 1] int64 rows of (accepted, bad, emitted-token candidates...)."""
         device = self.device
         rows, columns, placements = [], [], []
+        q_row, point_mass = [], []  # where each row's q comes from
         di = 0
         for b, plan in enumerate(plans):
             seq = plan.seq
             pending = seq.tokens[seq.target_len :]
+            q_row.append(-1)
+            point_mass.append(plan.external is not None)
             if plan.external is not None:
                 inputs = pending + plan.external
             else:
                 inputs = pending + [0] * plan.gamma  # model drafts are placed on the device below
                 if plan.gamma:
                     placements.append((b, len(pending), di, plan.gamma))
+                    q_row[-1] = di
                     di += 1
             rows.append(Row(seq.slot, seq.target_len, inputs))
             columns.append([len(pending) - 1 + i for i in range(plan.gamma + 1)])
@@ -202,30 +211,48 @@ class SpeculativeStep:
         cols = (first[:, None] + torch.arange(g, device=device)[None, :]).clamp(max=batch.tokens.shape[1] - 1)
         draft_tokens = torch.gather(batch.tokens, 1, cols)  # [B, G]
         num_drafts = _device_ints([p.gamma for p in plans], device)
-        accepted, tokens, bad = self.accept(logits, draft_tokens, num_drafts, plans)
+        q = drafts.probs if drafts is not None else None
+        accepted, tokens, bad = self.accept(
+            logits, draft_tokens, num_drafts, plans, q, _device_ints(q_row, device),
+            torch.tensor(point_mass).to(device, non_blocking=True),
+        )  # fmt: skip
         return torch.cat([accepted[:, None], bad[:, None].long(), tokens], dim=1)
 
     def accept(
-        self, logits: torch.Tensor, draft_tokens: torch.Tensor, num_drafts: torch.Tensor, plans: list[RowPlan]
+        self,
+        logits: torch.Tensor,
+        draft_tokens: torch.Tensor,
+        num_drafts: torch.Tensor,
+        plans: list[RowPlan],
+        q: torch.Tensor | None,
+        q_row: torch.Tensor,
+        point_mass: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """accepted [B], emitted-token candidates [B, G+1], bad [B]. Greedy rows go through the
-        greedy kernel; sampled rows (γ = 0 until rejection sampling lands) are plain sampling."""
-        accepted, tokens, bad = self._greedy_accept(logits, draft_tokens, num_drafts, self.vocab_size)
-        params = [p.seq.request.params for p in plans]
-        st = SamplingTensors.from_params(params, self.device)
-        if st.any_sampled:
-            assert all(p.gamma == 0 for p, sp in zip(plans, params) if not sp.greedy)
-            first = logits[:, 0]
-            p = probabilities(first[:, : self.vocab_size], st)
-            seeds = _device_ints([pl.seq.seed for pl in plans], self.device)
-            positions = _device_ints([len(pl.seq.tokens) for pl in plans], self.device)
-            sampled, sampled_bad = self._sample(
-                first, p, st.greedy, seeds, positions, STREAM_RESAMPLE, self.vocab_size
-            )
-            tokens[:, 0] = torch.where(st.greedy, tokens[:, 0], sampled)
-            accepted = torch.where(st.greedy, accepted, 0)
-            bad = torch.where(st.greedy, bad, sampled_bad)
-        return accepted, tokens, bad
+        """accepted [B], emitted-token candidates [B, G+1], bad [B] for a mixed batch: greedy rows
+        through the greedy kernel (raw logits), sampled rows through rejection sampling (the
+        transformed distributions of both models)."""
+        st = SamplingTensors.from_params([p.seq.request.params for p in plans], self.device)
+        all_greedy = not st.any_sampled
+        accepted, tokens, bad = self._greedy_accept(
+            logits, draft_tokens, num_drafts, self.vocab_size, None if all_greedy else st.greedy
+        )
+        if all_greedy:
+            return accepted, tokens, bad
+        b, g1, _ = logits.shape
+        p = probabilities(logits[..., : self.vocab_size].reshape(b * g1, -1), st.repeat_rows(g1)).view(
+            b, g1, -1
+        )
+        seeds = _device_ints([pl.seq.seed for pl in plans], self.device)
+        positions = _device_ints([len(pl.seq.tokens) for pl in plans], self.device)
+        s_acc, s_tok, s_bad = self._rejection_sample(
+            p, q, q_row, point_mass, draft_tokens, num_drafts, ~st.greedy, seeds, positions, self.vocab_size
+        )
+        greedy = st.greedy
+        return (
+            torch.where(greedy, accepted, s_acc),
+            torch.where(greedy[:, None], tokens, s_tok),
+            torch.where(greedy, bad, s_bad),
+        )
 
 
 def commit(seq: Sequence, outcome: RowOutcome, external: list[int] | None) -> FinishReason | None:

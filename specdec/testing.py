@@ -65,6 +65,32 @@ def tiny_tokenizer(vocab: int = 300) -> Any:
     return _tokenizer(vocab)
 
 
+@functools.lru_cache(maxsize=4)
+def word_tokenizer(vocab: int = 16) -> Any:
+    """A word-level tokenizer of `vocab` entries ("w3", "w4", ... after the three specials): for
+    tests that need a vocabulary small enough to enumerate joint distributions exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from specdec.tokenization import CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS
+
+    words = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    words.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=words, unk_token=END_OF_TEXT))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        additional_special_tokens=[IM_START, IM_END],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def write_tiny_checkpoint(
     path: str | os.PathLike[str],
     arch: str = "llama",
@@ -79,9 +105,12 @@ def write_tiny_checkpoint(
     max_position_embeddings: int = 512,
     seed: int = 0,
     initializer_range: float = 0.1,
+    tokenizer: str = "bpe",
     **overrides: Any,
 ) -> Path:
-    """Write a randomly initialised `arch` checkpoint with a real tokenizer to `path`."""
+    """Write a randomly initialised `arch` checkpoint with a real tokenizer to `path`.
+
+    tokenizer: "bpe" (byte-level BPE of `tokenizer_vocab` entries) or "words" (word-level)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,8 +118,10 @@ def write_tiny_checkpoint(
         raise ValueError("vocab_size (logits width) must be >= tokenizer_vocab")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer(tokenizer_vocab)
-    eos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    if tokenizer not in ("bpe", "words"):
+        raise ValueError(f"tokenizer must be 'bpe' or 'words', got {tokenizer!r}")
+    tok = tiny_tokenizer(tokenizer_vocab) if tokenizer == "bpe" else word_tokenizer(tokenizer_vocab)
+    eos = tok.convert_tokens_to_ids(END_OF_TEXT)
     kwargs: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -110,7 +141,7 @@ def write_tiny_checkpoint(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    tok.save_pretrained(path)
     return path
 
 

@@ -168,3 +168,29 @@ def pairs(checkpoints, tmp_path_factory):
         return made[name]
 
     return get
+
+
+def chi_square_pvalue(observed, expected_probs, min_expected: float = 5.0) -> float:
+    """Pearson χ² goodness of fit, merging (smallest first) bins whose expected count is below
+    `min_expected` into one, so the χ² approximation holds."""
+    import numpy as np
+    from scipy.stats import chi2
+
+    observed = np.asarray(observed, dtype=np.float64)
+    probs = np.asarray(expected_probs, dtype=np.float64)
+    n = observed.sum()
+    expected = probs / probs.sum() * n
+    assert observed[expected == 0].sum() == 0, "an outcome with probability 0 was observed"
+    keep = expected >= min_expected
+    obs = list(observed[keep])
+    exp = list(expected[keep])
+    if (~keep).any():
+        obs.append(observed[~keep].sum())
+        exp.append(expected[~keep].sum())
+        if exp[-1] < min_expected and len(exp) > 1:  # fold a still-small remainder into the smallest bin
+            i = int(np.argmin(exp[:-1]))
+            exp[i] += exp.pop()
+            obs[i] += obs.pop()
+    obs, exp = np.array(obs), np.array(exp)
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return float(chi2.sf(stat, df=len(exp) - 1))

@@ -83,7 +83,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"specdec": "specdec", "specdec.kernels": "kernels"},
-    package_data={"specdec": ["assets/**/*"]},
+    package_data={"specdec": ["assets/**/*", "distill/*.json"]},
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithProtos},
     install_requires=[

@@ -1,0 +1,237 @@
+"""`specdec distill`: train a small draft, with the target's tokenizer, to imitate the target.
+
+The draft has the target's architecture family at a smaller shape (fewer layers, optionally
+narrower). When the widths match it starts from the target's embeddings, final norm, output head
+and first layers, which is most of what a 1-2 layer draft needs to know. It is trained on
+KL(target || draft) over text from the given files, optionally mixed with text the target samples
+itself, and evaluated on held-out files: KL, top-1 agreement, Σ min(p, q), and the acceptance rate
+the speculative engine actually measures with the draft.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specdec.distill.data import Document, TokenStream, read_documents, split_heldout
+from specdec.distill.trainer import TrainConfig, TrainResult, distill_loss, heldout_agreement, train_loop
+from specdec.errors import SpecdecError
+from specdec.models.loader import load_tokenizer, read_hf_config
+from specdec.tokenization import real_vocab_size
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    layers: int = 1
+    hidden: int | None = None  # None: the target's
+    heads: int | None = None
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    vocab_size: int | None = None  # logits width; None: the target's
+
+
+def draft_config(target_config: Any, shape: DraftShape, tokenizer: Any) -> Any:
+    """The target's config at the draft's shape, checked against the tokenizer."""
+    from transformers import AutoConfig
+
+    values = target_config.to_dict()
+    for key in (
+        "layer_types",
+        "architectures",
+        "transformers_version",
+        "_name_or_path",
+        "dtype",
+        "torch_dtype",
+    ):
+        values.pop(key, None)
+    hidden = shape.hidden or target_config.hidden_size
+    heads = shape.heads or (
+        target_config.num_attention_heads if shape.hidden is None else max(1, hidden // 64)
+    )
+    kv_heads = shape.kv_heads or min(heads, getattr(target_config, "num_key_value_heads", heads) or heads)
+    if hidden % heads:
+        raise SpecdecError(f"--hidden {hidden} is not a multiple of --heads {heads}")
+    if heads % kv_heads:
+        raise SpecdecError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
+    if shape.layers < 1:
+        raise SpecdecError(f"--layers must be >= 1, got {shape.layers}")
+    vocab = shape.vocab_size or target_config.vocab_size
+    if vocab < real_vocab_size(tokenizer):
+        raise SpecdecError(
+            f"--vocab-size {vocab} is smaller than the target's tokenizer ({real_vocab_size(tokenizer)} entries): "
+            "the draft must be able to produce every token the target can"
+        )
+    values.update(
+        num_hidden_layers=shape.layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=shape.intermediate
+        or (target_config.intermediate_size * hidden // target_config.hidden_size),
+        vocab_size=vocab,
+    )
+    if shape.hidden is not None or "head_dim" in values:
+        values["head_dim"] = hidden // heads if shape.hidden is not None else values.get("head_dim")
+    return AutoConfig.for_model(
+        target_config.model_type, **{k: v for k, v in values.items() if k != "model_type"}
+    )
+
+
+def init_from_target(draft: torch.nn.Module, target: torch.nn.Module) -> list[str]:
+    """Copy every draft parameter whose name and shape match the target's (embeddings, final
+    norm, head, and the first layers). Returns the names copied."""
+    target_state = target.state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, param in draft.state_dict().items():
+            source = target_state.get(name)
+            if source is not None and source.shape == param.shape:
+                param.copy_(source)
+                copied.append(name)
+    return copied
+
+
+def measure_acceptance(
+    target_dir: Path, draft_dir: Path, prompts: list[list[int]], max_new_tokens: int, gamma: int, device: str
+) -> dict[str, float]:
+    """Greedy speculative generation on held-out prompts with the real engine."""
+    from specdec.config import EngineConfig
+    from specdec.engine import Engine
+    from specdec.request import Mode
+    from specdec.sampling import SamplingParams
+
+    engine = Engine(
+        target=target_dir,
+        draft=draft_dir,
+        config=EngineConfig(
+            max_batch_size=min(16, len(prompts)),
+            max_context=max(len(p) for p in prompts) + max_new_tokens + 1,
+            device=device,
+            dtype="float32",
+        ),
+    )
+    results = engine.generate(
+        prompts,
+        SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+        mode=Mode.SPECULATIVE,
+        num_speculative_tokens=gamma,
+    )
+    drafted = sum(r.stats.drafted_tokens for r in results)
+    accepted = sum(r.stats.accepted_tokens for r in results)
+    steps = sum(r.stats.verify_steps for r in results)
+    emitted = sum(r.stats.emitted_by_verify for r in results)
+    return {
+        "acceptance_rate": round(accepted / max(1, drafted), 4),
+        "mean_accepted_length": round(emitted / max(1, steps), 4),
+    }
+
+
+def heldout_prompts(docs: list[Document], tokenizer: Any, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens from held-out documents, at deterministic positions
+    spread over them (shorter prompts when the held-out text is short)."""
+    per_doc = [tokenizer.encode(doc.text, add_special_tokens=False) for doc in docs]
+    total = sum(len(ids) for ids in per_doc)
+    if total < 8:
+        raise SpecdecError("the held-out documents are too short to make evaluation prompts")
+    length = min(length, total // 2)
+    prompts = []
+    for ids in per_doc:
+        for start in range(0, max(0, len(ids) - 2 * length), 4 * length):
+            prompts.append(ids[start : start + length])
+            if len(prompts) >= count:
+                return prompts
+    if not prompts:  # every document shorter than a prompt: use the start of their concatenation
+        joined = [t for ids in per_doc for t in ids]
+        prompts = [joined[:length]]
+    return prompts
+
+
+def run_distill(
+    target_dir: Path,
+    out_dir: Path,
+    data: list[str | Path],
+    shape: DraftShape,
+    config: TrainConfig,
+    heldout_fraction: float = 0.05,
+    self_generated: float = 0.0,
+    init_from: bool = True,
+    resume: bool = False,
+    split: tuple[list[Document], list[Document]] | None = None,
+) -> TrainResult:
+    """Distil a draft for the checkpoint in `target_dir` into `out_dir` (a normal HF checkpoint).
+
+    `split` gives (train, held-out) documents directly; otherwise `data` is read and every
+    round(1 / heldout_fraction)-th document is held out."""
+    from transformers import AutoModelForCausalLM
+
+    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    hf_config = read_hf_config(target_dir)  # our checks and messages first
+    tokenizer = load_tokenizer(target_dir)
+    if not 0 <= self_generated < 1:
+        raise SpecdecError(f"--self-generated must be in [0, 1), got {self_generated}")
+    train_docs, heldout_docs = (
+        split if split is not None else split_heldout(read_documents(data), heldout_fraction)
+    )
+    train = TokenStream(train_docs, tokenizer)
+    heldout = TokenStream(heldout_docs, tokenizer)
+    vocab = real_vocab_size(tokenizer)
+    device = config.device
+
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).to(device).eval()
+    target.requires_grad_(False)
+    torch.manual_seed(config.seed)
+    draft = AutoModelForCausalLM.from_config(
+        draft_config(hf_config, shape, tokenizer), dtype=torch.float32
+    ).to(device)
+    copied = init_from_target(draft, target) if init_from else []
+    eval_batches = heldout.eval_batches(config.batch_size, config.seq_len, max_batches=4)
+    prompts = heldout_prompts(heldout_docs, tokenizer, count=16, length=48)
+
+    def batch_for(step: int) -> torch.Tensor:
+        batch = train.batch(config.seed, step, config.batch_size, config.seq_len)
+        if self_generated and np.random.default_rng([config.seed, step, 1]).random() < self_generated:
+            torch.manual_seed(config.seed + step)
+            prefix = batch[:, : config.seq_len // 8].to(device)
+            batch = target.generate(
+                prefix, max_new_tokens=config.seq_len - prefix.shape[1], min_new_tokens=config.seq_len - prefix.shape[1],
+                do_sample=True, temperature=1.0, top_k=0, pad_token_id=tokenizer.eos_token_id,
+            ).cpu()  # fmt: skip
+        return batch.to(device)
+
+    def save(directory: Path) -> None:
+        draft.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    def evaluate() -> dict[str, Any]:
+        metrics = heldout_agreement(target, draft, eval_batches, vocab, device)
+        save(out_dir)
+        metrics.update(
+            measure_acceptance(target_dir, out_dir, prompts, max_new_tokens=32, gamma=4, device=device)
+        )
+        return metrics
+
+    result = train_loop(
+        draft,
+        config,
+        out_dir,
+        lambda step: distill_loss(target, draft, batch_for(step), vocab),
+        evaluate,
+        save,
+        resume,
+        label="distill",
+    )
+    summary = {
+        "target": str(target_dir),
+        "draft_shape": asdict(shape),
+        "initialised_from_target": len(copied),
+        "train_tokens": len(train),
+        "heldout_tokens": len(heldout),
+        "final": result.final,
+    }
+    (out_dir / "distill_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return result

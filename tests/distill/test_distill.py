@@ -1,0 +1,114 @@
+"""`specdec distill` on tiny checkpoints: it learns, it resumes, and bad arguments are clear."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specdec.distill.distill import DraftShape, run_distill
+from specdec.distill.trainer import TrainConfig
+from specdec.errors import CheckpointError, SpecdecError
+from specdec.models import load_checkpoint
+from specdec.testing import _CORPUS
+
+from conftest import hf_reference
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"doc{i}.py").write_text("".join(_CORPUS[(i + j) % len(_CORPUS)] for j in range(30)))
+    jsonl = root / "extra.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in _CORPUS[:10]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def target(checkpoints):
+    return checkpoints("llama", num_layers=3, hidden_size=64, seed=51)
+
+
+def _config(steps, **kw):
+    return TrainConfig(steps=steps, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_every=steps, **kw)
+
+
+def test_distill_reduces_heldout_kl_and_writes_a_checkpoint(tmp_path, target, corpus):
+    out = tmp_path / "draft"
+    before = run_distill(
+        target, tmp_path / "untrained", [corpus], DraftShape(layers=1), _config(1), heldout_fraction=0.25
+    )
+    after = run_distill(target, out, [corpus], DraftShape(layers=1), _config(40), heldout_fraction=0.25)
+    assert after.final["heldout_kl"] < 0.8 * before.final["heldout_kl"]
+    assert 0 <= after.final["acceptance_rate"] <= 1 and after.final["mean_accepted_length"] >= 1
+    # A normal checkpoint: our loader and transformers both load it.
+    draft = load_checkpoint(out)
+    assert (
+        draft.config.num_layers == 1
+        and draft.tokenizer.get_vocab() == load_checkpoint(target).tokenizer.get_vocab()
+    )
+    hf_reference(out)
+    assert json.loads((out / "distill_summary.json").read_text())["initialised_from_target"] > 0
+
+
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, target, corpus, monkeypatch):
+    """Stop a run after its step-4 checkpoint; --resume finishes it with the same weights as a
+    run that was never interrupted (batches depend only on (seed, step))."""
+    import torch
+
+    import specdec.distill.distill as distill_module
+
+    config = TrainConfig(steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_every=4, seed=4)
+    run_distill(target, tmp_path / "straight", [corpus], DraftShape(layers=1), config)
+
+    real_loss, calls = distill_module.distill_loss, {"n": 0}
+
+    def failing_loss(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_loss(*args)
+
+    monkeypatch.setattr(distill_module, "distill_loss", failing_loss)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(target, interrupted, [corpus], DraftShape(layers=1), config)
+    monkeypatch.setattr(distill_module, "distill_loss", real_loss)
+    assert torch.load(interrupted / "training_state.pt", weights_only=False)["step"] == 4
+    with pytest.raises(SpecdecError, match="holds a training state; pass --resume"):
+        run_distill(target, interrupted, [corpus], DraftShape(layers=1), config)
+    resumed = run_distill(target, interrupted, [corpus], DraftShape(layers=1), config, resume=True)
+    assert [h["step"] for h in resumed.history] == [4, 8]
+    straight = torch.load(tmp_path / "straight" / "training_state.pt", weights_only=False)["model"]
+    finished = torch.load(interrupted / "training_state.pt", weights_only=False)["model"]
+    for name in straight:
+        torch.testing.assert_close(finished[name], straight[name], atol=1e-5, rtol=1e-4)
+
+
+def test_missing_target_is_a_clear_error(tmp_path, corpus):
+    with pytest.raises(CheckpointError, match="checkpoint directory does not exist"):
+        run_distill(tmp_path / "nope", tmp_path / "out", [corpus], DraftShape(), _config(1))
+
+
+def test_empty_data_is_a_clear_error(tmp_path, target):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SpecdecError, match="no text found in --data"):
+        run_distill(target, tmp_path / "out", [empty], DraftShape(), _config(1))
+    with pytest.raises(SpecdecError, match="no such file or directory"):
+        run_distill(target, tmp_path / "out", [tmp_path / "missing.txt"], DraftShape(), _config(1))
+
+
+def test_draft_incompatible_with_the_tokenizer_is_a_clear_error(tmp_path, target, corpus):
+    with pytest.raises(
+        SpecdecError, match=r"--vocab-size 100 is smaller than the target's tokenizer \(300 entries\)"
+    ):
+        run_distill(target, tmp_path / "out", [corpus], DraftShape(vocab_size=100), _config(1))
+    with pytest.raises(SpecdecError, match="--hidden 50 is not a multiple of --heads 4"):
+        run_distill(target, tmp_path / "out", [corpus], DraftShape(hidden=50, heads=4), _config(1))
+
+
+def test_bad_training_settings_are_clear_errors():
+    with pytest.raises(SpecdecError, match="--steps must be positive"):
+        TrainConfig(steps=0)

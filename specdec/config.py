@@ -20,6 +20,11 @@ class EngineConfig:
     max_gamma: int = 8  # γmax: the most drafts per row per step
     default_gamma: int = 4  # γ for speculative rows that do not force one, until adaptive γ decides
     max_external_draft: int = 64  # external draft tokens verified per step (the rest wait for later steps)
+    adaptive: bool = True  # choose γ per step from measured costs and acceptance (else default_gamma)
+    warmup: bool = True  # time the passes at start-up, so the first adaptive decisions are informed
+    explore_every: int = 16  # a row kept at γ = 0 this many steps drafts γ = 1 once, to refresh its α
+    acceptance_decay: float = 0.95  # per observed draft position, for each row's acceptance estimate
+    acceptance_prior: float = 0.5  # the engine-wide acceptance estimate before any evidence
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bf16 on cuda, fp32 on cpu; or float32 / bfloat16 / float16
     attention: str = "auto"  # attention backend: auto | sdpa | math
@@ -40,6 +45,10 @@ class EngineConfig:
             )
         if self.max_external_draft < 1:
             raise SpecdecError(f"max_external_draft must be >= 1, got {self.max_external_draft}")
+        if self.explore_every < 1:
+            raise SpecdecError(f"explore_every must be >= 1, got {self.explore_every}")
+        if not 0 < self.acceptance_decay <= 1 or not 0 <= self.acceptance_prior <= 1:
+            raise SpecdecError("acceptance_decay must be in (0, 1] and acceptance_prior in [0, 1]")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise SpecdecError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 < self.memory_fraction <= 1:

@@ -55,6 +55,8 @@ class Engine:
         self.target = _load(target, device, dtype, self.config.attention)
         self.draft = _load(draft, device, dtype, self.config.attention) if draft is not None else None
         self.scheduler = Scheduler(self.target, self.draft, self.config)
+        if self.config.warmup and self.config.adaptive:
+            self.scheduler.warm_up()
         log.info(
             "target %s (%s, %d layers), draft %s; KV cache per model: %s",
             self.target.name,

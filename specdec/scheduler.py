@@ -16,7 +16,9 @@ import itertools
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 
+from specdec.adaptive import AcceptanceEstimate, CostModel, Decision, RowView, choose_gammas
 from specdec.batching import Row, make_batch
 from specdec.config import EngineConfig
 from specdec.errors import IncompatiblePairError, InvalidRequestError, QueueFullError
@@ -69,6 +71,13 @@ class Scheduler:
         self.step_runner = SpeculativeStep(
             target, draft, self.target_cache, self.draft_cache, self.vocab_size
         )
+        self.costs = CostModel()
+        self.global_acceptance = AcceptanceEstimate()
+        self.last_decision: Decision | None = None
+        # Tests (and experiments) may fix γ per row; None lets the policy decide.
+        self.gamma_override: Callable[[Sequence], int] | None = None
+        # Tests inject a synthetic CostModel and turn this off so real timings do not overwrite it.
+        self.observe_costs = True
         self.free_slots: list[int] = list(reversed(range(config.max_batch_size)))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -82,10 +91,11 @@ class Scheduler:
     def default_mode(self) -> Mode:
         return Mode.SPECULATIVE if self.draft is not None else Mode.TARGET
 
-    def add_request(self, request: Request) -> str:
-        """Validate and queue a request; return its id. Raises InvalidRequestError / QueueFullError."""
-        mode = self._validate(request)
-        if len(self.waiting) >= self.config.max_queue:
+    def add_request(self, request: Request, check_queue: bool = True) -> str:
+        """Validate and queue a request; return its id. Raises InvalidRequestError / QueueFullError
+        (the server does its own admission control and passes check_queue=False)."""
+        mode = self.validate(request)
+        if check_queue and len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
         request_id = request.request_id or f"req-{next(self._ids)}"
         if request_id in self._by_id:
@@ -117,7 +127,9 @@ class Scheduler:
         self._by_id[request_id] = seq
         return request_id
 
-    def _validate(self, request: Request) -> Mode:
+    def validate(self, request: Request) -> Mode:
+        """Check a request against the engine's limits (reads only immutable settings, so any
+        thread may call it); return the mode it will run in."""
         mode = request.mode or self.default_mode
         if mode in (Mode.SPECULATIVE, Mode.DRAFT) and self.draft is None:
             raise InvalidRequestError(
@@ -239,13 +251,11 @@ class Scheduler:
 
     def _decode(self, outputs: list[RequestOutput]) -> None:
         """One speculative step for every running row (plain target and draft-only rows included)."""
-        plans, draft_only = [], []
-        for seq in self.running:
-            if seq.mode is Mode.DRAFT:
-                draft_only.append(seq)
-            else:
-                plans.append(self._plan(seq))
+        plans, draft_only = self._plan_step()
         outcomes = self.step_runner.run(plans, draft_only)
+        for kind, batch, size, seconds in self.step_runner.timer.drain():
+            if self.observe_costs:
+                self._observe_cost(kind, batch, size, seconds)
         externals = {id(p.seq): p.external for p in plans}
         for outcome in outcomes:
             seq = outcome.seq
@@ -253,6 +263,7 @@ class Scheduler:
                 self._fail(seq, outcome.error)
                 outputs.append(self._finish(seq))
                 continue
+            self._observe_acceptance(seq, outcome.gamma, outcome.accepted, externals.get(id(seq)) is not None)
             reason = commit(seq, outcome, externals.get(id(seq)))
             if seq.timing.first_token is None and outcome.tokens:
                 seq.timing.first_token = time.monotonic()
@@ -262,23 +273,82 @@ class Scheduler:
             else:
                 outputs.append(self._delta(seq, final=False))
 
-    def _plan(self, seq: Sequence) -> RowPlan:
-        """The row's γ this step: 0 for target rows; the external draft's next chunk if it has one;
-        else the forced or default γ. Never more drafts than the row may still emit, minus one."""
-        room = seq.remaining - 1
-        if room <= 0:
-            return RowPlan(seq, 0)
-        if seq.external_pending:
-            chunk = seq.external_pending[: min(self.config.max_external_draft, room)]
-            return RowPlan(seq, len(chunk), chunk)
-        if seq.mode is Mode.TARGET:
-            return RowPlan(seq, 0)
-        gamma = seq.request.num_speculative_tokens or self.choose_gamma(seq)
-        return RowPlan(seq, min(gamma, room))
+    # ----------------------------------------------------------------------------- γ
 
-    def choose_gamma(self, seq: Sequence) -> int:
-        """γ for a row that does not force one. Replaceable: the adaptive policy plugs in here."""
-        return self.config.default_gamma
+    def _plan_step(self) -> tuple[list[RowPlan], list[Sequence]]:
+        """Every running row's γ for this step: fixed by the request, an external draft or the row's
+        mode where they say so; chosen by the adaptive policy (or the default) otherwise."""
+        draft_only = [s for s in self.running if s.mode is Mode.DRAFT]
+        rows = [s for s in self.running if s.mode is not Mode.DRAFT]
+        views, chunks = [], []
+        for seq in rows:
+            room = seq.remaining - 1  # a step emits up to γ + 1 tokens
+            chunk = seq.external_pending[: min(self.config.max_external_draft, room)] if room > 0 else []
+            chunks.append(chunk)
+            if room <= 0 or (seq.mode is Mode.TARGET and not chunk):
+                views.append(RowView(0.0, fixed=0, model_drafts=False))
+            elif chunk:
+                views.append(RowView(0.0, fixed=len(chunk), model_drafts=False))
+            else:
+                fixed = seq.request.num_speculative_tokens or None
+                if fixed is None and self.gamma_override is not None:
+                    fixed = self.gamma_override(seq)
+                if fixed is None and not self._adaptive:
+                    fixed = self.config.default_gamma
+                views.append(
+                    RowView(
+                        alpha=self._alpha(seq),
+                        fixed=None if fixed is None else min(fixed, room),
+                        behind=len(seq.tokens) - seq.draft_len,
+                        explore=seq.steps_idle >= self.config.explore_every,
+                    )
+                )
+        if any(v.fixed is None for v in views):
+            self.last_decision = choose_gammas(views, self.costs, self.config.max_gamma, len(draft_only))
+            gammas = self.last_decision.gammas
+        else:
+            gammas = tuple(v.fixed or 0 for v in views)
+        plans = []
+        for seq, gamma, chunk in zip(rows, gammas, chunks):
+            room = max(seq.remaining - 1, 0)
+            plans.append(RowPlan(seq, len(chunk), chunk) if chunk else RowPlan(seq, min(gamma, room)))
+        return plans, draft_only
+
+    @property
+    def _adaptive(self) -> bool:
+        return self.config.adaptive and self.draft is not None and self.costs.ready
+
+    def _alpha(self, seq: Sequence) -> float:
+        prior = self.global_acceptance.value(self.config.acceptance_prior, prior_weight=4.0)
+        return seq.acceptance.value(prior, prior_weight=4.0)
+
+    def _observe_acceptance(self, seq: Sequence, gamma: int, accepted: int, external: bool) -> None:
+        if seq.mode is not Mode.SPECULATIVE:
+            return
+        if gamma > 0 and not external:
+            seq.acceptance.observe(gamma, accepted, self.config.acceptance_decay)
+            self.global_acceptance.observe(gamma, accepted, 0.99)
+            seq.steps_idle = 0
+        else:
+            seq.steps_idle += 1
+
+    def _observe_cost(self, kind: str, batch: int, size: int, seconds: float) -> None:
+        if kind == "verify":
+            self.costs.observe_verify(batch, size, seconds)
+        elif kind == "draft":
+            self.costs.observe_draft(batch, seconds)
+        elif kind == "catchup":
+            self.costs.observe_catchup(batch, size, seconds)
+
+    def warm_up(self) -> None:
+        """Measure the passes' costs at start-up (dummy rows, before any request holds a slot)."""
+        if self.draft is None or self.running:
+            return
+        sizes = sorted(
+            {min(2**i, self.config.max_batch_size) for i in range(12)} | {self.config.max_batch_size}
+        )
+        for kind, batch, size, seconds in self.step_runner.measure_costs(sizes, self.config.max_gamma):
+            self._observe_cost(kind, batch, size, seconds)
 
     # ----------------------------------------------------------------------------- commit
 

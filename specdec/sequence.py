@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specdec.adaptive import AcceptanceEstimate
 from specdec.request import FinishReason, Mode, Request, SpecStats, Timing, TokenLogprob
 from specdec.stopping import OutputStopper
 
@@ -23,6 +24,8 @@ class Sequence:
     draft_len: int = 0  # tokens[:draft_len] have K/V in the draft cache
     external_pending: list[int] = field(default_factory=list)  # external draft tokens not yet verified
     stats: SpecStats = field(default_factory=SpecStats)
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    steps_idle: int = 0  # consecutive steps this speculative row did not draft
     reported: int = 0  # output tokens already handed out
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None

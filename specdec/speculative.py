@@ -23,12 +23,14 @@ from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.rejection_sample import rejection_sample_reference, rejection_sample_triton
 from specdec.kernels.sample import sample_reference, sample_triton
+from specdec.logprobs import Logprobs, token_logprobs
 from specdec.models.decoder import ForwardBatch
 from specdec.models.kv_cache import KVCache
 from specdec.models.loader import LoadedModel
-from specdec.request import FinishReason
+from specdec.request import FinishReason, TokenLogprob
 from specdec.sampling import SamplingTensors, probabilities
 from specdec.sequence import Sequence
+from specdec.timing import PassTimer
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class RowOutcome:
     accepted: int
     draft_fed: int | None  # new tokens whose K/V the draft cache now holds; None: draft not run
     error: str | None = None  # set when the row's numbers went bad
+    logprobs: list[TokenLogprob] | None = None  # per emitted token, when the request asked
 
 
 @dataclass(slots=True)
@@ -56,6 +59,7 @@ class _Drafts:
     bad: torch.Tensor  # [Bd] bool: the draft produced non-finite numbers for the row
     probs: torch.Tensor | None  # [Bd, n, V] q of each proposal (None when every row is greedy)
     passes: int
+    logprobs: Logprobs | None = None  # of each sampled token (only when a draft-only row asks)
 
 
 class SpeculativeStep:
@@ -78,6 +82,7 @@ class SpeculativeStep:
         self._sample = sample_triton if triton_ok else sample_reference
         self._greedy_accept = greedy_accept_triton if triton_ok else greedy_accept_reference
         self._rejection_sample = rejection_sample_triton if triton_ok else rejection_sample_reference
+        self.timer = PassTimer(self.device)
 
     # ------------------------------------------------------------------------- the step
 
@@ -85,8 +90,8 @@ class SpeculativeStep:
         model_drafted = [p for p in plans if p.gamma > 0 and p.external is None]
         drafting = [p.seq for p in model_drafted] + draft_only
         passes = max((p.gamma for p in model_drafted), default=1 if draft_only else 0)
-        drafts = self._draft(drafting, passes) if drafting else None
-        verified = self._verify(plans, drafts) if plans else None
+        drafts = self._draft(drafting, passes, draft_only_from=len(model_drafted)) if drafting else None
+        verified, verify_logprobs = self._verify(plans, drafts) if plans else (None, None)
 
         # The step's one device-to-host copy.
         packed = []
@@ -95,13 +100,16 @@ class SpeculativeStep:
         if drafts is not None:
             packed.append(torch.cat([drafts.tokens, drafts.bad[:, None].long()], dim=1).flatten())
         host = torch.cat(packed).cpu().tolist() if packed else []
+        # Log-probabilities, when asked for, come back right after: the device is idle by now.
+        v_lp = verify_logprobs.host() if verify_logprobs is not None else None
+        d_lp = drafts.logprobs.host() if drafts is not None and drafts.logprobs is not None else None
         n_verify = verified.numel() if verified is not None else 0
         verify_rows = _rows(host[:n_verify], verified.shape[1] if verified is not None else 1)
         draft_rows = _rows(host[n_verify:], passes + 1)
 
         outcomes: list[RowOutcome] = []
         draft_index = 0
-        for plan, (accepted, bad, *candidates) in zip(plans, verify_rows):
+        for b, (plan, (accepted, bad, *candidates)) in enumerate(zip(plans, verify_rows)):
             error, draft_fed = None, None
             if plan.gamma > 0 and plan.external is None:
                 # Proposals 1..passes-1 went through the draft; the accepted ones among them are
@@ -112,18 +120,29 @@ class SpeculativeStep:
                 draft_index += 1
             if bad:
                 error = "non-finite logits from the target model"
-            outcomes.append(
-                RowOutcome(plan.seq, candidates[: accepted + 1], plan.gamma, accepted, draft_fed, error)
-            )
-        for seq, row in zip(draft_only, draft_rows[draft_index:]):
+            emitted = candidates[: accepted + 1]
+            logprobs = None
+            params = plan.seq.request.params
+            if params.logprobs and v_lp is not None:
+                logprobs = token_logprobs(v_lp[0][b], v_lp[1][b], v_lp[2][b], emitted, params.top_logprobs)
+            outcomes.append(RowOutcome(plan.seq, emitted, plan.gamma, accepted, draft_fed, error, logprobs))
+        for i, (seq, row) in enumerate(zip(draft_only, draft_rows[draft_index:])):
             error = "non-finite logits from the draft model" if row[-1] else None
-            outcomes.append(RowOutcome(seq, row[:passes], 0, 0, passes - 1, error))
+            logprobs = None
+            params = seq.request.params
+            if params.logprobs and d_lp is not None:
+                r = draft_index + i
+                logprobs = token_logprobs(
+                    d_lp[0][r], d_lp[1][r], d_lp[2][r], row[:passes], params.top_logprobs
+                )
+            outcomes.append(RowOutcome(seq, row[:passes], 0, 0, passes - 1, error, logprobs))
         return outcomes
 
     # ------------------------------------------------------------------------- draft
 
-    def _draft(self, seqs: list[Sequence], passes: int) -> _Drafts:
-        """`passes` draft passes over `seqs`; pass j samples the token at index len(tokens) + j."""
+    def _draft(self, seqs: list[Sequence], passes: int, draft_only_from: int) -> _Drafts:
+        """`passes` draft passes over `seqs`; pass j samples the token at index len(tokens) + j.
+        Rows from `draft_only_from` on are draft-only: their log-probabilities are the output's."""
         assert self.draft is not None and self.draft_cache is not None
         model, cache, device = self.draft.model, self.draft_cache, self.device
         # Catch-up: rows that ran plain target steps are several tokens behind; feed all but the
@@ -131,7 +150,8 @@ class SpeculativeStep:
         behind = [s for s in seqs if len(s.tokens) - s.draft_len > 2]
         if behind:
             rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len : -1]) for s in behind]
-            model(make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows]), cache)
+            with self.timer.measure("catchup", len(rows), sum(len(r.tokens) for r in rows) // len(rows)):
+                model(make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows]), cache)
             for s in behind:
                 s.draft_len = len(s.tokens) - 1
         # Pass 0 feeds each row's unseen tokens (1, or 2 after a fully accepted step).
@@ -146,33 +166,50 @@ class SpeculativeStep:
         probs = None
         if st.any_sampled:
             probs = torch.empty((len(seqs), passes, self.vocab_size), dtype=torch.float32, device=device)
-        logits = model(batch, cache)[:, 0]
+        want = [s.request.params for s in seqs[draft_only_from:] if s.request.params.logprobs]
+        top_n = max((p.top_logprobs for p in want), default=0)
+        pass_logprobs: list[Logprobs] = []
         for j in range(passes):
-            if j > 0:
-                # Feed the previous proposal; every row is one token wide at index len + j - 1.
-                step = ForwardBatch(
-                    tokens=tokens[:, j - 1 : j],
-                    slots=batch.slots,
-                    start=lengths + (j - 1),
-                    n_valid=torch.ones_like(lengths),
-                    kv_len=kv_extent(max(lengths_host) + j, self.capacity),
+            with self.timer.measure("draft", len(seqs), 1):
+                if j == 0:
+                    logits = model(batch, cache)[:, 0]
+                else:
+                    # Feed the previous proposal; every row is one token wide at index len + j - 1.
+                    step = ForwardBatch(
+                        tokens=tokens[:, j - 1 : j],
+                        slots=batch.slots,
+                        start=lengths + (j - 1),
+                        n_valid=torch.ones_like(lengths),
+                        kv_len=kv_extent(max(lengths_host) + j, self.capacity),
+                    )
+                    logits = model(step, cache)[:, 0]
+                q = None
+                if probs is not None:
+                    q = probs[:, j]
+                    q.copy_(probabilities(logits[:, : self.vocab_size], st))
+                tokens[:, j], row_bad = self._sample(
+                    logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
                 )
-                logits = model(step, cache)[:, 0]
-            q = None
-            if probs is not None:
-                q = probs[:, j]
-                q.copy_(probabilities(logits[:, : self.vocab_size], st))
-            tokens[:, j], row_bad = self._sample(
-                logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
+                bad |= row_bad
+                if want:
+                    pass_logprobs.append(
+                        Logprobs.of(logits[:, None], tokens[:, j : j + 1], top_n, self.vocab_size)
+                    )
+        logprobs = None
+        if pass_logprobs:
+            logprobs = Logprobs(
+                torch.cat([lp.chosen for lp in pass_logprobs], 1),
+                torch.cat([lp.top_values for lp in pass_logprobs], 1),
+                torch.cat([lp.top_ids for lp in pass_logprobs], 1),
             )
-            bad |= row_bad
-        return _Drafts(tokens=tokens, bad=bad, probs=probs, passes=passes)
+        return _Drafts(tokens=tokens, bad=bad, probs=probs, passes=passes, logprobs=logprobs)
 
     # ------------------------------------------------------------------------- verify + accept
 
-    def _verify(self, plans: list[RowPlan], drafts: _Drafts | None) -> torch.Tensor:
+    def _verify(self, plans: list[RowPlan], drafts: _Drafts | None) -> tuple[torch.Tensor, Logprobs | None]:
         """Target pass over [pending tokens, drafts] per row and acceptance; returns
-        [B, 2 + G + 1] int64 rows of (accepted, bad, emitted-token candidates...)."""
+        [B, 2 + G + 1] int64 rows of (accepted, bad, emitted-token candidates...), and the
+        candidates' log-probabilities when a row asked for them."""
         device = self.device
         rows, columns, placements = [], [], []
         q_row, point_mass = [], []  # where each row's q comes from
@@ -204,19 +241,56 @@ class SpeculativeStep:
             batch.tokens[_device_ints(r, device), _device_ints(c, device)] = drafts.tokens[
                 _device_ints(d, device), _device_ints(j, device)
             ]
-        logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
-        g = logits.shape[1] - 1
+        g = max(p.gamma for p in plans)
         # The drafts sit in the verify input right after each row's pending tokens.
         first = _device_ints([len(r.tokens) - p.gamma for r, p in zip(rows, plans)], device)
         cols = (first[:, None] + torch.arange(g, device=device)[None, :]).clamp(max=batch.tokens.shape[1] - 1)
         draft_tokens = torch.gather(batch.tokens, 1, cols)  # [B, G]
         num_drafts = _device_ints([p.gamma for p in plans], device)
         q = drafts.probs if drafts is not None else None
-        accepted, tokens, bad = self.accept(
-            logits, draft_tokens, num_drafts, plans, q, _device_ints(q_row, device),
-            torch.tensor(point_mass).to(device, non_blocking=True),
-        )  # fmt: skip
-        return torch.cat([accepted[:, None], bad[:, None].long(), tokens], dim=1)
+        q_rows = _device_ints(q_row, device)
+        point_masses = torch.tensor(point_mass).to(device, non_blocking=True)
+        with self.timer.measure("verify", len(plans), g + 1):
+            logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
+            accepted, tokens, bad = self.accept(
+                logits, draft_tokens, num_drafts, plans, q, q_rows, point_masses
+            )
+        logprobs = None
+        want = [p.seq.request.params for p in plans if p.seq.request.params.logprobs]
+        if want:
+            logprobs = Logprobs.of(logits, tokens, max(p.top_logprobs for p in want), self.vocab_size)
+        return torch.cat([accepted[:, None], bad[:, None].long(), tokens], dim=1), logprobs
+
+    def measure_costs(
+        self, batch_sizes: list[int], max_gamma: int, repeats: int = 2
+    ) -> list[tuple[str, int, int, float]]:
+        """Warm-up: time draft passes, target passes of every width 1..γmax+1 and a catch-up pass at
+        each batch size, on dummy rows (before any request holds a slot). Returns the last
+        repetition's measurements."""
+        device, capacity = self.device, self.capacity
+        for _ in range(repeats):
+            self.timer.drain()
+            for b in batch_sizes:
+                for width in range(1, max_gamma + 2):
+                    rows = [Row(slot, 0, [1] * width) for slot in range(b)]
+                    batch = make_batch(rows, device, capacity, logits_columns=[list(range(width))] * b)
+                    with self.timer.measure("verify", b, width):
+                        self.target.model(batch, self.target_cache)
+                if self.draft is not None and self.draft_cache is not None:
+                    rows = [Row(slot, 0, [1]) for slot in range(b)]
+                    batch = make_batch(rows, device, capacity, logits_columns=[[0]] * b)
+                    with self.timer.measure("draft", b, 1):
+                        self.draft.model(batch, self.draft_cache)
+                    rows = [Row(slot, 0, [1] * 8) for slot in range(b)]
+                    with self.timer.measure("catchup", b, 8):
+                        self.draft.model(
+                            make_batch(rows, device, capacity, logits_columns=[[] for _ in rows]),
+                            self.draft_cache,
+                        )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            measured = self.timer.drain()
+        return measured
 
     def accept(
         self,
@@ -261,6 +335,8 @@ def commit(seq: Sequence, outcome: RowOutcome, external: list[int] | None) -> Fi
     before = len(seq.tokens)
     kept, reason = seq.stopper.consume(outcome.tokens)
     seq.tokens.extend(outcome.tokens[:kept])
+    if outcome.logprobs is not None:
+        seq.pending_logprobs.extend(outcome.logprobs[:kept])
     seq.stats.record(outcome.gamma, outcome.accepted, outcome.accepted + 1)
     # The last committed token is not in the target cache: it is the next pass's first input.
     seq.target_len = len(seq.tokens) - 1

@@ -85,13 +85,12 @@ def test_rows_at_gamma_zero_catch_up_later(engines, name):
     scheduler = engine.scheduler
     counter = itertools.count()
     schedule = [0, 0, 3, 0, 0, 0, 5, 2, 0, 1, 4, 0, 0, 0, 0, 6]
-    original = scheduler.choose_gamma
-    scheduler.choose_gamma = lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
+    scheduler.gamma_override = lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
     try:
         prompts, params = _prompts(11), _params(8, 3)
         spec = engine.generate(prompts, params, mode=Mode.SPECULATIVE)
     finally:
-        scheduler.choose_gamma = original
+        scheduler.gamma_override = None
     target = engine.generate(prompts, params, mode=Mode.TARGET)
     _assert_same(engine, name, prompts, spec, target)
 
@@ -249,7 +248,7 @@ def test_draft_cache_bookkeeping_with_an_identical_draft(pairs, tmp_path):
     engine = Engine(target=target, draft=twin, config=CONFIG)
     counter = itertools.count()
     schedule = [4, 0, 0, 2, 7, 0, 1, 3, 0, 0, 0, 5]
-    engine.scheduler.choose_gamma = lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
+    engine.scheduler.gamma_override = lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
     prompts, params = _prompts(13), _params(8, 5)
     scheduler = engine.scheduler
     for p, sp in zip(prompts, params):

@@ -7,6 +7,9 @@ import torch
 
 from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
 
+# On a GPU the kernels are compiled for real and compared on CUDA tensors; here, interpreted.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _case(b=8, g=5, width=300, vocab=257, seed=0, agree=0.7):
     """Logits with the argmax forced to the draft token with probability `agree` per position."""
@@ -20,7 +23,7 @@ def _case(b=8, g=5, width=300, vocab=257, seed=0, agree=0.7):
             if agree_mask[i, j]:
                 logits[i, j, drafts[i, j]] = 10.0
     num_drafts = torch.randint(0, g + 1, (b,), generator=gen)
-    return logits, drafts, num_drafts, vocab
+    return logits.to(DEVICE), drafts.to(DEVICE), num_drafts.to(DEVICE), vocab
 
 
 def _check(logits, drafts, num_drafts, vocab, block=64):
@@ -39,7 +42,7 @@ def test_random_ragged_batches(seed):
 
 def test_all_accepted_emits_the_bonus():
     logits, drafts, _, vocab = _case(agree=1.0)
-    num = torch.full((8,), 5)
+    num = torch.full((8,), 5, device=DEVICE)
     accepted, tokens, _ = _check(logits, drafts, num, vocab)
     assert (accepted == 5).all()
     assert torch.equal(tokens[:, :5], drafts)
@@ -49,16 +52,18 @@ def test_all_accepted_emits_the_bonus():
 def test_first_rejected_emits_the_correction():
     logits, drafts, _, vocab = _case(agree=1.0)
     drafts[:, 0] = (logits[:, 0, :vocab].argmax(-1) + 1) % vocab
-    accepted, tokens, _ = _check(logits, drafts, torch.full((8,), 5), vocab)
+    accepted, tokens, _ = _check(logits, drafts, torch.full((8,), 5, device=DEVICE), vocab)
     assert (accepted == 0).all()
     assert torch.equal(tokens[:, 0], logits[:, 0, :vocab].argmax(-1))
 
 
 def test_gamma_zero_rows_are_plain_greedy_steps():
     logits, drafts, _, vocab = _case()
-    accepted, tokens, _ = _check(logits, drafts, torch.zeros(8, dtype=torch.int64), vocab)
+    accepted, tokens, _ = _check(logits, drafts, torch.zeros(8, dtype=torch.int64, device=DEVICE), vocab)
     assert (accepted == 0).all() and torch.equal(tokens[:, 0], logits[:, 0, :vocab].argmax(-1))
-    _check(logits[:, :1], drafts[:, :0], torch.zeros(8, dtype=torch.int64), vocab)  # G = 0 overall
+    _check(
+        logits[:, :1], drafts[:, :0], torch.zeros(8, dtype=torch.int64, device=DEVICE), vocab
+    )  # G = 0 overall
 
 
 def test_vocabulary_not_a_multiple_of_the_block():

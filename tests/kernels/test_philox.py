@@ -33,6 +33,7 @@ def test_known_answers(counter, key, expected):
 
 
 def test_triton_equals_reference_bit_for_bit():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     seeds = torch.cat(
         [torch.tensor([0, 1, 2**63 - 1, 2**32, 2**32 - 1]), torch.randint(0, 2**62, (11,), generator=g)]
@@ -40,6 +41,7 @@ def test_triton_equals_reference_bit_for_bit():
     positions = torch.cat(
         [torch.tensor([0, 2**31 - 1, 1, 7, 100]), torch.randint(0, 2**20, (11,), generator=g)]
     )
+    seeds, positions = seeds.to(device), positions.to(device)
     for stream, lanes in ((STREAM_DRAFT, 1), (STREAM_ACCEPT, 7), (2, 333)):
         assert torch.equal(
             uniform_triton(seeds, stream, positions, lanes),

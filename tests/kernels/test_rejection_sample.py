@@ -11,6 +11,8 @@ from specdec.kernels.rejection_sample import rejection_sample_reference, rejecti
 from specdec.kernels.sample import sample_reference
 from specdec.sampling import SamplingParams, SamplingTensors, probabilities
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _probs(gen, rows, width, vocab, sharp=2.0, params=None):
     logits = torch.randn(rows, width, generator=gen) * sharp
@@ -64,11 +66,12 @@ def _case(b=8, g=4, vocab=200, seed=0, same=False, params=None):
 
 
 def _both(case, block=64):
+    case = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     ref = rejection_sample_reference(**case)
     got = rejection_sample_triton(**case, block=block)
     for name, r, k in zip(("accepted", "tokens", "bad"), ref, got):
         assert torch.equal(r, k), f"{name}:\nref {r}\nkernel {k}"
-    return ref
+    return tuple(t.cpu() for t in ref)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -177,5 +180,6 @@ def test_a_seeded_row_is_independent_of_its_batch():
         k: (v[3:4] if isinstance(v, torch.Tensor) and v.shape[:1] == (16,) else v) for k, v in case.items()
     }
     single["q_row"] = torch.zeros(1, dtype=torch.int64)
+    single = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in single.items()}
     for r, k in zip(ref, rejection_sample_triton(**single)):
-        assert torch.equal(r[3:4], k)
+        assert torch.equal(r[3:4].to(DEVICE), k)

@@ -8,6 +8,8 @@ from scipy.stats import chisquare
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.sample import sample_reference, sample_triton
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _case(n=12, width=300, vocab=257, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -17,7 +19,7 @@ def _case(n=12, width=300, vocab=257, seed=0):
     greedy = torch.arange(n) % 3 == 0
     seeds = torch.randint(0, 2**62, (n,), generator=g)
     positions = torch.randint(0, 10_000, (n,), generator=g)
-    return logits, probs, greedy, seeds, positions, vocab
+    return tuple(t.to(DEVICE) for t in (logits, probs, greedy, seeds, positions)) + (vocab,)
 
 
 def test_kernel_equals_reference():
@@ -43,7 +45,7 @@ def test_bad_rows_are_flagged_and_stay_in_vocabulary():
 
 def test_greedy_rows_take_the_argmax_of_the_real_vocabulary():
     logits, _probs, _greedy, seeds, positions, vocab = _case()
-    greedy = torch.ones(len(logits), dtype=torch.bool)
+    greedy = torch.ones(len(logits), dtype=torch.bool, device=DEVICE)
     tokens, _ = sample_reference(logits, None, greedy, seeds, positions, STREAM_DRAFT, vocab)
     assert torch.equal(tokens, logits[:, :vocab].argmax(-1))
 

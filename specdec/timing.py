@@ -1,0 +1,44 @@
+"""Timing of the step's passes, for the adaptive-γ cost model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class PassTimer:
+    """Times the step's passes without adding a sync: wall clock on the CPU (where every op is
+    synchronous), CUDA events on a GPU, read only after the step's one device-to-host copy."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._records: list[tuple[str, int, int, object, object]] = []
+
+    @contextmanager
+    def measure(self, kind: str, batch: int, size: int) -> Iterator[None]:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self._records.append((kind, batch, size, start, end))
+
+    def drain(self) -> list[tuple[str, int, int, float]]:
+        """(kind, batch, size, seconds) of every pass since the last drain."""
+        out = []
+        for kind, batch, size, start, end in self._records:
+            if self.cuda:
+                seconds = start.elapsed_time(end) / 1000.0  # type: ignore[attr-defined]
+            else:
+                seconds = float(end) - float(start)  # type: ignore[arg-type]
+            out.append((kind, batch, size, seconds))
+        self._records.clear()
+        return out

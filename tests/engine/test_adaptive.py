@@ -1,0 +1,145 @@
+"""The adaptive-γ policy as a pure function of (acceptance estimates, costs), with injected costs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from specdec.adaptive import AcceptanceEstimate, CostModel, RowView, choose_gammas, expected_tokens, step_rate
+
+
+def costs(
+    draft: float, verify_base: float, verify_per_token: float, batches=(1, 2, 4, 8, 16), max_width=9
+) -> CostModel:
+    """A synthetic machine: a draft pass costs `draft` (growing slowly with batch), a target pass
+    costs verify_base + verify_per_token * batch * width."""
+    model = CostModel()
+    for b in batches:
+        model.observe_draft(b, draft * (1 + 0.05 * b))
+        for w in range(1, max_width + 1):
+            model.observe_verify(b, w, verify_base + verify_per_token * b * w)
+    return model
+
+
+def test_expected_tokens_matches_enumeration():
+    """(1 - α^(γ+1)) / (1 - α) equals Σ_a P(a accepted) (a + 1) enumerated over accept patterns."""
+    for alpha in (0.0, 0.3, 0.75, 0.99):
+        for gamma in range(0, 7):
+            exact = sum(alpha**a * (1 - alpha) * (a + 1) for a in range(gamma)) + alpha**gamma * (gamma + 1)
+            assert expected_tokens(alpha, gamma) == pytest.approx(exact)
+
+
+def test_low_acceptance_and_width_bound_verify_choose_plain_decoding():
+    """Verification grows with width and α is low: speculation cannot pay; γ = 0."""
+    machine = costs(draft=0.2, verify_base=1.0, verify_per_token=0.5)
+    decision = choose_gammas([RowView(alpha=0.2) for _ in range(8)], machine, max_gamma=8)
+    assert decision.gammas == (0,) * 8
+    assert decision.expected_rate == pytest.approx(decision.target_rate)
+
+
+def test_free_draft_and_high_acceptance_choose_a_large_gamma():
+    machine = costs(draft=0.001, verify_base=1.0, verify_per_token=0.001)
+    decision = choose_gammas([RowView(alpha=0.95)], machine, max_gamma=8)
+    assert decision.gammas[0] >= 7
+    assert decision.expected_rate > 4 * decision.target_rate
+
+
+def test_middle_ground_picks_the_interior_optimum():
+    machine = costs(draft=0.15, verify_base=1.0, verify_per_token=0.02)
+    decision = choose_gammas([RowView(alpha=0.7)], machine, max_gamma=8)
+    rates = [step_rate([RowView(alpha=0.7)], [g], machine) for g in range(9)]
+    assert decision.gammas[0] == max(range(9), key=lambda g: rates[g])
+    assert 0 < decision.gammas[0] < 8
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_policy_equals_brute_force_over_all_per_row_assignments(seed):
+    """Exhaustive search over every per-row γ vector finds no better step than the policy's, and
+    the curve the policy maximises is the best brute-force rate for each longest draft G."""
+    import random
+
+    rnd = random.Random(seed)
+    machine = costs(draft=rnd.uniform(0.01, 0.5), verify_base=1.0, verify_per_token=rnd.uniform(0.0, 0.3))
+    max_gamma = 4
+    rows = [
+        RowView(
+            alpha=rnd.random(),
+            behind=rnd.choice([1, 2, 2, 5]),
+            fixed=rnd.choice([None, None, None, 2, 0]),
+            model_drafts=rnd.random() > 0.15,
+        )
+        for _ in range(rnd.randint(1, 4))
+    ]
+    rows = [
+        r if r.model_drafts or r.fixed is not None else RowView(r.alpha, fixed=0, model_drafts=False)
+        for r in rows
+    ]
+    draft_only = rnd.choice([0, 0, 1])
+    decision = choose_gammas(rows, machine, max_gamma, draft_only)
+    choices = [[r.fixed] if r.fixed is not None else list(range(max_gamma + 1)) for r in rows]
+    best = {}
+    for gammas in itertools.product(*choices):
+        g = max(gammas, default=0)
+        free_g = max((gm for gm, r in zip(gammas, rows) if r.fixed is None), default=0)
+        rate = step_rate(rows, gammas, machine, draft_only)
+        best[free_g] = max(best.get(free_g, 0.0), rate)
+        assert rate <= decision.expected_rate * (1 + 1e-9), (gammas, rate, decision)
+        del g
+    assert decision.expected_rate == pytest.approx(max(best.values()))
+    assert decision.expected_rate == pytest.approx(step_rate(rows, decision.gammas, machine, draft_only))
+    for g, rate in enumerate(decision.curve):
+        if g in best and g > 0:
+            assert rate == pytest.approx(best[g]), (g, decision.curve, best)
+
+
+def test_forced_rows_keep_their_gamma_and_the_policy_decides_the_others():
+    machine = costs(draft=0.2, verify_base=1.0, verify_per_token=0.5)
+    rows = [RowView(alpha=0.1, fixed=5), RowView(alpha=0.2), RowView(alpha=0.1)]
+    decision = choose_gammas(rows, machine, max_gamma=8)
+    assert decision.gammas[0] == 5
+    # The others ride along only where that pays; here α is low, so they would not.
+    assert decision.gammas[1:] == (0, 0) or decision.expected_rate >= step_rate(rows, (5, 0, 0), machine)
+
+
+def test_leaving_speculation_counts_the_catch_up_it_will_need():
+    """With an expensive catch-up, staying at γ = 0 costs more than it did without one."""
+    cheap, dear = costs(0.3, 1.0, 0.2), costs(0.3, 1.0, 0.2)
+    for b in (1, 2, 4, 8, 16):
+        cheap.observe_catchup(b, 1, 0.0)
+        dear.observe_catchup(b, 1, 0.5)
+    row = [RowView(alpha=0.55, behind=1)]
+    assert choose_gammas(row, dear, 8).target_rate < choose_gammas(row, cheap, 8).target_rate
+
+
+def test_acceptance_estimate_moves_from_prior_to_evidence():
+    est = AcceptanceEstimate()
+    assert est.value(prior=0.5, prior_weight=4) == 0.5
+    for _ in range(50):
+        est.observe(gamma=4, accepted=4, decay=0.95)  # every draft accepted
+    assert est.value(prior=0.5, prior_weight=4) > 0.9
+    for _ in range(50):
+        est.observe(gamma=4, accepted=0, decay=0.95)  # the first draft rejected every time
+    assert est.value(prior=0.5, prior_weight=4) < 0.2  # the prior keeps 4 of ~24 effective trials
+
+
+def test_acceptance_counts_only_tested_positions():
+    """Positions after the first rejection were never tested: a=1 of γ=4 is 1 success in 2 trials."""
+    est = AcceptanceEstimate()
+    est.observe(gamma=4, accepted=1, decay=1.0)
+    assert (est.successes, est.trials) == (1, 2)
+    est.observe(gamma=3, accepted=3, decay=1.0)
+    assert (est.successes, est.trials) == (4, 5)
+
+
+def test_cost_model_interpolates_and_extrapolates():
+    model = CostModel()
+    model.observe_verify(1, 1, 1.0)
+    model.observe_verify(1, 5, 3.0)
+    model.observe_verify(4, 1, 2.0)
+    model.observe_verify(4, 5, 6.0)
+    assert model.verify_cost(1, 3) == pytest.approx(2.0)
+    assert model.verify_cost(2, 3) == pytest.approx(2.0 + (4.0 - 2.0) / 3)
+    assert model.verify_cost(8, 1) == pytest.approx(2.0 + 4 / 3)  # linear past the last batch size
+    model.observe_verify(1, 1, 2.0)  # smoothed, not replaced
+    assert 1.0 < model.verify_cost(1, 1) < 2.0

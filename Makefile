@@ -34,9 +34,9 @@ setup: $(DEPS_STAMP)
 	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation --force-reinstall . 2>&1 | grep -v "^$$" || true
 	@$(BIN)/python -I -c "import specdec, specdec.kernels" || { echo "specdec failed to install"; exit 1; }
 
-# Until the gRPC server lands, the main job is one generation on a tiny random checkpoint.
+# The main job: the gRPC server on the embedded demo pair (or SERVE_ARGS="--target DIR --draft DIR").
 serve: setup
-	$(BIN)/specdec generate "def fibonacci(n):" --max-new-tokens 32 $(SERVE_ARGS)
+	$(BIN)/specdec serve $(SERVE_ARGS)
 
 test: setup
 	# pytest (not python -m pytest) so that the installed package is tested, not the source tree.

@@ -1,0 +1,253 @@
+"""gRPC load generator: what `vllm bench serve` prints, for specdec.
+
+    python benches/load_test.py                         # the demo pair, closed loop at 1, 4 and 16 clients
+    python benches/load_test.py --rate 20 --requests 200  # open loop: Poisson arrivals at 20 req/s
+    python benches/load_test.py --server host:50051     # an already running server (no in-process comparison)
+
+Closed loop: N clients, each sending its next request when the previous one finishes. Open loop:
+requests arrive at the given rate whatever the server's state. Every request streams; per request
+it records time to first token, inter-token latencies (a chunk's interval spread over its tokens)
+and end-to-end latency. It reports request throughput, output tokens/s and TTFT / ITL / E2E p50
+and p99. Then, in the same run, the same requests go through the in-process engine at the same
+concurrency, without gRPC, so the overhead of gRPC + the server's scheduling is a measured ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from specdec.client import build_request
+from specdec.v1 import specdec_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Result:
+    ttft: float
+    e2e: float
+    tokens: int
+    itl: list[float] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def one_request(stub, prompt: list[int], args) -> Result:
+    msg = build_request(
+        prompt, args.mode, max_new_tokens=args.max_new_tokens, ignore_eos=True, temperature=args.temperature
+    )
+    start = last = time.perf_counter()
+    ttft, tokens, itl = None, 0, []
+    for chunk in stub.GenerateStream(msg):
+        now = time.perf_counter()
+        n = len(chunk.token_ids)
+        if n:
+            if ttft is None:
+                ttft = now - start
+            else:
+                itl.extend([(now - last) / n] * n)
+            tokens += n
+            last = now
+    return Result(ttft=ttft or 0.0, e2e=time.perf_counter() - start, tokens=tokens, itl=itl)
+
+
+def run_grpc(
+    address: str, prompts: list[list[int]], args, concurrency: int | None, rate: float | None
+) -> dict:
+    stub = pb_grpc.SpecDecStub(grpc.insecure_channel(address))
+    results: list[Result] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+    if rate:  # open loop
+        rnd = random.Random(0)
+        arrivals, t = [], 0.0
+        for _ in prompts:
+            t += rnd.expovariate(rate)
+            arrivals.append(t)
+
+        def fire(i: int) -> None:
+            delay = arrivals[i] - (time.perf_counter() - start)
+            if delay > 0:
+                time.sleep(delay)
+            r = one_request(stub, prompts[i], args)
+            with lock:
+                results.append(r)
+
+        with ThreadPoolExecutor(max(64, len(prompts))) as pool:
+            list(pool.map(fire, range(len(prompts))))
+    else:  # closed loop
+        todo = deque(prompts)
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    prompt = todo.popleft()
+                r = one_request(stub, prompt, args)
+                with lock:
+                    results.append(r)
+
+        threads = [threading.Thread(target=client) for _ in range(concurrency or 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    wall = time.perf_counter() - start
+    return summarize(results, wall)
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    tokens = sum(r.tokens for r in results)
+    itl = [x for r in results for x in r.itl]
+    return {
+        "requests": len(results),
+        "wall_seconds": round(wall, 3),
+        "request_throughput": round(len(results) / wall, 3),
+        "output_tokens_per_second": round(tokens / wall, 2),
+        "ttft_p50_ms": round(1000 * percentile([r.ttft for r in results], 0.5), 2),
+        "ttft_p99_ms": round(1000 * percentile([r.ttft for r in results], 0.99), 2),
+        "itl_p50_ms": round(1000 * percentile(itl, 0.5), 3),
+        "itl_p99_ms": round(1000 * percentile(itl, 0.99), 3),
+        "e2e_p50_ms": round(1000 * percentile([r.e2e for r in results], 0.5), 2),
+        "e2e_p99_ms": round(1000 * percentile([r.e2e for r in results], 0.99), 2),
+    }
+
+
+def run_in_process(engine, prompts: list[list[int]], args, concurrency: int) -> dict:
+    """The same requests through the scheduler directly, `concurrency` in flight at a time."""
+    from specdec.request import Mode
+    from specdec.sampling import SamplingParams
+
+    scheduler = engine.scheduler
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, temperature=args.temperature)
+    mode = Mode(args.mode) if args.mode else None
+    todo = deque(prompts)
+    active: dict[str, dict] = {}
+    results: list[Result] = []
+    start = time.perf_counter()
+    while todo or active:
+        while todo and len(active) < concurrency:
+            request = engine.make_request(todo.popleft(), params, mode)
+            rid = scheduler.add_request(request)
+            active[rid] = {"start": time.perf_counter(), "ttft": None, "tokens": 0, "itl": [], "last": None}
+        for out in scheduler.step():
+            state = active.get(out.request_id)
+            if state is None:
+                continue
+            now = time.perf_counter()
+            n = len(out.new_token_ids)
+            if n:
+                if state["ttft"] is None:
+                    state["ttft"] = now - state["start"]
+                else:
+                    state["itl"].extend([(now - state["last"]) / n] * n)
+                state["tokens"] += n
+                state["last"] = now
+            if out.finished:
+                del active[out.request_id]
+                results.append(
+                    Result(state["ttft"] or 0.0, now - state["start"], state["tokens"], state["itl"])
+                )
+    return summarize(results, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", type=Path)
+    parser.add_argument("--draft", type=Path)
+    parser.add_argument("--server", help="load an already running server (no in-process comparison)")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts")
+    parser.add_argument("--rate", type=float, default=None, help="open loop: requests per second (Poisson)")
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--mode", choices=["speculative", "target", "draft"], default=None)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("out/load_test.json"))
+    args = parser.parse_args(argv)
+
+    from specdec.bench.main import prompts_from_text
+    from specdec.cli import DEMO
+    from specdec.config import EngineConfig
+    from specdec.engine import Engine
+    from specdec.server.app import ServerConfig
+    from specdec.server.background import BackgroundServer
+
+    target, draft = (args.target, args.draft) if args.target else (DEMO / "target", DEMO / "draft")
+    engine = server = None
+    if args.server:
+        address = args.server
+    else:
+        engine = Engine(
+            target=target,
+            draft=draft,
+            config=EngineConfig(
+                max_batch_size=args.max_batch_size,
+                max_queue=max(args.requests, 64),
+                max_context=args.prompt_len + args.max_new_tokens + 1,
+            ),
+        )
+        server = BackgroundServer(engine, ServerConfig(host="127.0.0.1", port=0, metrics_port=0))
+        address = server.address
+    from specdec.models.loader import load_tokenizer
+
+    tokenizer = engine.tokenizer if engine is not None else load_tokenizer(Path(target))
+    texts_file = Path(target).parent / "heldout_prompts.json"
+    texts = json.loads(texts_file.read_text()) if texts_file.exists() else ["def f(x):\n    return x\n" * 50]
+    prompts = prompts_from_text(tokenizer, texts, args.prompt_len, args.requests)
+
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["python", "benches/load_test.py", *(argv or sys.argv[1:])]),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "runs": [],
+    }
+    loads = (
+        [("rate", args.rate)] if args.rate else [("concurrency", int(c)) for c in args.concurrency.split(",")]
+    )
+    for kind, value in loads:
+        one_request(pb_grpc.SpecDecStub(grpc.insecure_channel(address)), prompts[0], args)  # warm-up
+        grpc_result = run_grpc(
+            address, prompts, args, None if kind == "rate" else value, value if kind == "rate" else None
+        )
+        entry = {kind: value, "grpc": grpc_result}
+        if engine is not None and kind == "concurrency":
+            # The server must be idle while the scheduler is driven directly from this thread.
+            server.stop()
+            local = run_in_process(engine, prompts, args, value)
+            entry["in_process"] = local
+            entry["grpc_overhead"] = round(
+                1 - grpc_result["output_tokens_per_second"] / local["output_tokens_per_second"], 4
+            )
+            server = BackgroundServer(engine, ServerConfig(host="127.0.0.1", port=0, metrics_port=0))
+            address = server.address
+        report["runs"].append(entry)
+        print(json.dumps(entry))
+    if server is not None:
+        server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

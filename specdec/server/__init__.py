@@ -1,0 +1,1 @@
+"""The gRPC server: thin adapters over the engine (servicer, engine loop, metrics, start-up)."""

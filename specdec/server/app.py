@@ -1,0 +1,119 @@
+"""Start-up and shutdown of the gRPC server.
+
+    asyncio.run(serve(engine, ServerConfig(port=50051)))
+
+Serves SpecDec, the standard grpc.health.v1 Health service (SERVING once the models are loaded
+and warmed up, NOT_SERVING while draining) and server reflection (grpcurl needs no proto file).
+Prometheus metrics go to their own HTTP port. SIGTERM or Ctrl-C: health goes NOT_SERVING, new
+requests get UNAVAILABLE, in-flight requests finish within the grace period, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specdec.engine import Engine
+from specdec.request import Mode, RequestOutput
+from specdec.server.engine_loop import EngineLoop, Subscription
+from specdec.server.metrics import Metrics, log_request, status_of
+from specdec.server.servicer import SpecDecServicer
+from specdec.v1 import specdec_pb2 as pb
+from specdec.v1 import specdec_pb2_grpc as pb_grpc
+
+log = logging.getLogger("specdec.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecDec"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: any free port (the bound port is reported through `on_ready`)
+    metrics_port: int = 9090  # 0: no metrics endpoint
+    grace_period: float = 30.0  # seconds in-flight requests get to finish on shutdown
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+def _instrumented_loop(engine: Engine, metrics: Metrics) -> EngineLoop:
+    scheduler = engine.scheduler
+
+    def on_step(outputs: list[RequestOutput], seconds: float) -> None:
+        decision = scheduler.last_decision
+        gammas = list(decision.gammas) if decision is not None else []
+        metrics.observe_step(outputs, seconds, scheduler.num_running, scheduler.num_waiting, gammas)
+
+    def on_output(sub: Subscription, out: RequestOutput, interval: float) -> None:
+        if out.new_token_ids and out.completion_tokens > len(out.new_token_ids):
+            metrics.observe_tokens(len(out.new_token_ids), interval)  # not the first token: that is TTFT
+        if out.finished:
+            mode = out.mode or Mode.SPECULATIVE
+            status = status_of(out)
+            metrics.observe_finish(out, mode, status)
+            log_request(out, mode, status)
+
+    return EngineLoop(scheduler, on_step=on_step, on_output=on_output)
+
+
+async def serve(
+    engine: Engine,
+    config: ServerConfig,
+    on_ready=None,  # callable(bound_port) once SERVING
+    stop_event: asyncio.Event | None = None,  # set it to shut down (signals set it too)
+) -> None:
+    metrics = Metrics()
+    if config.metrics_port:
+        metrics.serve(config.metrics_port, config.host)
+    engine_loop = _instrumented_loop(engine, metrics)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+    )
+    pb_grpc.add_SpecDecServicer_to_server(SpecDecServicer(engine, engine_loop), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    await server.start()
+    engine_loop.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("specdec serving on %s:%d (metrics on :%s)", config.host, port, config.metrics_port or "off")
+    if on_ready is not None:
+        on_ready(port)
+
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not possible off the main thread (tests run servers in threads); they use stop_event.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: NOT_SERVING, new requests get UNAVAILABLE, %d in flight", engine_loop.in_flight)
+    await health_servicer.enter_graceful_shutdown()
+    engine_loop.drain()
+    deadline = loop.time() + config.grace_period
+    while engine_loop.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if engine_loop.in_flight:
+        log.warning(
+            "grace period over with %d requests still in flight; they are cancelled", engine_loop.in_flight
+        )
+    await server.stop(grace=1.0)
+    engine_loop.stop()
+    log.info("specdec stopped")

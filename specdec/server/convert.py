@@ -1,0 +1,222 @@
+"""Protobuf <-> core types, at the edge: the core never sees a proto.
+
+`request_from_proto` checks what only the wire format can get wrong (which prompt field is set,
+enum values, message roles, sizes) and builds a Request; the engine's own validation (ranges,
+vocabulary, context) runs after it, so every bad field gets INVALID_ARGUMENT naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from specdec.engine import Engine
+from specdec.errors import InvalidRequestError
+from specdec.request import FinishReason, Mode, Request, RequestOutput, SpecStats, TokenLogprob
+from specdec.sampling import SamplingParams
+from specdec.v1 import specdec_pb2 as pb
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 256
+MAX_REQUEST_ID_CHARS = 256
+ROLES = ("system", "user", "assistant", "tool")
+DEFAULTS = SamplingParams()
+
+_MODES = {
+    pb.MODE_UNSPECIFIED: None,
+    pb.MODE_SPECULATIVE: Mode.SPECULATIVE,
+    pb.MODE_TARGET: Mode.TARGET,
+    pb.MODE_DRAFT: Mode.DRAFT,
+}
+_MODE_TO_PB = {Mode.SPECULATIVE: pb.MODE_SPECULATIVE, Mode.TARGET: pb.MODE_TARGET, Mode.DRAFT: pb.MODE_DRAFT}
+_FINISH_TO_PB = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.CONTEXT: pb.FINISH_REASON_CONTEXT,
+}
+
+
+def prompt_ids(engine: Engine, msg: pb.GenerateRequest) -> list[int]:
+    """Token ids of whichever prompt field is set (exactly one must be)."""
+    given = [name for name, present in (
+        ("prompt", bool(msg.prompt)),
+        ("prompt_token_ids", len(msg.prompt_token_ids) > 0),
+        ("messages", len(msg.messages) > 0),
+    ) if present]  # fmt: skip
+    if not given:
+        raise InvalidRequestError(
+            "prompt",
+            "give exactly one of prompt, prompt_token_ids or messages (none was set, or it was empty)",
+        )
+    if len(given) > 1:
+        raise InvalidRequestError(
+            given[1], f"give exactly one of prompt, prompt_token_ids or messages (got {' and '.join(given)})"
+        )
+    if msg.prompt:
+        if len(msg.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError(
+                "prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(msg.prompt)}"
+            )
+        return engine.encode(msg.prompt)
+    if msg.messages:
+        if len(msg.messages) > MAX_MESSAGES:
+            raise InvalidRequestError("messages", f"at most {MAX_MESSAGES} messages, got {len(msg.messages)}")
+        total = sum(len(m.content) for m in msg.messages)
+        if total > MAX_PROMPT_CHARS:
+            raise InvalidRequestError(
+                "messages", f"at most {MAX_PROMPT_CHARS} characters in all, got {total}"
+            )
+        for i, m in enumerate(msg.messages):
+            if m.role not in ROLES:
+                raise InvalidRequestError(
+                    f"messages[{i}].role", f"unknown role {m.role!r}; one of {', '.join(ROLES)}"
+                )
+        return engine.render_chat([{"role": m.role, "content": m.content} for m in msg.messages])
+    return list(msg.prompt_token_ids)
+
+
+def request_from_proto(engine: Engine, msg: pb.GenerateRequest, ids: list[int]) -> Request:
+    if msg.mode not in _MODES:
+        raise InvalidRequestError("mode", f"unknown value {msg.mode}; one of {', '.join(pb.Mode.keys())}")
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+    temperature = msg.temperature if msg.HasField("temperature") else DEFAULTS.temperature
+    top_p = msg.top_p if msg.HasField("top_p") else DEFAULTS.top_p
+    if math.isnan(temperature):
+        raise InvalidRequestError("temperature", "must be a finite number >= 0 (0 = greedy), got NaN")
+    if math.isnan(top_p):
+        raise InvalidRequestError("top_p", "must be in (0, 1], got NaN")
+    if msg.HasField("seed") and msg.seed > 2**63 - 1:
+        raise InvalidRequestError("seed", f"must be in [0, 2**63 - 1], got {msg.seed}")
+    if msg.top_logprobs and not msg.logprobs:
+        raise InvalidRequestError("top_logprobs", "needs logprobs = true")
+    if msg.num_speculative_tokens < 0:
+        raise InvalidRequestError(
+            "num_speculative_tokens", f"must be >= 0 (0 = adaptive), got {msg.num_speculative_tokens}"
+        )
+    params = SamplingParams(
+        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else DEFAULTS.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=msg.top_k if msg.HasField("top_k") else DEFAULTS.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
+    )
+    return Request(
+        prompt_ids=ids,
+        params=params,
+        mode=_MODES[msg.mode],
+        num_speculative_tokens=msg.num_speculative_tokens,
+        request_id=msg.request_id,
+    )
+
+
+def _stats(stats: SpecStats | None) -> pb.SpecStats:
+    stats = stats or SpecStats()
+    return pb.SpecStats(
+        drafted_tokens=stats.drafted_tokens,
+        accepted_tokens=stats.accepted_tokens,
+        acceptance_rate=stats.acceptance_rate,
+        mean_accepted_length=stats.mean_accepted_length,
+        verify_steps=stats.verify_steps,
+        accepted_by_position=stats.accepted_by_position,
+    )
+
+
+def _logprobs(tokenizer: Any, items: list[TokenLogprob]) -> list[pb.TokenLogprob]:
+    out = []
+    for lp in items:
+        out.append(
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                token=tokenizer.convert_ids_to_tokens(lp.token_id) or "",
+                top=[
+                    pb.TopLogprob(token_id=i, logprob=v, token=tokenizer.convert_ids_to_tokens(i) or "")
+                    for i, v in lp.top
+                ],
+            )
+        )
+    return out
+
+
+def response_from_output(tokenizer: Any, out: RequestOutput) -> pb.GenerateResponse:
+    """One streamed message: the new tokens and text; the last also carries the totals."""
+    msg = pb.GenerateResponse(
+        text=out.new_text,
+        token_ids=out.new_token_ids,
+        logprobs=_logprobs(tokenizer, out.new_logprobs),
+        request_id=out.request_id,
+        mode=_MODE_TO_PB.get(out.mode, pb.MODE_UNSPECIFIED),
+    )
+    if out.finished:
+        _set_totals(msg, out)
+    return msg
+
+
+def merged_response(tokenizer: Any, outputs: list[RequestOutput]) -> pb.GenerateResponse:
+    """The unary response: every output concatenated, totals from the last."""
+    last = outputs[-1]
+    msg = pb.GenerateResponse(
+        text="".join(o.new_text for o in outputs),
+        token_ids=[t for o in outputs for t in o.new_token_ids],
+        logprobs=_logprobs(tokenizer, [lp for o in outputs for lp in o.new_logprobs]),
+        request_id=last.request_id,
+        mode=_MODE_TO_PB.get(last.mode, pb.MODE_UNSPECIFIED),
+    )
+    _set_totals(msg, last)
+    return msg
+
+
+def _set_totals(msg: pb.GenerateResponse, out: RequestOutput) -> None:
+    msg.finish_reason = _FINISH_TO_PB.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+    msg.usage.CopyFrom(pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens))
+    msg.stats.CopyFrom(_stats(out.stats))
+    if out.timing is not None:
+        msg.timing.CopyFrom(
+            pb.Timing(
+                queue_seconds=out.timing.queue_seconds,
+                time_to_first_token_seconds=out.timing.time_to_first_token_seconds,
+                total_seconds=out.timing.total_seconds,
+            )
+        )
+    if out.seed is not None:
+        msg.seed = out.seed
+
+
+def model_info(engine: Engine) -> pb.GetModelInfoResponse:
+    def info(lm: Any) -> pb.ModelInfo:
+        cfg = lm.config
+        return pb.ModelInfo(
+            name=lm.name,
+            path=str(lm.path),
+            architecture=cfg.model_type,
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            num_parameters=sum(p.numel() for p in lm.model.parameters()),
+            dtype=str(lm.dtype).removeprefix("torch."),
+            device=str(lm.device),
+        )
+
+    config = engine.config
+    response = pb.GetModelInfoResponse(
+        target=info(engine.target),
+        tokenizer_vocab_size=engine.vocab_size,
+        max_context=engine.max_context,
+        max_batch_size=config.max_batch_size,
+        max_queue=config.max_queue,
+        max_gamma=config.max_gamma,
+        modes=[pb.MODE_TARGET] + ([pb.MODE_SPECULATIVE, pb.MODE_DRAFT] if engine.draft else []),
+        version=__import__("specdec").__version__,
+    )
+    if engine.draft is not None:
+        response.draft.CopyFrom(info(engine.draft))
+    return response

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole GPU measurement in one call, for an NVIDIA H100/H200 (target: under 10 minutes).
+#
+#   benches/gpu_suite.sh OUT_DIR
+#
+# 1. installs specdec (wheels the GPU image lacks travel in .whl/, see docs/BENCHMARKS.md),
+# 2. runs the kernel tests with the Triton interpreter OFF (kernels compiled for real, held equal
+#    to their PyTorch references on CUDA tensors),
+# 3. benchmarks the acceptance kernels at B=64, γ=4, V=128k against their references (pytest-benchmark;
+#    the HBM floor is one read of the logits / of p and q, recorded as bytes_read),
+# 4. runs `specdec bench` at the Llama-3 8B / 3.2 1B shapes (random weights) and on the demo pair,
+# 5. runs the gRPC load test on the demo pair,
+# and writes everything under OUT_DIR: a summary log plus one tarball (the device tool brings back
+# at most 8 files).
+set -uo pipefail
+OUT=${1:?usage: benches/gpu_suite.sh OUT_DIR}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_suite.log") 2>&1
+cd "$(dirname "$0")/.."
+echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/specdec . || exit 1
+export PYTHONPATH=/tmp/specdec:$PYTHONPATH PATH=/tmp/specdec/bin:$PATH
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+unset TRITON_INTERPRET
+
+step() { echo; echo "== $1 ($(date -u +%T))"; shift; timeout "$@"; echo "-- exit $?"; }
+
+step "kernel tests, compiled" 120 python3 -m pytest -q -p no:cacheprovider tests/kernels --junitxml="$WORK/kernel_tests.xml"
+step "kernel benchmarks" 120 python3 -m pytest -q -p no:cacheprovider benches/test_bench_kernels.py \
+  --benchmark-json="$WORK/kernel_bench.json" --benchmark-min-rounds=50
+step "bench 8B/1B shapes" 200 python3 -m specdec.cli bench --random-weights --shape llama-3-8b \
+  --batch-sizes 1,4,16,64 --gamma 0,2,4,8,adaptive --prompt-len 128 --new-tokens 128 --repeats 3 --out "$WORK/bench-8b"
+step "bench demo pair" 100 python3 -m specdec.cli bench --batch-sizes 1,4,16,64 --gamma 0,2,4,8,adaptive \
+  --prompt-len 64 --new-tokens 128 --repeats 3 --out "$WORK/bench-demo"
+step "gRPC load test" 90 python3 benches/load_test.py --concurrency 1,16,64 --requests 128 --max-batch-size 64 \
+  --out "$WORK/load_test.json"
+
+tar -czf "$OUT/gpu_suite_results.tar.gz" -C "$WORK" .
+cp "$WORK"/bench-8b/bench.json "$OUT/bench-8b.json" 2>/dev/null
+cp "$WORK"/bench-demo/bench.json "$OUT/bench-demo.json" 2>/dev/null
+cp "$WORK"/kernel_bench.json "$OUT/kernel_bench.json" 2>/dev/null
+echo "== done $(date -u +%FT%TZ); results in $OUT"

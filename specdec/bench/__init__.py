@@ -1,0 +1,1 @@
+"""`specdec bench`: the tokens/sec benchmark suite (see runner.py)."""

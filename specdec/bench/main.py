@@ -1,0 +1,163 @@
+"""Wiring of `specdec bench`: models, prompts, the run order, the report."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from specdec.bench.runner import Bench, BenchSettings, plans, report, save
+from specdec.bench.shapes import DEFAULT_DRAFT, SHAPES, hf_model, random_model, synthetic_tokenizer
+from specdec.engine import resolve_device, resolve_dtype
+from specdec.errors import SpecdecError
+from specdec.models.loader import load_checkpoint
+from specdec.request import Mode
+
+
+def parse_gammas(text: str) -> list[int | str]:
+    out: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "adaptive":
+            out.append(part)
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            raise SpecdecError(f"--gamma: {part!r} is neither an integer nor 'adaptive'")
+    return out
+
+
+def prompts_from_text(tokenizer: Any, texts: list[str], length: int, count: int) -> list[list[int]]:
+    """`count` windows of exactly `length` tokens from the texts, joined end to end."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+    if len(ids) < length:
+        raise SpecdecError(f"the prompt texts hold {len(ids)} tokens, fewer than --prompt-len {length}")
+    step = max(1, (len(ids) - length) // max(count, 1))
+    return [ids[i * step : i * step + length] for i in range(count)]
+
+
+def _random_prompts(vocab: int, length: int, count: int, seed: int) -> list[list[int]]:
+    rnd = random.Random(seed)
+    return [[rnd.randrange(1, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def run(args: Any) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    settings = BenchSettings(
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        gammas=parse_gammas(args.gamma),
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        hf=not args.no_hf,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    count = max(settings.batch_sizes)
+    hf_target = hf_draft = None
+    if args.random_weights:
+        if args.shape not in SHAPES:
+            raise SpecdecError(f"--shape {args.shape!r} is not one of {', '.join(SHAPES)}")
+        draft_shape = args.draft_shape or DEFAULT_DRAFT.get(args.shape)
+        if draft_shape is None:
+            raise SpecdecError(f"--shape {args.shape} has no default draft; give --draft-shape")
+        tokenizer = synthetic_tokenizer(max(SHAPES[args.shape].vocab_size, SHAPES[draft_shape].vocab_size))
+        target = random_model(args.shape, device, dtype, tokenizer, seed=1)
+        draft = random_model(draft_shape, device, dtype, tokenizer, seed=2)
+        prompts = _random_prompts(
+            min(target.config.vocab_size, draft.config.vocab_size), settings.prompt_len, count, settings.seed
+        )
+        if settings.hf:
+            hf_target = hf_model(args.shape, device, dtype, seed=1)
+            hf_draft = hf_model(draft_shape, device, dtype, seed=2)
+        source = {"random_weights": {"target_shape": args.shape, "draft_shape": draft_shape}}
+    else:
+        from specdec.cli import _checkpoints
+
+        target_dir, draft_dir = _checkpoints(args)
+        if draft_dir is None:
+            raise SpecdecError("bench needs a draft: give --draft with --target")
+        target = load_checkpoint(target_dir, device=device, dtype=dtype)
+        draft = load_checkpoint(draft_dir, device=device, dtype=dtype)
+        texts = None
+        if args.prompts:
+            texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        elif (Path(target_dir).parent / "heldout_prompts.json").exists():
+            texts = json.loads((Path(target_dir).parent / "heldout_prompts.json").read_text())
+        prompts = (
+            prompts_from_text(target.tokenizer, texts, settings.prompt_len, count)
+            if texts
+            else _random_prompts(target.config.vocab_size, settings.prompt_len, count, settings.seed)
+        )
+        if settings.hf:
+            from transformers import AutoModelForCausalLM
+
+            hf_target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).to(device).eval()
+            hf_draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=dtype).to(device).eval()
+        source = {
+            "checkpoints": {"target": str(target_dir), "draft": str(draft_dir)},
+            "prompts": "text" if texts else "random ids",
+        }
+    assisted = (
+        hf_draft is not None
+        and target.config.vocab_size == draft.config.vocab_size
+        and 1 in settings.batch_sizes
+    )
+    if hf_draft is not None and not assisted:
+        print(
+            "note: HF assisted generation skipped (it needs batch size 1 and equal logits widths: "
+            f"{target.config.vocab_size} vs {draft.config.vocab_size})",
+            file=sys.stderr,
+        )
+    with tqdm(total=plans(settings, hf_target is not None, assisted), desc="bench", unit="run") as bar:
+        bench = Bench(target, draft, settings, prompts, progress=bar)
+        for batch in settings.batch_sizes:
+            bench.run_engine(batch, "target", Mode.TARGET, 0)
+            bench.run_engine(batch, "draft", Mode.DRAFT, 0)
+            for gamma in settings.gammas:
+                if gamma == 0:
+                    continue  # γ = 0 is the target alone, measured above
+                bench.run_engine(
+                    batch, "speculative", Mode.SPECULATIVE, 0 if gamma == "adaptive" else int(gamma)
+                )
+            if hf_target is not None:
+                bench.run_hf(hf_target, None, batch)
+        if assisted:
+            bench.run_hf(hf_target, hf_draft, 1)
+    result = report(bench, target, draft, settings, source)
+    if args.random_weights:
+        # A random pair accepts almost nothing: give the speedup the measured costs would yield at
+        # realistic acceptance rates instead.
+        from specdec.bench.runner import theoretical_speedup
+
+        for entry in result["summary"]:
+            c = entry["cost_ratio_c"]
+            entry["theoretical_at_alpha"] = {
+                str(alpha): {str(g): round(theoretical_speedup(alpha, g, c), 3) for g in range(1, 9)}
+                for alpha in (0.6, 0.7, 0.8)
+            }
+    files = save(result, Path(args.out))
+    _print_table(result)
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+    return result
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    print(
+        f"{result['machine']} | {result['device']} {result['dtype']} | target {result['target']['name']}, draft {result['draft']['name']}"
+    )
+    for entry in result["summary"]:
+        print(
+            f"\nbatch {entry['batch_size']}: c = {entry['cost_ratio_c']}, target bandwidth {entry['target_bandwidth_GBps']} GB/s "
+            f"({entry['bandwidth_fraction'] * 100:.1f}% of copy {entry['copy_bandwidth_GBps']} GB/s)"
+        )
+        for key, item in entry["modes"].items():
+            extras = "  ".join(f"{k}={v}" for k, v in item.items() if k != "tokens_per_second")
+            print(f"  {key:<26} {item['tokens_per_second']:>10.1f} tok/s  {extras}")

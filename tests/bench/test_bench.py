@@ -1,0 +1,73 @@
+"""`specdec bench` on tiny checkpoints, in CI-sized time: the JSON has every number, the plots exist."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SPECDEC = shutil.which("specdec") or str(Path(sys.executable).parent / "specdec")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SPECDEC, "bench", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
+    target, draft = pairs("llama-close")
+    out = tmp_path / "bench"
+    proc = _run(
+        "--target", str(target), "--draft", str(draft), "--batch-sizes", "1,2", "--gamma", "0,2,adaptive",
+        "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["settings"]["batch_sizes"] == [1, 2]
+    assert {r["mode"] for r in result["rows"]} == {
+        "target",
+        "draft",
+        "speculative",
+        "hf-target",
+        "hf-assisted",
+    }
+    for entry in result["summary"]:
+        modes = entry["modes"]
+        assert {"target", "draft", "speculative-gamma2", "speculative-adaptive", "hf-target"} <= set(modes)
+        assert all(m["tokens_per_second"] > 0 for m in modes.values())
+        assert modes["target"]["speedup_vs_target"] == 1.0
+        assert 0 <= modes["speculative-gamma2"]["acceptance"] <= 1
+        assert modes["speculative-gamma2"]["theoretical_speedup"] > 0
+        assert "gamma_histogram" in modes["speculative-adaptive"]
+        assert (
+            entry["cost_ratio_c"] > 0
+            and entry["copy_bandwidth_GBps"] > 0
+            and entry["target_bandwidth_GBps"] > 0
+        )
+    assert "speedup_vs_hf_assisted" in result["summary"][0]["modes"]["target"]
+    for name in ("tokens_per_second.png", "speedup_vs_gamma.png", "acceptance_by_position.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 2000
+    assert "tok/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_random_weights_small_shape(tmp_path):
+    out = tmp_path / "bench"
+    proc = _run(
+        "--random-weights", "--shape", "tiny-1b-like", "--batch-sizes", "1", "--gamma", "2",
+        "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1", "--no-hf", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["random_weights"] == {"target_shape": "tiny-1b-like", "draft_shape": "tiny-draft"}
+    at = result["summary"][0]["theoretical_at_alpha"]
+    assert set(at) == {"0.6", "0.7", "0.8"} and float(at["0.8"]["4"]) > float(at["0.6"]["4"])
+
+
+def test_bench_rejects_bad_gamma(tmp_path):
+    proc = _run("--gamma", "2,banana", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--gamma: 'banana'" in proc.stderr

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -276,8 +277,9 @@ def _metrics(server) -> dict[str, float]:
 def test_metrics_are_plausible_after_traffic(server):
     stub = server.stub()
     before = _metrics(server)
-    for mode in ("speculative", "target"):
-        stub.Generate(_req([5, 6, 7], mode, max_new_tokens=12))
+    # γ forced: adaptive γ may rightly decide that this tiny pair is not worth drafting for.
+    stub.Generate(_req([5, 6, 7], "speculative", max_new_tokens=12, num_speculative_tokens=3))
+    stub.Generate(_req([5, 6, 7], "target", max_new_tokens=12))
     _wait_idle(server)
     after = _metrics(server)
 
@@ -307,19 +309,33 @@ def test_queue_overflow_is_resource_exhausted(pairs):
         draft=draft,
         config=EngineConfig(max_batch_size=1, max_queue=1, max_context=256, warmup=False),
     )
+    # Until `running` is set the engine thread admits requests but generates nothing, so neither
+    # long request can finish (and free its place) before the overflowing one arrives, however
+    # fast this machine is.
+    running = threading.Event()
+    step = engine.scheduler.step
+
+    def gated_step():
+        if running.is_set():
+            return step()
+        time.sleep(0.005)
+        return []
+
+    engine.scheduler.step = gated_step
     srv = ServerThread(engine)
     try:
         stub = srv.stub()
         long_calls = [stub.GenerateStream(_req([5, 6], "target", max_new_tokens=200)) for _ in range(2)]
-        next(long_calls[0])  # running
         deadline = time.monotonic() + 10
-        while engine.scheduler.num_waiting + engine.scheduler.num_running < 2 and time.monotonic() < deadline:
+        while _running(srv) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert _running(srv) == 2
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(_req([5], max_new_tokens=2))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in e.value.details()
         for call in long_calls:
             call.cancel()
+        running.set()
         assert _wait_idle(srv) == 0
         assert stub.Generate(_req([5], max_new_tokens=2)).finish_reason == pb.FINISH_REASON_LENGTH
     finally:

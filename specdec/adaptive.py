@@ -11,9 +11,10 @@ so a new row starts at the engine-wide estimate α_global (itself the same kind 
 over all rows) and moves to its own evidence as it accumulates.
 
 Costs (per engine). A draft pass at draft batch k costs d(k); a target pass at batch B and width w
-costs v(B, w); catching the draft up costs c(k) per token and row. Each is measured (warm-up passes
-at start, then every real pass, smoothed by an exponential moving average) and interpolated between
-measured batch sizes and widths.
+costs v(B, w) = level(B) · shape_B(w); catching the draft up costs c(k) per token and row; the
+rest of a step (batching, the sync, commit) costs o(B). Warm-up passes at start-up give the shape
+of v in width and first estimates; every real step then updates the estimates (an outlier-damped
+moving average), interpolated between measured batch sizes.
 
 Policy (per step, pure). A step's cost is set by its longest draft G (all drafting rows run G draft
 passes; the verify is G + 1 wide) and by how many rows draft (k). For given (G, k) the best rows to
@@ -21,10 +22,12 @@ draft are the k with the highest acceptance, so the policy evaluates every (G, k
 k ∈ {0..B} with rows in order of α, and picks the one that maximises
 
     expected tokens / expected seconds
-    = (Σ_drafting (1 - α^(G+1)) / (1 - α) + #non-drafting) / (G · d(k) + catch-up + v(B, G + 1)).
+    = (Σ_drafting (1 - α^(G+1)) / (1 - α) + #non-drafting) / (G · d(k) + catch-up + v(B, G + 1) + o(B)).
 
 G = 0 is a plain target step; its price includes the catch-up debt it adds (one token per row that
-would have to be fed to the draft when speculation resumes). Forced rows (num_speculative_tokens)
+would have to be fed to the draft when speculation resumes). Speculation must beat it by a small
+margin (EngineConfig.speculation_margin): where the expected gain is within the estimates' error,
+the plain step is the safe choice. Forced rows (num_speculative_tokens)
 always draft their own γ. Exploration: a row that has not drafted for `explore_every` steps drafts
 γ = 1 once, so its α does not go stale while the policy keeps it out.
 """
@@ -87,36 +90,77 @@ def _interpolate(points: dict[int, float], x: int) -> float:
 
 @dataclass
 class CostModel:
-    """Measured seconds of the step's parts, smoothed; the policy's view of the machine."""
+    """Measured seconds of the step's parts, smoothed; the policy's view of the machine.
+
+    Smoothing is an exponential moving average that damps outliers: a measurement more than
+    `outlier` times the current estimate (a GC pause, another process on the same cores) moves it
+    by `outlier_weight` instead of `smoothing`, so one spike cannot steer γ while a lasting change
+    still comes through.
+
+    A target pass costs level(B) × shape_B(w). The shape - how the cost grows with width, relative
+    to width 1 - is a least-squares line through the warm-up measurements; the level follows every
+    pass actually run, at whatever width. So widths the policy stops choosing do not keep stale
+    prices while the ones it uses get dearer as sequences grow: all stay comparable."""
 
     smoothing: float = 0.2  # weight of a new measurement
+    outlier: float = 2.5
+    outlier_weight: float = 0.02
     draft: dict[int, float] = field(default_factory=dict)  # k -> one draft pass
-    verify: dict[int, dict[int, float]] = field(default_factory=dict)  # B -> width -> one target pass
+    verify_level: dict[int, float] = field(default_factory=dict)  # B -> one target pass at width 1
+    verify_shape: dict[int, tuple[float, float]] = field(default_factory=dict)  # B -> (1, slope) per width
     catchup: dict[int, float] = field(default_factory=dict)  # k -> per token per row
+    overhead: dict[int, float] = field(default_factory=dict)  # B -> per step, outside the timed passes
 
     def _blend(self, table: dict[int, float], key: int, seconds: float) -> None:
         old = table.get(key)
-        table[key] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+        if old is None:
+            table[key] = seconds
+            return
+        weight = self.outlier_weight if seconds > self.outlier * old else self.smoothing
+        table[key] = (1 - weight) * old + weight * seconds
+
+    def set_verify_baseline(self, batch: int, by_width: dict[int, float]) -> None:
+        """Warm-up: the shape in width (a line, relative to width 1) and the starting level."""
+        at_one = _line(by_width, 1)
+        slope = (_line(by_width, 2) - at_one) if len(by_width) > 1 else 0.0
+        self.verify_level[batch] = at_one
+        self.verify_shape[batch] = (1.0, slope / at_one if at_one > 0 else 0.0)
+
+    def set_baseline(self, kind: str, batch: int, size: int, seconds: float) -> None:
+        """A warm-up measurement of a draft or catch-up pass: replaces the estimate outright."""
+        if kind == "draft":
+            self.draft[batch] = seconds
+        elif kind == "catchup":
+            self.catchup[batch] = seconds / max(size, 1)
+
+    def _shape(self, batch: int, width: int) -> float:
+        if not self.verify_shape:
+            return 1.0
+        nearest = min(self.verify_shape, key=lambda b: abs(b - batch))
+        _, slope = self.verify_shape[nearest]
+        return 1.0 + slope * (width - 1)
 
     def observe_draft(self, batch: int, seconds: float) -> None:
         self._blend(self.draft, batch, seconds)
 
     def observe_verify(self, batch: int, width: int, seconds: float) -> None:
-        self._blend(self.verify.setdefault(batch, {}), width, seconds)
+        self._blend(self.verify_level, batch, seconds / self._shape(batch, width))
 
     def observe_catchup(self, batch: int, tokens: int, seconds: float) -> None:
         self._blend(self.catchup, batch, seconds / max(tokens, 1))
 
+    def observe_overhead(self, batch: int, seconds: float) -> None:
+        self._blend(self.overhead, batch, max(seconds, 0.0))
+
     @property
     def ready(self) -> bool:
-        return bool(self.draft) and bool(self.verify)
+        return bool(self.draft) and bool(self.verify_level)
 
     def draft_cost(self, batch: int) -> float:
         return _interpolate(self.draft, batch) if batch > 0 else 0.0
 
     def verify_cost(self, batch: int, width: int) -> float:
-        by_batch = {b: _interpolate(widths, width) for b, widths in self.verify.items()}
-        return _interpolate(by_batch, batch)
+        return _interpolate(self.verify_level, batch) * self._shape(batch, width)
 
     def catchup_cost(self, batch: int) -> float:
         """Seconds per token per row of a catch-up pass (defaults to a quarter of a draft pass)."""
@@ -125,6 +169,21 @@ class CostModel:
         if self.catchup:
             return _interpolate(self.catchup, batch)
         return 0.25 * self.draft_cost(batch)
+
+    def overhead_cost(self, batch: int) -> float:
+        """Per-step seconds outside the timed passes (batching, the sync, commit, detokenising)."""
+        return _interpolate(self.overhead, batch) if self.overhead and batch > 0 else 0.0
+
+
+def _line(points: dict[int, float], x: int) -> float:
+    """Least-squares line through (width, seconds), slope clamped at >= 0, evaluated at x."""
+    if len(points) == 1:
+        return next(iter(points.values()))
+    xs, ys = list(points), list(points.values())
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((a - mean_x) ** 2 for a in xs)
+    slope = max(sum((a - mean_x) * (b - mean_y) for a, b in zip(xs, ys)) / var, 0.0) if var else 0.0
+    return max(mean_y + slope * (x - mean_x), 0.0)
 
 
 # ----------------------------------------------------------------------------------------- policy
@@ -161,7 +220,8 @@ def step_rate(rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only
     if draft_only:
         passes = max(passes, 1)
     k = len(drafting) + draft_only
-    seconds = costs.verify_cost(len(rows), max(gammas, default=0) + 1) if rows else 0.0
+    seconds = costs.overhead_cost(len(rows) + draft_only)
+    seconds += costs.verify_cost(len(rows), max(gammas, default=0) + 1) if rows else 0.0
     if passes:
         seconds += passes * costs.draft_cost(k)
     debt = sum(max(rows[i].behind - 2, 0) for i in drafting)
@@ -175,8 +235,19 @@ def step_rate(rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only
     return tokens / seconds if seconds > 0 else 0.0
 
 
-def choose_gammas(rows: Seq[RowView], costs: CostModel, max_gamma: int, draft_only: int = 0) -> Decision:
-    """The per-row γ that maximise expected tokens per second (see the module docstring).
+def choose_gammas(
+    rows: Seq[RowView],
+    costs: CostModel,
+    max_gamma: int,
+    draft_only: int = 0,
+    margin: float = 0.0,
+    per_row: bool = False,
+) -> Decision:
+    """The per-row γ that maximise expected tokens per second (see the module docstring). Rows the
+    policy may choose for draft only when that beats the no-draft step by more than `margin`
+    (relative): a hedge against errors in the estimates where speculation gains almost nothing.
+    per_row=False chooses one γ for every row the policy decides (k = all of them); per_row=True
+    also chooses how many of them draft (the k with the highest α).
 
     Equivalent to evaluating `step_rate` for every (G, k) - the tests hold it to that and to a
     brute-force search over all per-row assignments - but incremental in k, so a step costs
@@ -200,11 +271,12 @@ def choose_gammas(rows: Seq[RowView], costs: CostModel, max_gamma: int, draft_on
         fixed_width = max((base[i] for i in fixed), default=0)
         for g in range(1, max_gamma + 1):
             passes = max(fixed_passes, g)
-            verify = costs.verify_cost(n, max(fixed_width, g) + 1)
+            verify = costs.verify_cost(n, max(fixed_width, g) + 1) + costs.overhead_cost(n + draft_only)
             tokens = fixed_tokens + len(free)  # free rows at γ = 0 emit one token each
             debt, idle = fixed_debt, fixed_idle + len(free)
             best_for_g = 0.0
             for k, i in enumerate(free, start=1):
+                last = k == len(free)
                 tokens += expected_tokens(rows[i].alpha, g) - 1.0
                 debt += max(rows[i].behind - 2, 0)
                 idle -= 1
@@ -214,6 +286,8 @@ def choose_gammas(rows: Seq[RowView], costs: CostModel, max_gamma: int, draft_on
                     seconds += costs.catchup_cost(drafting) * debt
                 if idle:
                     seconds += costs.catchup_cost(idle) * idle
+                if not per_row and not last:
+                    continue  # one γ for the batch: only k = all rows is a choice
                 rate = (tokens + draft_only * passes) / seconds
                 best_for_g = max(best_for_g, rate)
                 if rate > best_rate * (1 + 1e-9):
@@ -221,6 +295,8 @@ def choose_gammas(rows: Seq[RowView], costs: CostModel, max_gamma: int, draft_on
             curve.append(best_for_g)
     else:
         curve.extend([0.0] * max_gamma)
+    if best_rate < target_rate * (1 + margin):
+        best_rate, best_g, best_k = target_rate, 0, 0
     gammas = list(base)
     for i in free[:best_k]:
         gammas[i] = best_g

@@ -23,6 +23,10 @@ class EngineConfig:
     adaptive: bool = True  # choose γ per step from measured costs and acceptance (else default_gamma)
     warmup: bool = True  # time the passes at start-up, so the first adaptive decisions are informed
     explore_every: int = 16  # a row kept at γ = 0 this many steps drafts γ = 1 once, to refresh its α
+    speculation_margin: float = (
+        0.03  # adaptive γ drafts only if expected tokens/s beat plain decoding by this
+    )
+    per_row_gamma: bool = False  # adaptive γ per row (which rows draft) instead of one γ for the batch
     acceptance_decay: float = 0.95  # per observed draft position, for each row's acceptance estimate
     acceptance_prior: float = 0.5  # the engine-wide acceptance estimate before any evidence
     device: str = "auto"  # "auto": cuda if available, else cpu
@@ -45,6 +49,8 @@ class EngineConfig:
             )
         if self.max_external_draft < 1:
             raise SpecdecError(f"max_external_draft must be >= 1, got {self.max_external_draft}")
+        if not 0 <= self.speculation_margin < 1:
+            raise SpecdecError(f"speculation_margin must be in [0, 1), got {self.speculation_margin}")
         if self.explore_every < 1:
             raise SpecdecError(f"explore_every must be >= 1, got {self.explore_every}")
         if not 0 < self.acceptance_decay <= 1 or not 0 <= self.acceptance_prior <= 1:

@@ -251,9 +251,12 @@ class Scheduler:
 
     def _decode(self, outputs: list[RequestOutput]) -> None:
         """One speculative step for every running row (plain target and draft-only rows included)."""
+        started = time.perf_counter()
         plans, draft_only = self._plan_step()
         outcomes = self.step_runner.run(plans, draft_only)
+        passes = 0.0
         for kind, batch, size, seconds in self.step_runner.timer.drain():
+            passes += seconds
             if self.observe_costs:
                 self._observe_cost(kind, batch, size, seconds)
         externals = {id(p.seq): p.external for p in plans}
@@ -272,6 +275,10 @@ class Scheduler:
                 outputs.append(self._finish(seq))
             else:
                 outputs.append(self._delta(seq, final=False))
+        if self.observe_costs:
+            # What the passes do not cover (batching, the sync, commit, detokenising) is part of
+            # every option's price, and favours amortising it over longer drafts.
+            self.costs.observe_overhead(len(plans) + len(draft_only), time.perf_counter() - started - passes)
 
     # ----------------------------------------------------------------------------- γ
 
@@ -304,7 +311,14 @@ class Scheduler:
                     )
                 )
         if any(v.fixed is None for v in views):
-            self.last_decision = choose_gammas(views, self.costs, self.config.max_gamma, len(draft_only))
+            self.last_decision = choose_gammas(
+                views,
+                self.costs,
+                self.config.max_gamma,
+                len(draft_only),
+                self.config.speculation_margin,
+                self.config.per_row_gamma,
+            )
             gammas = self.last_decision.gammas
         else:
             gammas = tuple(v.fixed or 0 for v in views)
@@ -344,11 +358,20 @@ class Scheduler:
         """Measure the passes' costs at start-up (dummy rows, before any request holds a slot)."""
         if self.draft is None or self.running:
             return
-        sizes = sorted(
-            {min(2**i, self.config.max_batch_size) for i in range(12)} | {self.config.max_batch_size}
-        )
-        for kind, batch, size, seconds in self.step_runner.measure_costs(sizes, self.config.max_gamma):
-            self._observe_cost(kind, batch, size, seconds)
+        limit = self.config.max_batch_size
+        sizes = sorted({min(2**i, limit) for i in range(12)} | {limit})
+        # Mid-context positions, so attention reads a typical amount of cache.
+        position = min(self.max_context // 2, 512)
+        verify: dict[int, dict[int, float]] = {}
+        for kind, batch, size, seconds in self.step_runner.measure_costs(
+            sizes, self.config.max_gamma, position
+        ):
+            if kind == "verify":
+                verify.setdefault(batch, {})[size] = seconds
+            else:
+                self.costs.set_baseline(kind, batch, size, seconds)
+        for batch, by_width in verify.items():
+            self.costs.set_verify_baseline(batch, by_width)
 
     # ----------------------------------------------------------------------------- commit
 

@@ -1,4 +1,4 @@
-"""Timing of the step's passes, for the adaptive-γ cost model."""
+"""Timing of the step's passes (for the adaptive-γ cost model), and the step's one sync point."""
 
 from __future__ import annotations
 
@@ -42,3 +42,19 @@ class PassTimer:
             out.append((kind, batch, size, seconds))
         self._records.clear()
         return out
+
+
+@contextmanager
+def sync_point(device: torch.device) -> Iterator[None]:
+    """The one place a step waits for the device. With torch.cuda.set_sync_debug_mode("error")
+    every other synchronising op in a step raises, which is how the GPU tests hold the step to a
+    single sync."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

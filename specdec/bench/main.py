@@ -118,19 +118,15 @@ def run(args: Any) -> dict[str, Any]:
         )
     with tqdm(total=plans(settings, hf_target is not None, assisted), desc="bench", unit="run") as bar:
         bench = Bench(target, draft, settings, prompts, progress=bar)
+        configs = [("target", Mode.TARGET, 0), ("draft", Mode.DRAFT, 0)]
+        for gamma in settings.gammas:
+            if gamma != 0:  # γ = 0 is the target alone, measured above
+                configs.append(("speculative", Mode.SPECULATIVE, 0 if gamma == "adaptive" else int(gamma)))
         for batch in settings.batch_sizes:
-            bench.run_engine(batch, "target", Mode.TARGET, 0)
-            bench.run_engine(batch, "draft", Mode.DRAFT, 0)
-            for gamma in settings.gammas:
-                if gamma == 0:
-                    continue  # γ = 0 is the target alone, measured above
-                bench.run_engine(
-                    batch, "speculative", Mode.SPECULATIVE, 0 if gamma == "adaptive" else int(gamma)
-                )
-            if hf_target is not None:
-                bench.run_hf(hf_target, None, batch)
-        if assisted:
-            bench.run_hf(hf_target, hf_draft, 1)
+            hf = [("hf-target", hf_target, None)] if hf_target is not None else []
+            if assisted and batch == 1:
+                hf.append(("hf-assisted", hf_target, hf_draft))
+            bench.run_batch(batch, configs, hf)
     result = report(bench, target, draft, settings, source)
     if args.random_weights:
         # A random pair accepts almost nothing: give the speedup the measured costs would yield at

@@ -127,8 +127,8 @@ class Bench:
             for i in range(batch)
         ]
 
-    def _measure(self, batch: int, mode: Mode, gamma: int) -> tuple[list[float], list]:
-        rates, results = [], []
+    def _engine_once(self, batch: int, mode: Mode, gamma: int) -> tuple[float, list, dict[int, int]]:
+        """One timed run: tokens/s, the results, and the γ each verified row ran with."""
         decisions: dict[int, int] = {}
         scheduler = self.engine.scheduler
         run = scheduler.step_runner.run
@@ -138,23 +138,76 @@ class Bench:
                 decisions[p.gamma] = decisions.get(p.gamma, 0) + 1
             return run(plans, draft_only)
 
-        for repeat in range(self.settings.repeats + 1):  # the first run is warm-up
-            requests = self._requests(batch, mode, gamma)
-            if repeat:
-                scheduler.step_runner.run = recording
+        requests = self._requests(batch, mode, gamma)
+        scheduler.step_runner.run = recording
+        try:
             t0 = time.perf_counter()
             out = self.engine.generate(requests)
             elapsed = time.perf_counter() - t0
+        finally:
             scheduler.step_runner.run = run
-            if repeat:
-                rates.append(sum(len(r.token_ids) for r in out) / elapsed)
-                results.extend(out)
-            self._tick()
-        self._decisions = decisions
-        return rates, results
+        return sum(len(r.token_ids) for r in out) / elapsed, out, decisions
 
-    def run_engine(self, batch: int, label: str, mode: Mode, gamma: int) -> Row:
-        rates, results = self._measure(batch, mode, gamma)
+    def _hf_once(self, hf_target: Any, hf_draft: Any | None, batch: int) -> float:
+        """One timed transformers generate(): the target alone, or (batch 1) assisted by the draft."""
+        device = next(hf_target.parameters()).device
+        n = self.settings.new_tokens
+        ids = torch.tensor([self.prompts[i % len(self.prompts)] for i in range(batch)], device=device)
+        kwargs: dict[str, Any] = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if hf_draft is not None:
+            kwargs["assistant_model"] = hf_draft
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf_target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (out.shape[1] - ids.shape[1]) * batch / (time.perf_counter() - t0)
+
+    def run_batch(
+        self, batch: int, configs: list[tuple[str, Mode, int]], hf: list[tuple[str, Any, Any]]
+    ) -> None:
+        """Every configuration at this batch size, repeats interleaved (one run of each, then the
+        next round), so a drift of the machine during the run hits all of them alike. Round 0 is
+        warm-up and excluded."""
+        rates: dict[str, list[float]] = {}
+        results: dict[str, list] = {}
+        decisions: dict[str, dict[int, int]] = {}
+        for repeat in range(self.settings.repeats + 1):
+            for label, mode, gamma in configs:
+                key = f"{label}:{gamma}"
+                rate, out, seen = self._engine_once(batch, mode, gamma)
+                if repeat:
+                    rates.setdefault(key, []).append(rate)
+                    results.setdefault(key, []).extend(out)
+                    for g, count in seen.items():
+                        decisions.setdefault(key, {})[g] = decisions.setdefault(key, {}).get(g, 0) + count
+                self._tick()
+            for label, hf_target, hf_draft in hf:
+                rate = self._hf_once(hf_target, hf_draft, batch)
+                if repeat:
+                    rates.setdefault(label, []).append(rate)
+                self._tick()
+        for label, mode, gamma in configs:
+            key = f"{label}:{gamma}"
+            self._add_engine_row(batch, label, mode, gamma, rates[key], results[key], decisions.get(key, {}))
+        for label, _, _ in hf:
+            self.rows.append(
+                Row(mode=label, gamma=None, batch_size=batch, tokens_per_second=statistics.median(rates[label]),
+                    samples=[round(r, 2) for r in rates[label]])
+            )  # fmt: skip
+
+    def _add_engine_row(
+        self,
+        batch: int,
+        label: str,
+        mode: Mode,
+        gamma: int,
+        rates: list[float],
+        results: list,
+        decisions: dict[int, int],
+    ) -> None:
         row = Row(mode=label, gamma=(gamma or "adaptive") if label == "speculative" else None, batch_size=batch,
                   tokens_per_second=statistics.median(rates), samples=[round(r, 2) for r in rates])  # fmt: skip
         if mode is Mode.SPECULATIVE:
@@ -182,40 +235,12 @@ class Bench:
             else:
                 tested = sum(r.stats.drafted_tokens for r in results)
                 row.acceptance = round(sum(acc) / tested, 4) if tested else None
-                row.gamma_histogram = dict(sorted(self._decisions.items()))
+                row.gamma_histogram = dict(sorted(decisions.items()))
         self.rows.append(row)
-        return row
 
     def cost_ratio(self, batch: int) -> float:
         costs = self.engine.scheduler.costs
         return costs.draft_cost(batch) / costs.verify_cost(batch, 1)
-
-    # --------------------------------------------------------------------------- Hugging Face
-
-    def run_hf(self, hf_target: Any, hf_draft: Any | None, batch: int) -> Row:
-        """transformers generate(): the target alone, or (batch 1) assisted by the draft."""
-        device = next(hf_target.parameters()).device
-        n = self.settings.new_tokens
-        ids = torch.tensor([self.prompts[i % len(self.prompts)] for i in range(batch)], device=device)
-        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        if hf_draft is not None:
-            kwargs["assistant_model"] = hf_draft
-        rates = []
-        for repeat in range(self.settings.repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = hf_target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if repeat:
-                rates.append((out.shape[1] - ids.shape[1]) * batch / (time.perf_counter() - t0))
-            self._tick()
-        row = Row(mode="hf-assisted" if hf_draft is not None else "hf-target", gamma=None, batch_size=batch,
-                  tokens_per_second=statistics.median(rates), samples=[round(r, 2) for r in rates])  # fmt: skip
-        self.rows.append(row)
-        return row
 
     def _tick(self) -> None:
         if self.progress is not None:

@@ -16,9 +16,10 @@ def costs(
     costs verify_base + verify_per_token * batch * width."""
     model = CostModel()
     for b in batches:
-        model.observe_draft(b, draft * (1 + 0.05 * b))
-        for w in range(1, max_width + 1):
-            model.observe_verify(b, w, verify_base + verify_per_token * b * w)
+        model.set_baseline("draft", b, 1, draft * (1 + 0.05 * b))
+        model.set_verify_baseline(
+            b, {w: verify_base + verify_per_token * b * w for w in range(1, max_width + 1)}
+        )
     return model
 
 
@@ -76,7 +77,7 @@ def test_policy_equals_brute_force_over_all_per_row_assignments(seed):
         for r in rows
     ]
     draft_only = rnd.choice([0, 0, 1])
-    decision = choose_gammas(rows, machine, max_gamma, draft_only)
+    decision = choose_gammas(rows, machine, max_gamma, draft_only, per_row=True)
     choices = [[r.fixed] if r.fixed is not None else list(range(max_gamma + 1)) for r in rows]
     best = {}
     for gammas in itertools.product(*choices):
@@ -134,12 +135,68 @@ def test_acceptance_counts_only_tested_positions():
 
 def test_cost_model_interpolates_and_extrapolates():
     model = CostModel()
-    model.observe_verify(1, 1, 1.0)
-    model.observe_verify(1, 5, 3.0)
-    model.observe_verify(4, 1, 2.0)
-    model.observe_verify(4, 5, 6.0)
+    model.set_verify_baseline(1, {1: 1.0, 5: 3.0})
+    model.set_verify_baseline(4, {1: 2.0, 5: 6.0})
     assert model.verify_cost(1, 3) == pytest.approx(2.0)
-    assert model.verify_cost(2, 3) == pytest.approx(2.0 + (4.0 - 2.0) / 3)
+    assert model.verify_cost(4, 3) == pytest.approx(4.0)
     assert model.verify_cost(8, 1) == pytest.approx(2.0 + 4 / 3)  # linear past the last batch size
     model.observe_verify(1, 1, 2.0)  # smoothed, not replaced
     assert 1.0 < model.verify_cost(1, 1) < 2.0
+
+
+def test_a_pass_at_one_width_reprices_every_width():
+    """Sequences grow, passes get dearer: a measurement at the width in use moves the level, so
+    widths the policy is not using keep their relation to it instead of a stale warm-up price."""
+    model = CostModel(smoothing=1.0)
+    model.set_verify_baseline(2, {w: 1.0 + 0.1 * w for w in range(1, 10)})
+    before = [model.verify_cost(2, w) for w in range(1, 10)]
+    model.observe_verify(2, 3, 2 * before[2])  # width 3 now costs twice as much
+    after = [model.verify_cost(2, w) for w in range(1, 10)]
+    assert all(a == pytest.approx(2 * b) for a, b in zip(after, before))
+
+
+def test_one_spike_does_not_move_the_estimate_but_a_lasting_change_does():
+    model = CostModel()
+    model.observe_draft(1, 1.0)
+    model.observe_draft(1, 50.0)  # another process took the cores for one pass
+    assert model.draft_cost(1) < 2.1
+    for _ in range(200):
+        model.observe_draft(1, 50.0)  # ...but the machine really became slower
+    assert model.draft_cost(1) > 40
+
+
+def test_verify_shape_is_a_monotone_line_in_width():
+    model = CostModel()
+    model.set_verify_baseline(2, {1: 3.0, 2: 3.5, 3: 3.2, 4: 4.1, 5: 4.4})  # noisy warm-up
+    costs_by_width = [model.verify_cost(2, w) for w in range(1, 10)]
+    assert costs_by_width == sorted(costs_by_width)
+    assert costs_by_width[0] == pytest.approx(3.0, abs=0.2) and costs_by_width[8] > costs_by_width[4]
+
+
+def test_step_overhead_favours_speculation():
+    """A fixed per-step overhead is paid once per step whatever γ: the policy counts it."""
+    rows = [RowView(alpha=0.6)]
+    lean = costs(draft=0.3, verify_base=1.0, verify_per_token=0.1)
+    heavy = costs(draft=0.3, verify_base=1.0, verify_per_token=0.1)
+    for b in (1, 2, 4):
+        heavy.observe_overhead(b, 3.0)
+    assert choose_gammas(rows, heavy, 8).gammas[0] >= choose_gammas(rows, lean, 8).gammas[0]
+    assert choose_gammas(rows, heavy, 8).gammas[0] > 0
+
+
+def test_the_margin_keeps_plain_decoding_when_speculation_barely_pays():
+    machine = costs(draft=0.3, verify_base=1.0, verify_per_token=0.05)
+    rows = [RowView(alpha=0.3)]
+    bare = choose_gammas(rows, machine, 8, margin=0.0)
+    assert bare.gammas[0] > 0 and bare.expected_rate < 1.05 * bare.target_rate  # a thin expected gain
+    hedged = choose_gammas(rows, machine, 8, margin=0.05)
+    assert hedged.gammas == (0,) and hedged.expected_rate == hedged.target_rate
+
+
+def test_per_batch_gamma_gives_every_free_row_the_same_gamma():
+    machine = costs(draft=0.05, verify_base=1.0, verify_per_token=0.01)
+    rows = [RowView(alpha=a) for a in (0.9, 0.5, 0.1, 0.7)]
+    decision = choose_gammas(rows, machine, 8)
+    assert len(set(decision.gammas)) == 1 and decision.gammas[0] > 0
+    per_row = choose_gammas(rows, machine, 8, per_row=True)
+    assert per_row.expected_rate >= decision.expected_rate

@@ -31,7 +31,7 @@ unset TRITON_INTERPRET
 
 step() { echo; echo "== $1 ($(date -u +%T))"; shift; timeout "$@"; echo "-- exit $?"; }
 
-step "kernel tests, compiled" 120 python3 -m pytest -q -p no:cacheprovider tests/kernels --junitxml="$WORK/kernel_tests.xml"
+step "kernel and GPU-path tests, compiled" 180 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels tests/gpu --junitxml="$WORK/gpu_tests.xml"
 step "kernel benchmarks" 120 python3 -m pytest -q -p no:cacheprovider benches/test_bench_kernels.py \
   --benchmark-json="$WORK/kernel_bench.json" --benchmark-min-rounds=50
 step "bench 8B/1B shapes" 200 python3 -m specdec.cli bench --random-weights --shape llama-3-8b \

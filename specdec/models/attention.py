@@ -18,6 +18,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+# torch >= 2.5 broadcasts grouped KV heads inside SDPA.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 AttentionFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, "float | None"], torch.Tensor
 ]
@@ -56,6 +59,9 @@ def sdpa_attention(
     if softcap is not None:
         raise ValueError("SDPA cannot soft-cap attention scores; use the 'math' backend")
     if k.shape[1] != q.shape[1]:
+        if _SDPA_GQA:
+            # SDPA broadcasts the KV heads itself: no copy of k and v per query head.
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         group = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)

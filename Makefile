@@ -41,6 +41,7 @@ serve: setup
 test: setup
 	# pytest (not python -m pytest) so that the installed package is tested, not the source tree.
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+	bash scripts/cpp_test.sh
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -181,21 +181,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--mode", choices=["speculative", "target", "draft"], default=None)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--cpu-threads", type=int, default=0, help="as `specdec serve --cpu-threads` (0 = all cores but one)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/load_test.json"))
     args = parser.parse_args(argv)
 
     from specdec.bench.main import prompts_from_text
     from specdec.cli import DEMO
     from specdec.config import EngineConfig
-    from specdec.engine import Engine
-    from specdec.server.app import ServerConfig
+    from specdec.engine import Engine, resolve_device
+    from specdec.server.app import ServerConfig, configure_cpu_threads
     from specdec.server.background import BackgroundServer
 
     target, draft = (args.target, args.draft) if args.target else (DEMO / "target", DEMO / "draft")
     engine = server = None
+    threads = 0
     if args.server:
         address = args.server
     else:
+        # The serving default, for both the server and the in-process run (torch's thread count is
+        # per process), so that their ratio is the cost of gRPC and the server's loop alone.
+        threads = configure_cpu_threads(resolve_device("auto"), args.cpu_threads)
         engine = Engine(
             target=target,
             draft=draft,
@@ -218,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(["python", "benches/load_test.py", *(argv or sys.argv[1:])]),
         "settings": {k: str(v) for k, v in vars(args).items()},
+        "torch_threads": threads if engine is not None else None,
         "runs": [],
     }
     loads = (

@@ -167,10 +167,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from specdec.config import EngineConfig
-    from specdec.engine import Engine
-    from specdec.server.app import ServerConfig, serve
+    from specdec.engine import Engine, resolve_device
+    from specdec.server.app import ServerConfig, configure_cpu_threads, serve
 
     target, draft = _checkpoints(args)
+    if args.cpu_threads < 0:
+        raise SpecdecError(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
+    device = resolve_device(args.device)
+    threads = configure_cpu_threads(device, args.cpu_threads)
+    if device.type == "cpu":
+        print(f"specdec: {threads} torch compute thread(s)", file=sys.stderr, flush=True)
     config = EngineConfig(
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
@@ -301,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond the running ones")
     srv.add_argument(
         "--grace-period", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
+    )
+    srv.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="torch compute threads on the CPU; 0 = all cores but one, left to the gRPC threads",
     )
     srv.add_argument(
         "--no-adaptive", action="store_true", help="a fixed γ of 4 per step instead of the adaptive choice"

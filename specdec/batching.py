@@ -66,4 +66,12 @@ def make_batch(
         n_valid=meta_t[2],
         kv_len=kv_extent(max(max_end, 1), capacity),
         logits_index=index,
+        first_slot=_first_of_consecutive(meta[0]),
     )
+
+
+def _first_of_consecutive(slots: np.ndarray) -> int | None:
+    """slots[0] when the slots are slots[0], slots[0] + 1, ... in order; else None."""
+    if len(slots) == 0 or not (np.diff(slots) == 1).all():
+        return None
+    return int(slots[0])

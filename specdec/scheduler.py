@@ -12,6 +12,7 @@ token is the first input of the next pass); the draft cache holds tokens[:draft_
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 import time
@@ -78,7 +79,9 @@ class Scheduler:
         self.gamma_override: Callable[[Sequence], int] | None = None
         # Tests inject a synthetic CostModel and turn this off so real timings do not overwrite it.
         self.observe_costs = True
-        self.free_slots: list[int] = list(reversed(range(config.max_batch_size)))
+        # A min-heap: the lowest free slot first, so the running rows tend to hold one contiguous
+        # range of slots, which the forward pass reads as a view instead of a gather.
+        self.free_slots: list[int] = list(range(config.max_batch_size))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
@@ -223,7 +226,7 @@ class Scheduler:
         now = time.monotonic()
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot = heapq.heappop(self.free_slots)
             seq.timing.admitted = now
             self.running.append(seq)
             admitted.append(seq)
@@ -286,7 +289,8 @@ class Scheduler:
         """Every running row's γ for this step: fixed by the request, an external draft or the row's
         mode where they say so; chosen by the adaptive policy (or the default) otherwise."""
         draft_only = [s for s in self.running if s.mode is Mode.DRAFT]
-        rows = [s for s in self.running if s.mode is not Mode.DRAFT]
+        # In slot order: consecutive slots make the batch's cache reads views (batching.make_batch).
+        rows = sorted((s for s in self.running if s.mode is not Mode.DRAFT), key=lambda s: s.slot)
         views, chunks = [], []
         for seq in rows:
             room = seq.remaining - 1  # a step emits up to γ + 1 tokens
@@ -405,7 +409,7 @@ class Scheduler:
         seq.timing.finished = time.monotonic()
         if seq in self.running:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
         self._by_id.pop(seq.request_id, None)
         return self._delta(seq, final=True)
 

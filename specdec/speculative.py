@@ -182,6 +182,7 @@ class SpeculativeStep:
                         start=lengths + (j - 1),
                         n_valid=torch.ones_like(lengths),
                         kv_len=kv_extent(max(lengths_host) + j, self.capacity),
+                        first_slot=batch.first_slot,
                     )
                     logits = model(step, cache)[:, 0]
                 q = None

@@ -32,6 +32,9 @@ class ForwardBatch:
     n_valid: torch.Tensor  # [B] int64: real tokens per row; the rest of the row is padding
     kv_len: int  # attention reads positions [0, kv_len); >= max(start + n_valid)
     logits_index: torch.Tensor | None = None  # [B, K] int64 columns of T whose logits are wanted
+    # Set when slots are first_slot, first_slot + 1, ... in row order: the cache is then read as a
+    # view of that range of slots instead of gathered row by row (a copy per layer).
+    first_slot: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -75,7 +78,7 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)  # [B, KVH, T, D]
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         ctx.cache.write(self.layer_idx, ctx.slot_index, ctx.write_positions, k, v)
-        k_all, v_all = ctx.cache.read(self.layer_idx, ctx.slots, ctx.kv_len)  # [B, KVH, L, D]
+        k_all, v_all = ctx.cache.read(self.layer_idx, ctx.slots, ctx.kv_len, ctx.first_slot)  # [B, KVH, L, D]
         mask = ctx.masks[self.window]
         out = self.attn_fn(q, k_all, v_all, mask, cfg.softmax_scale, cfg.attn_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_size))
@@ -128,6 +131,7 @@ class _PassContext:
     write_positions: torch.Tensor  # [B, T]: where each token's K/V goes (padding -> scratch)
     kv_len: int
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, kv_len] bool
+    first_slot: int | None  # see ForwardBatch
 
 
 class Decoder(nn.Module):
@@ -180,6 +184,7 @@ class Decoder(nn.Module):
             write_positions=write_positions,
             kv_len=batch.kv_len,
             masks=masks,
+            first_slot=batch.first_slot,
         )
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:

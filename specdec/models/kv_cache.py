@@ -87,8 +87,14 @@ class KVCache:
         self.k[layer][slot_index, :, positions] = k.transpose(1, 2)
         self.v[layer][slot_index, :, positions] = v.transpose(1, 2)
 
-    def read(self, layer: int, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, KVH, kv_len, D] of each row's slot, positions [0, kv_len)."""
+    def read(
+        self, layer: int, slots: torch.Tensor, kv_len: int, first_slot: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, KVH, kv_len, D] of each row's slot, positions [0, kv_len). When the rows hold
+        consecutive slots from `first_slot`, a view of the cache (no copy); else a gather."""
+        if first_slot is not None:
+            end = first_slot + slots.shape[0]
+            return self.k[layer, first_slot:end, :, :kv_len], self.v[layer, first_slot:end, :, :kv_len]
         return self.k[layer][slots, :, :kv_len], self.v[layer][slots, :, :kv_len]
 
     def describe(self) -> str:

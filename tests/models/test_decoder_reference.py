@@ -80,19 +80,26 @@ def test_rollback_then_different_tokens(arch_case):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
 
 
-def test_ragged_batch_rows_equal_rows_alone(arch_case):
+@pytest.mark.parametrize("slot_order", ["scattered", "consecutive"])
+def test_ragged_batch_rows_equal_rows_alone(arch_case, slot_order):
     """Rows of different lengths, slots and start positions share one call; each equals itself alone
-    and the reference."""
+    and the reference. Scattered slots read the cache by gather, consecutive ones as a view."""
     _name, path, ref = arch_case
     runner = Runner(path)
     g = torch.Generator().manual_seed(4)
     # (slot, prefix length already in the cache, new tokens this pass)
     plan = [(3, 17, 5), (0, 4, 1), (2, 30, 3), (1, 0, 9)]
+    if slot_order == "consecutive":
+        plan.sort()
     sequences = [random_prompt(g, p + n) for _, p, n in plan]
     for (slot, p, _n), seq in zip(plan, sequences):
         if p:
             runner.run([Row(slot=slot, start=0, tokens=seq[:p])], all_logits=False)
     rows = [Row(slot=slot, start=p, tokens=seq[p:]) for (slot, p, _n), seq in zip(plan, sequences)]
+    expected_first_slot = 0 if slot_order == "consecutive" else None
+    assert (
+        make_batch(rows, torch.device("cpu"), runner.cache.layout.capacity).first_slot == expected_first_slot
+    )
     batched = runner.run(rows)
     for b, ((_slot, p, n), seq) in enumerate(zip(plan, sequences)):
         alone = runner.run([rows[b]])[0]

@@ -11,10 +11,12 @@ so a new row starts at the engine-wide estimate α_global (itself the same kind 
 over all rows) and moves to its own evidence as it accumulates.
 
 Costs (per engine). A draft pass at draft batch k costs d(k); a target pass at batch B and width w
-costs v(B, w) = level(B) · shape_B(w); catching the draft up costs c(k) per token and row; the
-rest of a step (batching, the sync, commit) costs o(B). Warm-up passes at start-up give the shape
-of v in width and first estimates; every real step then updates the estimates (an outlier-damped
-moving average), interpolated between measured batch sizes.
+costs v(B, w) = level(B) · shape_B(w); a catch-up pass over k rows costs c(k) per column (one
+token of every row: the rows catch up side by side, so the pass is as wide as the row furthest
+behind); the rest of a step (batching, the sync, commit) costs o(B), measured apart for steps with
+and without drafts. Warm-up passes at start-up give the shape of v in width and first estimates;
+every real step then updates the estimates (an outlier-damped moving average), interpolated
+between measured batch sizes.
 
 Policy (per step, pure). A step's cost is set by its longest draft G (all drafting rows run G draft
 passes; the verify is G + 1 wide) and by how many rows draft (k). For given (G, k) the best rows to
@@ -24,11 +26,11 @@ k ∈ {0..B} with rows in order of α, and picks the one that maximises
     expected tokens / expected seconds
     = (Σ_drafting (1 - α^(G+1)) / (1 - α) + #non-drafting) / (G · d(k) + catch-up + v(B, G + 1) + o(B)).
 
-G = 0 is a plain target step; its price includes the catch-up debt it adds (one token per row that
-would have to be fed to the draft when speculation resumes). Speculation must beat it by a small
-margin (EngineConfig.speculation_margin): where the expected gain is within the estimates' error,
-the plain step is the safe choice. Forced rows (num_speculative_tokens)
-always draft their own γ. Exploration: a row that has not drafted for `explore_every` steps drafts
+G = 0 is a plain target step; its price includes the catch-up debt it adds (one more column of
+the catch-up pass that feeds the draft its missing tokens when speculation resumes). Speculation
+must beat it by a small margin (EngineConfig.speculation_margin): where the expected gain is
+within the estimates' error, the plain step is the safe choice. Forced rows
+(num_speculative_tokens) always draft their own γ. Exploration: a row that has not drafted for `explore_every` steps drafts
 γ = 1 once, so its α does not go stale while the policy keeps it out.
 """
 
@@ -108,8 +110,11 @@ class CostModel:
     draft: dict[int, float] = field(default_factory=dict)  # k -> one draft pass
     verify_level: dict[int, float] = field(default_factory=dict)  # B -> one target pass at width 1
     verify_shape: dict[int, tuple[float, float]] = field(default_factory=dict)  # B -> (1, slope) per width
-    catchup: dict[int, float] = field(default_factory=dict)  # k -> per token per row
-    overhead: dict[int, float] = field(default_factory=dict)  # B -> per step, outside the timed passes
+    catchup: dict[int, float] = field(default_factory=dict)  # k -> per column of a k-row catch-up pass
+    # B -> per step, outside the timed passes; a step with drafts (more to batch, accept, commit)
+    # measured apart from a plain one, since mixing them would price speculation too cheaply.
+    overhead: dict[int, float] = field(default_factory=dict)
+    overhead_speculative: dict[int, float] = field(default_factory=dict)
 
     def _blend(self, table: dict[int, float], key: int, seconds: float) -> None:
         old = table.get(key)
@@ -149,8 +154,8 @@ class CostModel:
     def observe_catchup(self, batch: int, tokens: int, seconds: float) -> None:
         self._blend(self.catchup, batch, seconds / max(tokens, 1))
 
-    def observe_overhead(self, batch: int, seconds: float) -> None:
-        self._blend(self.overhead, batch, max(seconds, 0.0))
+    def observe_overhead(self, batch: int, seconds: float, speculative: bool = False) -> None:
+        self._blend(self.overhead_speculative if speculative else self.overhead, batch, max(seconds, 0.0))
 
     @property
     def ready(self) -> bool:
@@ -163,16 +168,24 @@ class CostModel:
         return _interpolate(self.verify_level, batch) * self._shape(batch, width)
 
     def catchup_cost(self, batch: int) -> float:
-        """Seconds per token per row of a catch-up pass (defaults to a quarter of a draft pass)."""
+        """Seconds per column of a catch-up pass over `batch` rows (defaults to a quarter of a
+        draft pass)."""
         if batch <= 0:
             return 0.0
         if self.catchup:
             return _interpolate(self.catchup, batch)
         return 0.25 * self.draft_cost(batch)
 
-    def overhead_cost(self, batch: int) -> float:
-        """Per-step seconds outside the timed passes (batching, the sync, commit, detokenising)."""
-        return _interpolate(self.overhead, batch) if self.overhead and batch > 0 else 0.0
+    def overhead_cost(self, batch: int, speculative: bool = False) -> float:
+        """Per-step seconds outside the timed passes (batching, the sync, commit, detokenising), for
+        a step with drafts or a plain one; each falls back on the other until it is measured."""
+        own, other = (
+            (self.overhead_speculative, self.overhead)
+            if speculative
+            else (self.overhead, self.overhead_speculative)
+        )
+        table = own or other
+        return _interpolate(table, batch) if table and batch > 0 else 0.0
 
 
 def _line(points: dict[int, float], x: int) -> float:
@@ -220,17 +233,19 @@ def step_rate(rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only
     if draft_only:
         passes = max(passes, 1)
     k = len(drafting) + draft_only
-    seconds = costs.overhead_cost(len(rows) + draft_only)
+    seconds = costs.overhead_cost(
+        len(rows) + draft_only, speculative=max(gammas, default=0) > 0 or draft_only > 0
+    )
     seconds += costs.verify_cost(len(rows), max(gammas, default=0) + 1) if rows else 0.0
     if passes:
         seconds += passes * costs.draft_cost(k)
-    debt = sum(max(rows[i].behind - 2, 0) for i in drafting)
+    debt = max((max(rows[i].behind - 2, 0) for i in drafting), default=0)  # catch-up columns
     if debt:
         seconds += costs.catchup_cost(len(drafting)) * debt
     if idle:
-        # A speculative row that skips drafting falls one more token behind: the catch-up it
-        # will need when it drafts again is part of this step's price.
-        seconds += costs.catchup_cost(len(idle)) * len(idle)
+        # Speculative rows that skip drafting fall one more token behind: the catch-up column
+        # they will need when they draft again is part of this step's price.
+        seconds += costs.catchup_cost(len(idle))
     tokens = sum(expected_tokens(r.alpha, g) for r, g in zip(rows, gammas)) + draft_only * passes
     return tokens / seconds if seconds > 0 else 0.0
 
@@ -266,28 +281,31 @@ def choose_gammas(
         fixed_tokens = sum(expected_tokens(rows[i].alpha, base[i]) for i in fixed)
         fixed_drafting = [i for i in fixed if base[i] > 0 and rows[i].model_drafts]
         fixed_passes = max((base[i] for i in fixed_drafting), default=0)
-        fixed_debt = sum(max(rows[i].behind - 2, 0) for i in fixed_drafting)
+        fixed_debt = max((max(rows[i].behind - 2, 0) for i in fixed_drafting), default=0)
         fixed_idle = sum(1 for i in fixed if base[i] == 0 and rows[i].model_drafts)
         fixed_width = max((base[i] for i in fixed), default=0)
+        # Looked up once per call, not per (G, k): the lookups interpolate, and this runs every step.
+        draft_at = [costs.draft_cost(k) for k in range(n + draft_only + 1)]
+        catchup_at = [costs.catchup_cost(k) if k else 0.0 for k in range(n + 1)]
+        overhead = costs.overhead_cost(n + draft_only, speculative=True)
         for g in range(1, max_gamma + 1):
             passes = max(fixed_passes, g)
-            verify = costs.verify_cost(n, max(fixed_width, g) + 1) + costs.overhead_cost(n + draft_only)
+            verify = costs.verify_cost(n, max(fixed_width, g) + 1) + overhead
             tokens = fixed_tokens + len(free)  # free rows at γ = 0 emit one token each
             debt, idle = fixed_debt, fixed_idle + len(free)
             best_for_g = 0.0
             for k, i in enumerate(free, start=1):
-                last = k == len(free)
                 tokens += expected_tokens(rows[i].alpha, g) - 1.0
-                debt += max(rows[i].behind - 2, 0)
+                debt = max(debt, rows[i].behind - 2)
                 idle -= 1
-                drafting = len(fixed_drafting) + k
-                seconds = verify + passes * costs.draft_cost(drafting + draft_only)
-                if debt:
-                    seconds += costs.catchup_cost(drafting) * debt
-                if idle:
-                    seconds += costs.catchup_cost(idle) * idle
-                if not per_row and not last:
+                if not per_row and k < len(free):
                     continue  # one γ for the batch: only k = all rows is a choice
+                drafting = len(fixed_drafting) + k
+                seconds = verify + passes * draft_at[drafting + draft_only]
+                if debt:
+                    seconds += catchup_at[drafting] * debt
+                if idle:
+                    seconds += catchup_at[idle]
                 rate = (tokens + draft_only * passes) / seconds
                 best_for_g = max(best_for_g, rate)
                 if rate > best_rate * (1 + 1e-9):

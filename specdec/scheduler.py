@@ -279,15 +279,21 @@ class Scheduler:
             else:
                 outputs.append(self._delta(seq, final=False))
         if self.observe_costs:
+            elapsed = time.perf_counter() - started
             # What the passes do not cover (batching, the sync, commit, detokenising) is part of
             # every option's price, and favours amortising it over longer drafts.
-            self.costs.observe_overhead(len(plans) + len(draft_only), time.perf_counter() - started - passes)
+            self.costs.observe_overhead(
+                len(plans) + len(draft_only),
+                elapsed - passes,
+                speculative=bool(draft_only) or any(p.gamma > 0 for p in plans),
+            )
 
     # ----------------------------------------------------------------------------- γ
 
     def _plan_step(self) -> tuple[list[RowPlan], list[Sequence]]:
         """Every running row's γ for this step: fixed by the request, an external draft or the row's
         mode where they say so; chosen by the adaptive policy (or the default) otherwise."""
+        self.last_decision = None
         draft_only = [s for s in self.running if s.mode is Mode.DRAFT]
         # In slot order: consecutive slots make the batch's cache reads views (batching.make_batch).
         rows = sorted((s for s in self.running if s.mode is not Mode.DRAFT), key=lambda s: s.slot)

@@ -151,7 +151,8 @@ class SpeculativeStep:
         behind = [s for s in seqs if len(s.tokens) - s.draft_len > 2]
         if behind:
             rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len : -1]) for s in behind]
-            with self.timer.measure("catchup", len(rows), sum(len(r.tokens) for r in rows) // len(rows)):
+            # Per column of the padded pass: it is as wide as its longest row.
+            with self.timer.measure("catchup", len(rows), max(len(r.tokens) for r in rows)):
                 model(make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows]), cache)
             for s in behind:
                 s.draft_len = len(s.tokens) - 1

@@ -184,6 +184,23 @@ def test_step_overhead_favours_speculation():
     assert choose_gammas(rows, heavy, 8).gammas[0] > 0
 
 
+def test_speculative_steps_own_overhead_is_priced_apart():
+    """Steps with drafts cost more outside the passes than plain ones (more to batch, accept and
+    commit); measured apart, a dear enough speculative overhead turns speculation off."""
+    rows = [RowView(alpha=0.6) for _ in range(4)]
+    machine = costs(draft=0.3, verify_base=1.0, verify_per_token=0.1)
+    for b in (1, 2, 4):
+        machine.observe_overhead(b, 0.1)
+    assert machine.overhead_cost(4, speculative=True) == pytest.approx(0.1)  # falls back on plain
+    assert choose_gammas(rows, machine, 8).gammas[0] > 0
+    for b in (1, 2, 4):
+        machine.observe_overhead(b, 5.0, speculative=True)
+    assert machine.overhead_cost(4) == pytest.approx(0.1)
+    decision = choose_gammas(rows, machine, 8)
+    assert decision.gammas == (0,) * 4
+    assert step_rate(rows, (2,) * 4, machine) < decision.target_rate
+
+
 def test_the_margin_keeps_plain_decoding_when_speculation_barely_pays():
     machine = costs(draft=0.3, verify_base=1.0, verify_per_token=0.05)
     rows = [RowView(alpha=0.3)]
@@ -200,3 +217,20 @@ def test_per_batch_gamma_gives_every_free_row_the_same_gamma():
     assert len(set(decision.gammas)) == 1 and decision.gammas[0] > 0
     per_row = choose_gammas(rows, machine, 8, per_row=True)
     assert per_row.expected_rate >= decision.expected_rate
+
+
+def test_catch_up_is_priced_per_column_of_one_batched_pass():
+    """Rows catch up side by side: k idle rows add one column of a k-row catch-up pass, not k of
+    them, and drafting rows pay for the row furthest behind, not the sum (this once priced the
+    plain step at batch 16 a third too dear, so the policy speculated where it lost)."""
+    machine = costs(draft=0.4, verify_base=1.0, verify_per_token=0.01)
+    machine.set_baseline("catchup", 16, 8, 8 * 0.3)  # 0.3 s per column at 16 rows
+    machine.set_baseline("catchup", 4, 8, 8 * 0.2)
+    rows = [RowView(alpha=0.5) for _ in range(16)]
+    plain = 1.0 + 0.01 * 16 * 1  # one target pass of width 1
+    assert step_rate(rows, (0,) * 16, machine) == pytest.approx(16 / (plain + 0.3))
+    behind = [RowView(alpha=0.5, behind=b) for b in (2, 5, 9, 3)]
+    verify = 1.0 + 0.01 * 4 * 3
+    seconds = verify + 2 * machine.draft_cost(4) + 0.2 * (9 - 2)  # widest debt: 7 columns
+    tokens = 4 * expected_tokens(0.5, 2)
+    assert step_rate(behind, (2,) * 4, machine) == pytest.approx(tokens / seconds)

@@ -339,11 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-sizes", default="1,4,16")
     bench.add_argument(
-        "--gamma", default="0,2,4,8,adaptive", help="γ values to run; 0 = target alone; adaptive"
+        "--gamma",
+        default="0,2,4,8,adaptive",
+        help="γ values to run; 0 = target alone; adaptive (as served); adaptive-per-row (to compare)",
     )
     bench.add_argument("--prompt-len", type=int, default=64)
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument(
+        "--waves",
+        type=int,
+        default=2,
+        help="requests per run = batch size x waves, batch size in flight (a closed loop); 1 = static batch",
+    )
     bench.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
     bench.add_argument("--device", default="auto")

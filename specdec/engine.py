@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,12 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         mode: Mode | str | None = None,
         num_speculative_tokens: int = 0,
+        max_concurrency: int | None = None,
     ) -> list[GenerationResult]:
         """Run `prompts` (strings, token-id lists or Requests) to completion, batched together;
-        `params` is one SamplingParams for all or one per prompt. Results come in prompt order."""
+        `params` is one SamplingParams for all or one per prompt. Results come in prompt order.
+        With `max_concurrency`, at most that many are in flight: the next starts as soon as one
+        finishes (a closed loop, as clients of a server would keep it busy)."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -139,12 +143,25 @@ class Engine:
             p if isinstance(p, Request) else self.make_request(p, sp, mode, num_speculative_tokens)
             for p, sp in zip(prompts, params)
         ]
-        ids = [self.scheduler.add_request(r) for r in requests]
-        collected: dict[str, list[RequestOutput]] = {i: [] for i in ids}
-        while self.scheduler.has_unfinished():
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        for request in requests:  # every request is checked before any starts
+            self.scheduler.validate(request)
+        limit = max_concurrency or len(requests)
+        todo = deque(enumerate(requests))
+        ids: list[str] = [""] * len(requests)
+        collected: dict[str, list[RequestOutput]] = {}
+        in_flight = 0
+        while todo or in_flight:
+            while todo and in_flight < limit:
+                index, request = todo.popleft()
+                ids[index] = self.scheduler.add_request(request)
+                collected[ids[index]] = []
+                in_flight += 1
             for out in self.scheduler.step():
                 if out.request_id in collected:
                     collected[out.request_id].append(out)
+                    in_flight -= out.finished
         return [_merge(collected[i]) for i in ids]
 
     def stream(

@@ -14,18 +14,22 @@ from specdec.engine import resolve_device, resolve_dtype
 from specdec.errors import SpecdecError
 from specdec.models.loader import load_checkpoint
 from specdec.request import Mode
+from specdec.tokenization import real_vocab_size
+
+# Adaptive γ as served (one γ per batch), and per row (EngineConfig.per_row_gamma), to compare.
+ADAPTIVE = ("adaptive", "adaptive-per-row")
 
 
 def parse_gammas(text: str) -> list[int | str]:
     out: list[int | str] = []
     for part in text.split(","):
         part = part.strip()
-        if part == "adaptive":
+        if part in ADAPTIVE:
             out.append(part)
         elif part.isdigit():
             out.append(int(part))
         else:
-            raise SpecdecError(f"--gamma: {part!r} is neither an integer nor 'adaptive'")
+            raise SpecdecError(f"--gamma: {part!r} is neither an integer nor one of {', '.join(ADAPTIVE)}")
     return out
 
 
@@ -48,19 +52,22 @@ def _random_prompts(vocab: int, length: int, count: int, seed: int) -> list[list
 def run(args: Any) -> dict[str, Any]:
     from tqdm import tqdm
 
+    if args.waves < 1:
+        raise SpecdecError(f"--waves must be >= 1, got {args.waves}")
     settings = BenchSettings(
         batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
         gammas=parse_gammas(args.gamma),
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        waves=args.waves,
         hf=not args.no_hf,
         device=args.device,
         dtype=args.dtype,
     )
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    count = max(settings.batch_sizes)
+    count = max(settings.batch_sizes) * settings.waves
     hf_target = hf_draft = None
     if args.random_weights:
         if args.shape not in SHAPES:
@@ -94,7 +101,13 @@ def run(args: Any) -> dict[str, Any]:
         prompts = (
             prompts_from_text(target.tokenizer, texts, settings.prompt_len, count)
             if texts
-            else _random_prompts(target.config.vocab_size, settings.prompt_len, count, settings.seed)
+            else _random_prompts(
+                # ids the engine accepts: the tokenizer's, within both models' logits
+                min(real_vocab_size(target.tokenizer), target.config.vocab_size, draft.config.vocab_size),
+                settings.prompt_len,
+                count,
+                settings.seed,
+            )
         )
         if settings.hf:
             from transformers import AutoModelForCausalLM
@@ -121,7 +134,7 @@ def run(args: Any) -> dict[str, Any]:
         configs = [("target", Mode.TARGET, 0), ("draft", Mode.DRAFT, 0)]
         for gamma in settings.gammas:
             if gamma != 0:  # γ = 0 is the target alone, measured above
-                configs.append(("speculative", Mode.SPECULATIVE, 0 if gamma == "adaptive" else int(gamma)))
+                configs.append(("speculative", Mode.SPECULATIVE, gamma))
         for batch in settings.batch_sizes:
             hf = [("hf-target", hf_target, None)] if hf_target is not None else []
             if assisted and batch == 1:

@@ -2,7 +2,9 @@
 generation (alone and assisted), side by side in one process on the same prompts.
 
 Every configuration runs once as warm-up (excluded), then `repeats` times; tokens/s is generated
-tokens over wall time, and the report gives the median. Alongside: the measured acceptance α (per
+tokens over wall time, and the report gives the median. Our engine runs batch size × `waves`
+requests per run with batch size in flight (continuous batching, as served); Hugging Face
+`generate()` runs one static batch, which for fixed-length outputs is already its steady state. Alongside: the measured acceptance α (per
 tested draft position), the cost ratio c = draft step / target step from the engine's own pass
 timings, the theoretical speedup (1 - α^(γ+1)) / ((1 - α)(γc + 1)) next to the measured one, and for
 target-alone decode the achieved memory bandwidth (weights + KV read per step) against a copy
@@ -11,6 +13,7 @@ bandwidth measured on the same device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -33,10 +36,15 @@ from specdec.sampling import SamplingParams
 @dataclass
 class BenchSettings:
     batch_sizes: list[int]
-    gammas: list[int | str]  # ints (0 = target alone) and "adaptive"
+    gammas: list[int | str]  # ints (0 = target alone), "adaptive" and "adaptive-per-row"
     prompt_len: int = 64
     new_tokens: int = 128
     repeats: int = 3
+    # Requests per run = batch size × waves, `batch size` in flight at a time (a closed loop): a
+    # finished row's slot is refilled at once, as a busy server's would be. One wave would be a
+    # static batch, whose rows finish at different steps under speculation and leave a tail of
+    # under-filled steps that no server with continuous batching has.
+    waves: int = 2
     hf: bool = True
     device: str = "auto"
     dtype: str = "auto"
@@ -120,33 +128,57 @@ class Bench:
 
     # --------------------------------------------------------------------------- our engine
 
-    def _requests(self, batch: int, mode: Mode, gamma: int) -> list[Request]:
+    def _requests(self, count: int, mode: Mode, gamma: int | str) -> list[Request]:
+        forced = gamma if isinstance(gamma, int) else 0  # 0: the adaptive policy decides
         params = SamplingParams(max_new_tokens=self.settings.new_tokens, ignore_eos=True)
         return [
-            self.engine.make_request(self.prompts[i % len(self.prompts)], params, mode, gamma)
-            for i in range(batch)
+            self.engine.make_request(self.prompts[i % len(self.prompts)], params, mode, forced)
+            for i in range(count)
         ]
 
-    def _engine_once(self, batch: int, mode: Mode, gamma: int) -> tuple[float, list, dict[int, int]]:
-        """One timed run: tokens/s, the results, and the γ each verified row ran with."""
+    def _engine_once(
+        self, batch: int, mode: Mode, gamma: int | str
+    ) -> tuple[float, float, list, dict[int, int]]:
+        """One timed run: tokens/s while all `batch` slots are busy, tokens/s of the whole run, the
+        results, and the γ each verified row ran with.
+
+        The first is the reported figure: once the last request has started, rows finish one by
+        one and the batch drains; with speculation they finish at different steps, and that
+        draining tail belongs to the finite workload, not to a server that keeps its slots full."""
         decisions: dict[int, int] = {}
         scheduler = self.engine.scheduler
-        run = scheduler.step_runner.run
+        run, step = scheduler.step_runner.run, scheduler.step
+        config = scheduler.config
+        busy = [0.0, 0]  # seconds and tokens of the steps that began with every slot occupied
+        draining = False
 
         def recording(plans, draft_only):
             for p in plans:
                 decisions[p.gamma] = decisions.get(p.gamma, 0) + 1
             return run(plans, draft_only)
 
-        requests = self._requests(batch, mode, gamma)
-        scheduler.step_runner.run = recording
+        def timed_step():
+            nonlocal draining
+            draining = draining or scheduler.num_running + scheduler.num_waiting < batch
+            started = time.perf_counter()
+            outputs = step()
+            if not draining:
+                busy[0] += time.perf_counter() - started
+                busy[1] += sum(len(o.new_token_ids) for o in outputs)
+            return outputs
+
+        requests = self._requests(batch * self.settings.waves, mode, gamma)
+        scheduler.step_runner.run, scheduler.step = recording, timed_step
+        scheduler.config = dataclasses.replace(config, per_row_gamma=gamma == "adaptive-per-row")
         try:
             t0 = time.perf_counter()
-            out = self.engine.generate(requests)
+            out = self.engine.generate(requests, max_concurrency=batch)
             elapsed = time.perf_counter() - t0
         finally:
-            scheduler.step_runner.run = run
-        return sum(len(r.token_ids) for r in out) / elapsed, out, decisions
+            scheduler.step_runner.run, scheduler.step = run, step
+            scheduler.config = config
+        whole = sum(len(r.token_ids) for r in out) / elapsed
+        return (busy[1] / busy[0] if busy[0] > 0 else whole), whole, out, decisions
 
     def _hf_once(self, hf_target: Any, hf_draft: Any | None, batch: int) -> float:
         """One timed transformers generate(): the target alone, or (batch 1) assisted by the draft."""
@@ -166,20 +198,22 @@ class Bench:
         return (out.shape[1] - ids.shape[1]) * batch / (time.perf_counter() - t0)
 
     def run_batch(
-        self, batch: int, configs: list[tuple[str, Mode, int]], hf: list[tuple[str, Any, Any]]
+        self, batch: int, configs: list[tuple[str, Mode, int | str]], hf: list[tuple[str, Any, Any]]
     ) -> None:
         """Every configuration at this batch size, repeats interleaved (one run of each, then the
         next round), so a drift of the machine during the run hits all of them alike. Round 0 is
         warm-up and excluded."""
         rates: dict[str, list[float]] = {}
+        whole_rates: dict[str, list[float]] = {}
         results: dict[str, list] = {}
         decisions: dict[str, dict[int, int]] = {}
         for repeat in range(self.settings.repeats + 1):
             for label, mode, gamma in configs:
                 key = f"{label}:{gamma}"
-                rate, out, seen = self._engine_once(batch, mode, gamma)
+                rate, whole, out, seen = self._engine_once(batch, mode, gamma)
                 if repeat:
                     rates.setdefault(key, []).append(rate)
+                    whole_rates.setdefault(key, []).append(whole)
                     results.setdefault(key, []).extend(out)
                     for g, count in seen.items():
                         decisions.setdefault(key, {})[g] = decisions.setdefault(key, {}).get(g, 0) + count
@@ -192,6 +226,7 @@ class Bench:
         for label, mode, gamma in configs:
             key = f"{label}:{gamma}"
             self._add_engine_row(batch, label, mode, gamma, rates[key], results[key], decisions.get(key, {}))
+            self.rows[-1].extra["whole_run_tokens_per_second"] = round(statistics.median(whole_rates[key]), 2)
         for label, _, _ in hf:
             self.rows.append(
                 Row(mode=label, gamma=None, batch_size=batch, tokens_per_second=statistics.median(rates[label]),
@@ -203,12 +238,12 @@ class Bench:
         batch: int,
         label: str,
         mode: Mode,
-        gamma: int,
+        gamma: int | str,
         rates: list[float],
         results: list,
         decisions: dict[int, int],
     ) -> None:
-        row = Row(mode=label, gamma=(gamma or "adaptive") if label == "speculative" else None, batch_size=batch,
+        row = Row(mode=label, gamma=gamma if label == "speculative" else None, batch_size=batch,
                   tokens_per_second=statistics.median(rates), samples=[round(r, 2) for r in rates])  # fmt: skip
         if mode is Mode.SPECULATIVE:
             steps = sum(r.stats.verify_steps for r in results)
@@ -230,7 +265,7 @@ class Bench:
             ]
             row.mean_accepted_length = round(emitted / steps, 4) if steps else None
             row.accepted_by_position = [round(a / d, 4) if d else 0.0 for a, d in zip(acc, drafted)]
-            if gamma:
+            if isinstance(gamma, int):
                 row.acceptance = round(_per_position_alpha(acc, steps, gamma), 4)
             else:
                 tested = sum(r.stats.drafted_tokens for r in results)
@@ -296,7 +331,7 @@ def report(
             key = (
                 row.mode
                 if row.gamma in (None, 0)
-                else f"{row.mode}-{'adaptive' if row.gamma == 'adaptive' else f'gamma{row.gamma}'}"
+                else f"{row.mode}-{row.gamma if isinstance(row.gamma, str) else f'gamma{row.gamma}'}"
             )
             item: dict[str, Any] = {"tokens_per_second": round(row.tokens_per_second, 2)}
             if base:

@@ -21,7 +21,7 @@ def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
     target, draft = pairs("llama-close")
     out = tmp_path / "bench"
     proc = _run(
-        "--target", str(target), "--draft", str(draft), "--batch-sizes", "1,2", "--gamma", "0,2,adaptive",
+        "--target", str(target), "--draft", str(draft), "--batch-sizes", "1,2", "--gamma", "0,2,adaptive,adaptive-per-row",
         "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,12 +42,16 @@ def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
         assert 0 <= modes["speculative-gamma2"]["acceptance"] <= 1
         assert modes["speculative-gamma2"]["theoretical_speedup"] > 0
         assert "gamma_histogram" in modes["speculative-adaptive"]
+        assert "gamma_histogram" in modes["speculative-adaptive-per-row"]
         assert (
             entry["cost_ratio_c"] > 0
             and entry["copy_bandwidth_GBps"] > 0
             and entry["target_bandwidth_GBps"] > 0
         )
     assert "speedup_vs_hf_assisted" in result["summary"][0]["modes"]["target"]
+    engine_rows = [r for r in result["rows"] if not r["mode"].startswith("hf")]
+    assert all(r["extra"]["whole_run_tokens_per_second"] > 0 for r in engine_rows)
+    assert result["settings"]["waves"] == 2
     for name in ("tokens_per_second.png", "speedup_vs_gamma.png", "acceptance_by_position.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 2000

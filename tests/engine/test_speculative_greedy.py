@@ -266,3 +266,31 @@ def test_draft_cache_bookkeeping_with_an_identical_draft(pairs, tmp_path):
     drafted = sum(o.stats.drafted_tokens for o in finals)
     accepted = sum(o.stats.accepted_tokens for o in finals)
     assert drafted > 50 and accepted >= drafted - 2, (accepted, drafted)
+
+
+def test_max_concurrency_keeps_that_many_in_flight_and_the_same_tokens(engines):
+    """A closed loop (what `specdec bench` runs): never more than the limit in flight, refilled as
+    rows finish, and greedy output is the same as with everything submitted at once."""
+    engine = engines("llama-close")
+    prompts = _prompts(11, n=7)
+    params = _params(7)
+    scheduler = engine.scheduler
+    step = scheduler.step
+    in_flight = []
+
+    def counting_step():
+        in_flight.append(scheduler.num_running + scheduler.num_waiting)
+        return step()
+
+    scheduler.step = counting_step
+    try:
+        limited = engine.generate(
+            prompts, params, Mode.SPECULATIVE, num_speculative_tokens=3, max_concurrency=2
+        )
+    finally:
+        scheduler.step = step
+    assert max(in_flight) == 2 and in_flight.count(2) > len(in_flight) // 2
+    free = engine.generate(prompts, params, Mode.TARGET)
+    _assert_same(engine, "llama-close", prompts, limited, free)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        engine.generate(prompts, params, max_concurrency=0)

@@ -2,13 +2,14 @@
 generation (alone and assisted), side by side in one process on the same prompts.
 
 Every configuration runs once as warm-up (excluded), then `repeats` times; tokens/s is generated
-tokens over wall time, and the report gives the median. Our engine runs batch size × `waves`
-requests per run with batch size in flight (continuous batching, as served); Hugging Face
-`generate()` runs one static batch, which for fixed-length outputs is already its steady state. Alongside: the measured acceptance α (per
-tested draft position), the cost ratio c = draft step / target step from the engine's own pass
-timings, the theoretical speedup (1 - α^(γ+1)) / ((1 - α)(γc + 1)) next to the measured one, and for
-target-alone decode the achieved memory bandwidth (weights + KV read per step) against a copy
-bandwidth measured on the same device.
+tokens over the time all slots are busy, and the report gives the median. Our engine runs batch
+size × `waves` requests per run with batch size in flight (continuous batching, as served);
+Hugging Face `generate()` runs one static batch, which for fixed-length outputs is already its
+steady state. Alongside: the measured acceptance α (per tested draft position), the cost ratio
+c = draft step / target step from the engine's own pass timings, the theoretical speedup
+(1 - α^(γ+1)) / ((1 - α)(γc + 1)) next to the measured one, and for target-alone decode the
+achieved memory bandwidth (weights + KV read per step) against a copy bandwidth measured on the
+same device.
 """
 
 from __future__ import annotations

@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("out/load_test.json"))
     args = parser.parse_args(argv)
+    if args.cpu_threads < 0:
+        parser.error(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
 
     from specdec.bench.main import prompts_from_text
     from specdec.cli import DEMO

@@ -19,9 +19,11 @@ every real step then updates the estimates (an outlier-damped moving average), i
 between measured batch sizes.
 
 Policy (per step, pure). A step's cost is set by its longest draft G (all drafting rows run G draft
-passes; the verify is G + 1 wide) and by how many rows draft (k). For given (G, k) the best rows to
-draft are the k with the highest acceptance, so the policy evaluates every (G, k), G ∈ {0..γmax},
-k ∈ {0..B} with rows in order of α, and picks the one that maximises
+passes; the verify is G + 1 wide) and by how many rows draft (k). By default one γ serves the whole
+batch (k = 0 or all rows); with per-row γ, for given (G, k) the rows that draft are the k with the
+highest acceptance - the best choice when the rows lag the draft equally, a heuristic when their
+catch-up debts differ. The policy evaluates these (G, k), G ∈ {0..γmax}, and picks the one that
+maximises
 
     expected tokens / expected seconds
     = (Σ_drafting (1 - α^(G+1)) / (1 - α) + #non-drafting) / (G · d(k) + catch-up + v(B, G + 1) + o(B)).
@@ -115,10 +117,12 @@ class CostModel:
     # measured apart from a plain one, since mixing them would price speculation too cheaply.
     overhead: dict[int, float] = field(default_factory=dict)
     overhead_speculative: dict[int, float] = field(default_factory=dict)
+    warmed_up: bool = False  # a warm-up gave the verify shapes; else they are fitted live
+    verify_seen: dict[int, dict[int, float]] = field(default_factory=dict)  # B -> width -> s (no warm-up)
 
     def _blend(self, table: dict[int, float], key: int, seconds: float) -> None:
         old = table.get(key)
-        if old is None:
+        if old is None or old <= 0:  # no estimate yet (or a degenerate one): take the measurement
             table[key] = seconds
             return
         weight = self.outlier_weight if seconds > self.outlier * old else self.smoothing
@@ -126,8 +130,14 @@ class CostModel:
 
     def set_verify_baseline(self, batch: int, by_width: dict[int, float]) -> None:
         """Warm-up: the shape in width (a line, relative to width 1) and the starting level."""
-        at_one = _line(by_width, 1)
-        slope = (_line(by_width, 2) - at_one) if len(by_width) > 1 else 0.0
+        self.warmed_up = True
+        self._fit_verify(batch, by_width)
+
+    def _fit_verify(self, batch: int, by_width: dict[int, float]) -> None:
+        # Floored at the cheapest measurement: a convex set of points can put the line's value at
+        # width 1 at or below zero, which would make every verify look free.
+        at_one = max(_line(by_width, 1), min(by_width.values()))
+        slope = (_line(by_width, 2) - _line(by_width, 1)) if len(by_width) > 1 else 0.0
         self.verify_level[batch] = at_one
         self.verify_shape[batch] = (1.0, slope / at_one if at_one > 0 else 0.0)
 
@@ -149,6 +159,14 @@ class CostModel:
         self._blend(self.draft, batch, seconds)
 
     def observe_verify(self, batch: int, width: int, seconds: float) -> None:
+        if not self.warmed_up:
+            # No warm-up (EngineConfig.warmup=False): the shape in width is learned from the
+            # passes themselves, once two widths have been seen at this batch size.
+            seen = self.verify_seen.setdefault(batch, {})
+            self._blend(seen, width, seconds)
+            if len(seen) > 1:
+                self._fit_verify(batch, seen)
+                return
         self._blend(self.verify_level, batch, seconds / self._shape(batch, width))
 
     def observe_catchup(self, batch: int, tokens: int, seconds: float) -> None:
@@ -211,7 +229,7 @@ class RowView:
         None  # γ decided outside the policy: forced by the request, an external draft's length, 0 for target rows
     )
     model_drafts: bool = True  # drafting costs draft-model passes (False: target-only rows, external drafts)
-    behind: int = 0  # tokens its draft cache lacks (a row that drafts first catches up all but 2)
+    behind: int = 0  # tokens its draft cache lacks (see catchup_columns)
     explore: bool = False  # has not drafted for too long: drafts γ = 1 this step
 
 
@@ -221,6 +239,12 @@ class Decision:
     expected_rate: float  # expected tokens per second of the chosen step
     target_rate: float  # expected tokens per second with no row drafting by the policy's choice
     curve: tuple[float, ...]  # for each G in 0..γmax, the best expected rate with longest draft G
+
+
+def catchup_columns(behind: int) -> int:
+    """Width of the catch-up pass a row `behind` tokens behind needs before drafting: all but its
+    last token (SpeculativeStep._draft), and none when pass 0 can take them all (up to 2)."""
+    return behind - 1 if behind > 2 else 0
 
 
 def step_rate(rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only: int = 0) -> float:
@@ -239,7 +263,7 @@ def step_rate(rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only
     seconds += costs.verify_cost(len(rows), max(gammas, default=0) + 1) if rows else 0.0
     if passes:
         seconds += passes * costs.draft_cost(k)
-    debt = max((max(rows[i].behind - 2, 0) for i in drafting), default=0)  # catch-up columns
+    debt = max((catchup_columns(rows[i].behind) for i in drafting), default=0)
     if debt:
         seconds += costs.catchup_cost(len(drafting)) * debt
     if idle:
@@ -264,9 +288,9 @@ def choose_gammas(
     per_row=False chooses one γ for every row the policy decides (k = all of them); per_row=True
     also chooses how many of them draft (the k with the highest α).
 
-    Equivalent to evaluating `step_rate` for every (G, k) - the tests hold it to that and to a
-    brute-force search over all per-row assignments - but incremental in k, so a step costs
-    O(γmax · B) arithmetic, not O(γmax · B²)."""
+    Equivalent to evaluating `step_rate` for every (G, k) - the tests hold it to that and, for rows
+    that lag the draft equally, to a brute-force search over all per-row assignments - but
+    incremental in k, so a step costs O(γmax · B) arithmetic, not O(γmax · B²)."""
     n = len(rows)
     base = [r.fixed if r.fixed is not None else (1 if r.explore and r.model_drafts else 0) for r in rows]
     free = sorted(
@@ -281,7 +305,7 @@ def choose_gammas(
         fixed_tokens = sum(expected_tokens(rows[i].alpha, base[i]) for i in fixed)
         fixed_drafting = [i for i in fixed if base[i] > 0 and rows[i].model_drafts]
         fixed_passes = max((base[i] for i in fixed_drafting), default=0)
-        fixed_debt = max((max(rows[i].behind - 2, 0) for i in fixed_drafting), default=0)
+        fixed_debt = max((catchup_columns(rows[i].behind) for i in fixed_drafting), default=0)
         fixed_idle = sum(1 for i in fixed if base[i] == 0 and rows[i].model_drafts)
         fixed_width = max((base[i] for i in fixed), default=0)
         # Looked up once per call, not per (G, k): the lookups interpolate, and this runs every step.
@@ -296,7 +320,7 @@ def choose_gammas(
             best_for_g = 0.0
             for k, i in enumerate(free, start=1):
                 tokens += expected_tokens(rows[i].alpha, g) - 1.0
-                debt = max(debt, rows[i].behind - 2)
+                debt = max(debt, catchup_columns(rows[i].behind))
                 idle -= 1
                 if not per_row and k < len(free):
                     continue  # one γ for the batch: only k = all rows is a choice

@@ -145,6 +145,9 @@ class Engine:
         ]
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        given_ids = [r.request_id for r in requests if r.request_id]
+        if len(set(given_ids)) != len(given_ids):
+            raise InvalidRequestError("request_id", "the same request_id is given to two requests")
         for request in requests:  # every request is checked before any starts
             self.scheduler.validate(request)
         limit = max_concurrency or len(requests)

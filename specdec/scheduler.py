@@ -204,6 +204,7 @@ class Scheduler:
 
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        self.last_decision = None  # set again by this step's decode, if it runs one
         self._reap_cancelled(outputs)
         admitted = self._admit()
         if admitted:
@@ -293,7 +294,6 @@ class Scheduler:
     def _plan_step(self) -> tuple[list[RowPlan], list[Sequence]]:
         """Every running row's γ for this step: fixed by the request, an external draft or the row's
         mode where they say so; chosen by the adaptive policy (or the default) otherwise."""
-        self.last_decision = None
         draft_only = [s for s in self.running if s.mode is Mode.DRAFT]
         # In slot order: consecutive slots make the batch's cache reads views (batching.make_batch).
         rows = sorted((s for s in self.running if s.mode is not Mode.DRAFT), key=lambda s: s.slot)

@@ -271,6 +271,9 @@ class SpeculativeStep:
         each batch size, on dummy rows (before any request holds a slot). Returns the fastest of
         `repeats` measurements of each: the machine's cost when nothing else disturbs it."""
         device, capacity = self.device, self.capacity
+        # Every dummy row must fit below the cache's scratch position, however short the context.
+        catchup = max(1, min(8, capacity - 1 - (max_gamma + 1)))
+        position = max(0, min(position, capacity - 1 - max(catchup, max_gamma + 1)))
         best: dict[tuple[str, int, int], float] = {}
         self.timer.drain()
         for _ in range(repeats):
@@ -289,8 +292,8 @@ class SpeculativeStep:
                     batch = make_batch(rows, device, capacity, logits_columns=[[0]] * b)
                     with self.timer.measure("draft", b, 1):
                         self.draft.model(batch, self.draft_cache)
-                    rows = [Row(slot, position, [1] * 8) for slot in range(b)]
-                    with self.timer.measure("catchup", b, 8):
+                    rows = [Row(slot, position, [1] * catchup) for slot in range(b)]
+                    with self.timer.measure("catchup", b, catchup):
                         self.draft.model(
                             make_batch(rows, device, capacity, logits_columns=[[] for _ in rows]),
                             self.draft_cache,

@@ -35,19 +35,25 @@ log = logging.getLogger("specdec.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecDec"].full_name
 
 
-def configure_cpu_threads(device: torch.device, requested: int = 0) -> int:
+# torch's own choice for this machine, taken before anything changes it, so that configuring twice
+# gives the same answer.
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def configure_cpu_threads(device: torch.device, requested: int = 0, available: int | None = None) -> int:
     """Set torch's compute threads for serving and return the number set.
 
     On the CPU the model's parallel regions stall whenever one of their threads is preempted,
     and a server always has other threads to run (the gRPC event loop and completion queues, the
     clients on the same host). So by default the compute leaves one core to them. Measured on 2
-    cores with the demo pair (docs/BENCHMARKS.md): 1 compute thread served 1.6× the tokens/s of 2
-    at one client and more at 16. `requested` > 0 or OMP_NUM_THREADS set by the user win. On a
-    GPU the host threads only launch work, so torch's default stands."""
+    cores with the demo pair (docs/BENCHMARKS.md): 1 compute thread served 1.8× the tokens/s of 2
+    at one client, 1.1× at sixteen. `requested` > 0 or OMP_NUM_THREADS set by the user win. On a
+    GPU the host threads only launch work, so torch's default stands. `available`: the threads
+    torch would use (default: its own choice at import)."""
     if requested > 0:
         torch.set_num_threads(requested)
     elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+        torch.set_num_threads(max(1, (available or _TORCH_DEFAULT_THREADS) - 1))
     return torch.get_num_threads()
 
 

@@ -57,16 +57,18 @@ def test_middle_ground_picks_the_interior_optimum():
 @pytest.mark.parametrize("seed", range(20))
 def test_policy_equals_brute_force_over_all_per_row_assignments(seed):
     """Exhaustive search over every per-row γ vector finds no better step than the policy's, and
-    the curve the policy maximises is the best brute-force rate for each longest draft G."""
+    the curve the policy maximises is the best brute-force rate for each longest draft G. (Rows lag
+    the draft equally: with unequal catch-up debts, drafting by α order is a heuristic.)"""
     import random
 
     rnd = random.Random(seed)
     machine = costs(draft=rnd.uniform(0.01, 0.5), verify_base=1.0, verify_per_token=rnd.uniform(0.0, 0.3))
     max_gamma = 4
+    behind = rnd.choice([1, 2, 5, 40])
     rows = [
         RowView(
             alpha=rnd.random(),
-            behind=rnd.choice([1, 2, 2, 5]),
+            behind=behind,
             fixed=rnd.choice([None, None, None, 2, 0]),
             model_drafts=rnd.random() > 0.15,
         )
@@ -231,6 +233,25 @@ def test_catch_up_is_priced_per_column_of_one_batched_pass():
     assert step_rate(rows, (0,) * 16, machine) == pytest.approx(16 / (plain + 0.3))
     behind = [RowView(alpha=0.5, behind=b) for b in (2, 5, 9, 3)]
     verify = 1.0 + 0.01 * 4 * 3
-    seconds = verify + 2 * machine.draft_cost(4) + 0.2 * (9 - 2)  # widest debt: 7 columns
+    seconds = verify + 2 * machine.draft_cost(4) + 0.2 * (9 - 1)  # widest debt: all but 1 of 9
     tokens = 4 * expected_tokens(0.5, 2)
     assert step_rate(behind, (2,) * 4, machine) == pytest.approx(tokens / seconds)
+
+
+def test_without_warm_up_the_width_shape_is_learned_from_the_passes():
+    """EngineConfig(warmup=False): once two widths have been seen at a batch size, a wider verify
+    is priced dearer (not as free as width 1, which would drift the policy to γmax)."""
+    model = CostModel()
+    model.observe_verify(4, 1, 1.0)
+    model.observe_verify(4, 5, 3.0)
+    assert model.verify_cost(4, 1) == pytest.approx(1.0)
+    assert model.verify_cost(4, 3) == pytest.approx(2.0)
+    assert model.verify_cost(4, 9) > model.verify_cost(4, 5)
+
+
+def test_a_convex_warm_up_never_prices_a_verify_at_zero():
+    model = CostModel()
+    model.set_verify_baseline(2, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 10.0})
+    assert model.verify_cost(2, 1) >= 1.0
+    model.observe_verify(2, 1, 1.2)  # and real passes still move the level normally
+    assert model.verify_cost(2, 1) == pytest.approx(0.8 * 1.0 + 0.2 * 1.2)

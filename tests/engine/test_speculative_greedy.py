@@ -9,7 +9,7 @@ import torch
 
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
-from specdec.errors import IncompatiblePairError
+from specdec.errors import IncompatiblePairError, InvalidRequestError
 from specdec.request import FinishReason, Mode
 
 from conftest import PADDED_VOCAB, TOKENIZER_VOCAB, first_divergence, hf_reference, is_near_tie, random_prompt
@@ -294,3 +294,27 @@ def test_max_concurrency_keeps_that_many_in_flight_and_the_same_tokens(engines):
     _assert_same(engine, "llama-close", prompts, limited, free)
     with pytest.raises(ValueError, match="max_concurrency"):
         engine.generate(prompts, params, max_concurrency=0)
+
+
+def test_warm_up_fits_a_tiny_context(pairs):
+    """The start-up cost measurement writes dummy rows mid-context; with a context of 2 tokens they
+    must still land inside the cache."""
+    target, draft = pairs("llama-close")
+    engine = Engine(
+        target=target,
+        draft=draft,
+        config=EngineConfig(max_batch_size=2, max_context=2, max_gamma=1, default_gamma=1),
+    )
+    assert engine.scheduler.costs.ready
+    [result] = engine.generate([[5]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    assert len(result.token_ids) == 1
+
+
+def test_generate_refuses_two_requests_with_one_id(engines):
+    engine = engines("llama-close")
+    params = SamplingParams(max_new_tokens=2)
+    requests = [engine.make_request([5, 6], params) for _ in range(2)]
+    for r in requests:
+        r.request_id = "same"
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        engine.generate(requests, max_concurrency=1)

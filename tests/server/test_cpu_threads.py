@@ -17,10 +17,9 @@ def restore_threads():
 
 def test_cpu_leaves_one_core_to_the_grpc_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    torch.set_num_threads(4)
-    assert configure_cpu_threads(torch.device("cpu")) == 3
-    torch.set_num_threads(1)
-    assert configure_cpu_threads(torch.device("cpu")) == 1  # never zero
+    assert configure_cpu_threads(torch.device("cpu"), available=4) == 3
+    assert configure_cpu_threads(torch.device("cpu"), available=4) == 3  # twice: the same
+    assert configure_cpu_threads(torch.device("cpu"), available=1) == 1  # never zero
 
 
 def test_an_explicit_count_or_the_users_omp_setting_wins(monkeypatch):

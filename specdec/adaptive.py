@@ -136,8 +136,9 @@ class CostModel:
     def _fit_verify(self, batch: int, by_width: dict[int, float]) -> None:
         # Floored at the cheapest measurement: a convex set of points can put the line's value at
         # width 1 at or below zero, which would make every verify look free.
-        at_one = max(_line(by_width, 1), min(by_width.values()))
-        slope = (_line(by_width, 2) - _line(by_width, 1)) if len(by_width) > 1 else 0.0
+        line_at_one = _line(by_width, 1)
+        at_one = max(line_at_one, min(by_width.values()))
+        slope = (_line(by_width, 2) - line_at_one) if len(by_width) > 1 else 0.0
         self.verify_level[batch] = at_one
         self.verify_shape[batch] = (1.0, slope / at_one if at_one > 0 else 0.0)
 

@@ -164,7 +164,8 @@ class Engine:
             for out in self.scheduler.step():
                 if out.request_id in collected:
                     collected[out.request_id].append(out)
-                    in_flight -= out.finished
+                    if out.finished:
+                        in_flight -= 1
         return [_merge(collected[i]) for i in ids]
 
     def stream(

@@ -29,7 +29,7 @@ from specdec.request import FinishReason, Mode, Request, RequestOutput, Timing
 from specdec.sequence import Sequence
 from specdec.speculative import RowPlan, SpeculativeStep, commit
 from specdec.stopping import OutputStopper
-from specdec.tokenization import real_vocab_size
+from specdec.tokenization import emittable_vocab_size
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -40,12 +40,8 @@ class Scheduler:
         self.draft = draft
         self.config = config
         self.device = target.device
-        self.vocab_size = real_vocab_size(target.tokenizer)
-        if self.vocab_size > target.config.vocab_size:
-            # Added tokens the embedding does not cover can never be produced; never emit them.
-            self.vocab_size = target.config.vocab_size
+        self.vocab_size = emittable_vocab_size(target, draft)
         if draft is not None:
-            self.vocab_size = min(self.vocab_size, draft.config.vocab_size)
             check_pair(target, draft)
         limits = [target.config.max_position_embeddings] + (
             [draft.config.max_position_embeddings] if draft else []

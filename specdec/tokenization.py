@@ -54,3 +54,10 @@ def train_byte_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2
 def real_vocab_size(tokenizer: Any) -> int:
     """Number of ids the tokenizer can decode (base vocabulary plus added tokens)."""
     return len(tokenizer)
+
+
+def emittable_vocab_size(target: Any, draft: Any = None) -> int:
+    """Ids an engine on these models takes and emits: the target tokenizer's, within the logits of
+    both models (added tokens the embedding does not cover can never be produced)."""
+    size = min(real_vocab_size(target.tokenizer), target.config.vocab_size)
+    return size if draft is None else min(size, draft.config.vocab_size)

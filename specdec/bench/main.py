@@ -14,7 +14,7 @@ from specdec.engine import resolve_device, resolve_dtype
 from specdec.errors import SpecdecError
 from specdec.models.loader import load_checkpoint
 from specdec.request import Mode
-from specdec.tokenization import real_vocab_size
+from specdec.tokenization import emittable_vocab_size
 
 # Adaptive γ as served (one γ per batch), and per row (EngineConfig.per_row_gamma), to compare.
 ADAPTIVE = ("adaptive", "adaptive-per-row")
@@ -79,7 +79,7 @@ def run(args: Any) -> dict[str, Any]:
         target = random_model(args.shape, device, dtype, tokenizer, seed=1)
         draft = random_model(draft_shape, device, dtype, tokenizer, seed=2)
         prompts = _random_prompts(
-            min(target.config.vocab_size, draft.config.vocab_size), settings.prompt_len, count, settings.seed
+            emittable_vocab_size(target, draft), settings.prompt_len, count, settings.seed
         )
         if settings.hf:
             hf_target = hf_model(args.shape, device, dtype, seed=1)
@@ -102,8 +102,7 @@ def run(args: Any) -> dict[str, Any]:
             prompts_from_text(target.tokenizer, texts, settings.prompt_len, count)
             if texts
             else _random_prompts(
-                # ids the engine accepts: the tokenizer's, within both models' logits
-                min(real_vocab_size(target.tokenizer), target.config.vocab_size, draft.config.vocab_size),
+                emittable_vocab_size(target, draft),
                 settings.prompt_len,
                 count,
                 settings.seed,

@@ -386,10 +386,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens/s", title="Throughput by mode")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "tokens_per_second.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "tokens_per_second.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for entry in result["summary"]:
@@ -421,10 +418,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set(xlabel="γ", ylabel="speedup vs target alone", title="Speedup against γ")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "speedup_vs_gamma.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "speedup_vs_gamma.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -446,10 +440,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         title="Acceptance by draft position",
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "acceptance_by_position.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "acceptance_by_position.png"))
     return paths
 
 
@@ -457,3 +448,12 @@ def save(result: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
     return [out / "bench.json", *write_plots(result, out)]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -39,6 +39,7 @@ within the estimates' error, the plain step is the safe choice. Forced rows
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -79,6 +80,9 @@ class AcceptanceEstimate:
 
 def _interpolate(points: dict[int, float], x: int) -> float:
     """Piecewise-linear in x through measured points; linear extrapolation past the ends."""
+    exact = points.get(x)
+    if exact is not None:  # the common case, and the policy's lookups run every step
+        return exact
     xs = sorted(points)
     if not xs:
         raise ValueError("no measurements")
@@ -152,8 +156,10 @@ class CostModel:
     def _shape(self, batch: int, width: int) -> float:
         if not self.verify_shape:
             return 1.0
-        nearest = min(self.verify_shape, key=lambda b: abs(b - batch))
-        _, slope = self.verify_shape[nearest]
+        shape = self.verify_shape.get(batch)
+        if shape is None:
+            shape = self.verify_shape[min(self.verify_shape, key=lambda b: abs(b - batch))]
+        _, slope = shape
         return 1.0 + slope * (width - 1)
 
     def observe_draft(self, batch: int, seconds: float) -> None:
@@ -302,35 +308,43 @@ def choose_gammas(
     best_rate, best_g, best_k = target_rate, 0, 0
     curve = [target_rate]
     if free:
-        fixed = [i for i in range(n) if i not in set(free)]
+        free_set = set(free)
+        fixed = [i for i in range(n) if i not in free_set]
         fixed_tokens = sum(expected_tokens(rows[i].alpha, base[i]) for i in fixed)
         fixed_drafting = [i for i in fixed if base[i] > 0 and rows[i].model_drafts]
         fixed_passes = max((base[i] for i in fixed_drafting), default=0)
         fixed_debt = max((catchup_columns(rows[i].behind) for i in fixed_drafting), default=0)
         fixed_idle = sum(1 for i in fixed if base[i] == 0 and rows[i].model_drafts)
         fixed_width = max((base[i] for i in fixed), default=0)
-        # Looked up once per call, not per (G, k): the lookups interpolate, and this runs every step.
-        draft_at = [costs.draft_cost(k) for k in range(n + draft_only + 1)]
-        catchup_at = [costs.catchup_cost(k) if k else 0.0 for k in range(n + 1)]
+        # The k that are choices: every one with per-row γ, only k = all free rows without.
+        choices = range(1, len(free) + 1) if per_row else range(len(free), len(free) + 1)
+        # Independent of G, so computed once: the widest catch-up debt and the idle rows when the
+        # first k free rows draft, and the cost lookups (they interpolate) at those sizes.
+        debt_at, debt = [fixed_debt], fixed_debt
+        for i in free:
+            debt = max(debt, catchup_columns(rows[i].behind))
+            debt_at.append(debt)
+        drafting_at = {k: len(fixed_drafting) + k for k in choices}
+        draft_at = {k: costs.draft_cost(drafting_at[k] + draft_only) for k in choices}
+        catchup_debt_at = {k: costs.catchup_cost(drafting_at[k]) * debt_at[k] for k in choices}
+        idle_at = {k: fixed_idle + len(free) - k for k in choices}
+        catchup_idle_at = {k: costs.catchup_cost(idle_at[k]) for k in choices}
         overhead = costs.overhead_cost(n + draft_only, speculative=True)
+        # expected_tokens(α, G) = Σ_{j<=G} α^j, grown one power per G instead of recomputed.
+        alphas = [rows[i].alpha for i in free]
+        powers, extra = alphas, alphas  # α^G and expected_tokens(α, G) - 1 per free row, at G = 1
         for g in range(1, max_gamma + 1):
+            if g > 1:
+                powers = [p * a for p, a in zip(powers, alphas)]
+                extra = [e + p for e, p in zip(extra, powers)]
             passes = max(fixed_passes, g)
             verify = costs.verify_cost(n, max(fixed_width, g) + 1) + overhead
-            tokens = fixed_tokens + len(free)  # free rows at γ = 0 emit one token each
-            debt, idle = fixed_debt, fixed_idle + len(free)
+            # Free rows at γ = 0 emit one token each; the first k drafting emit `extra` more.
+            tokens_at = list(itertools.accumulate(extra, initial=fixed_tokens + len(free)))
             best_for_g = 0.0
-            for k, i in enumerate(free, start=1):
-                tokens += expected_tokens(rows[i].alpha, g) - 1.0
-                debt = max(debt, catchup_columns(rows[i].behind))
-                idle -= 1
-                if not per_row and k < len(free):
-                    continue  # one γ for the batch: only k = all rows is a choice
-                drafting = len(fixed_drafting) + k
-                seconds = verify + passes * draft_at[drafting + draft_only]
-                if debt:
-                    seconds += catchup_at[drafting] * debt
-                if idle:
-                    seconds += catchup_at[idle]
+            for k in choices:
+                tokens = tokens_at[k]
+                seconds = verify + passes * draft_at[k] + catchup_debt_at[k] + catchup_idle_at[k]
                 rate = (tokens + draft_only * passes) / seconds
                 best_for_g = max(best_for_g, rate)
                 if rate > best_rate * (1 + 1e-9):

@@ -255,3 +255,26 @@ def test_a_convex_warm_up_never_prices_a_verify_at_zero():
     assert model.verify_cost(2, 1) >= 1.0
     model.observe_verify(2, 1, 1.2)  # and real passes still move the level normally
     assert model.verify_cost(2, 1) == pytest.approx(0.8 * 1.0 + 0.2 * 1.2)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_one_gamma_per_batch_is_the_best_single_gamma(seed):
+    """The default policy (one γ for the free rows) equals trying every γ with `step_rate`, rows
+    behind by different amounts, forced and target-only rows mixed in."""
+    import random
+
+    rnd = random.Random(seed)
+    machine = costs(draft=rnd.uniform(0.01, 0.5), verify_base=1.0, verify_per_token=rnd.uniform(0.0, 0.3))
+    rows = [
+        RowView(alpha=rnd.random(), behind=rnd.choice([1, 2, 3, 9]), fixed=rnd.choice([None, None, None, 3]))
+        for _ in range(rnd.randint(1, 12))
+    ] + [RowView(0.0, fixed=0, model_drafts=False)] * rnd.randint(0, 2)
+    draft_only = rnd.choice([0, 0, 1])
+    decision = choose_gammas(rows, machine, 6, draft_only)
+    free = [i for i, r in enumerate(rows) if r.fixed is None]
+    by_g = []
+    for g in range(7):
+        gammas = [g if i in free else (r.fixed or 0) for i, r in enumerate(rows)]
+        by_g.append(step_rate(rows, gammas, machine, draft_only))
+    assert decision.expected_rate == pytest.approx(max(by_g) if free else by_g[0])
+    assert decision.expected_rate == pytest.approx(step_rate(rows, decision.gammas, machine, draft_only))

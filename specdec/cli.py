@@ -352,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="requests per run = batch size x waves, batch size in flight (a closed loop); 1 = static batch",
     )
+    bench.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.5,
+        help="each output's length is drawn from new-tokens x [1 - s, 1 + s] (seeded, the same for every "
+        "configuration); 0 = all exactly new-tokens, which runs target-alone rows in lockstep",
+    )
     bench.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
     bench.add_argument("--device", default="auto")

@@ -54,6 +54,8 @@ def run(args: Any) -> dict[str, Any]:
 
     if args.waves < 1:
         raise SpecdecError(f"--waves must be >= 1, got {args.waves}")
+    if not 0 <= args.length_spread < 1:
+        raise SpecdecError(f"--length-spread must be in [0, 1), got {args.length_spread}")
     settings = BenchSettings(
         batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
         gammas=parse_gammas(args.gamma),
@@ -61,6 +63,7 @@ def run(args: Any) -> dict[str, Any]:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         waves=args.waves,
+        length_spread=args.length_spread,
         hf=not args.no_hf,
         device=args.device,
         dtype=args.dtype,

@@ -3,9 +3,10 @@ generation (alone and assisted), side by side in one process on the same prompts
 
 Every configuration runs once as warm-up (excluded), then `repeats` times; tokens/s is generated
 tokens over the time all slots are busy, and the report gives the median. Our engine runs batch
-size × `waves` requests per run with batch size in flight (continuous batching, as served);
-Hugging Face `generate()` runs one static batch, which for fixed-length outputs is already its
-steady state. Alongside: the measured acceptance α (per tested draft position), the cost ratio
+size × `waves` requests per run with batch size in flight (continuous batching, as served), their
+output lengths spread around `new_tokens` (`length_spread`, the same draws for every
+configuration); Hugging Face `generate()` runs one static batch of `new_tokens`-long outputs, which
+is already its steady state. Alongside: the measured acceptance α (per tested draft position), the cost ratio
 c = draft step / target step from the engine's own pass timings, the theoretical speedup
 (1 - α^(γ+1)) / ((1 - α)(γc + 1)) next to the measured one, and for target-alone decode the
 achieved memory bandwidth (weights + KV read per step) against a copy bandwidth measured on the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +48,11 @@ class BenchSettings:
     # static batch, whose rows finish at different steps under speculation and leave a tail of
     # under-filled steps that no server with continuous batching has.
     waves: int = 2
+    # Each request's output length is drawn from new_tokens × [1 - spread, 1 + spread] (seeded, the
+    # same draws for every configuration). 0: every output is new_tokens long, and then target-alone
+    # rows run in lockstep - finishing together, prefilled as one batch, all at one position - which
+    # no server with real traffic sees and speculation (rows advance unevenly) cannot match.
+    length_spread: float = 0.5
     hf: bool = True
     device: str = "auto"
     dtype: str = "auto"
@@ -99,6 +106,16 @@ def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
     return tokens / (gamma * c + 1)
 
 
+def output_lengths(settings: BenchSettings, count: int) -> list[int]:
+    """The output length of each of `count` requests: new_tokens, or with a spread, seeded uniform
+    draws around it (mean new_tokens)."""
+    n, spread = settings.new_tokens, settings.length_spread
+    if spread <= 0:
+        return [n] * count
+    rnd = random.Random(settings.seed)
+    return [max(1, round(n * (1 + spread * rnd.uniform(-1.0, 1.0)))) for _ in range(count)]
+
+
 class Bench:
     def __init__(
         self,
@@ -112,7 +129,8 @@ class Bench:
         self.prompts = prompts
         self.progress = progress
         max_batch = max(settings.batch_sizes)
-        context = settings.prompt_len + settings.new_tokens + 1
+        self.output_lengths = output_lengths(settings, max(settings.batch_sizes) * settings.waves)
+        context = settings.prompt_len + max(self.output_lengths) + 1
         self.engine = Engine(
             target=target,
             draft=draft,
@@ -131,9 +149,13 @@ class Bench:
 
     def _requests(self, count: int, mode: Mode, gamma: int | str) -> list[Request]:
         forced = gamma if isinstance(gamma, int) else 0  # 0: the adaptive policy decides
-        params = SamplingParams(max_new_tokens=self.settings.new_tokens, ignore_eos=True)
         return [
-            self.engine.make_request(self.prompts[i % len(self.prompts)], params, mode, forced)
+            self.engine.make_request(
+                self.prompts[i % len(self.prompts)],
+                SamplingParams(max_new_tokens=self.output_lengths[i], ignore_eos=True),
+                mode,
+                forced,
+            )
             for i in range(count)
         ]
 

@@ -51,7 +51,7 @@ def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
     assert "speedup_vs_hf_assisted" in result["summary"][0]["modes"]["target"]
     engine_rows = [r for r in result["rows"] if not r["mode"].startswith("hf")]
     assert all(r["extra"]["whole_run_tokens_per_second"] > 0 for r in engine_rows)
-    assert result["settings"]["waves"] == 2
+    assert result["settings"]["waves"] == 2 and result["settings"]["length_spread"] == 0.5
     for name in ("tokens_per_second.png", "speedup_vs_gamma.png", "acceptance_by_position.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 2000
@@ -75,3 +75,20 @@ def test_bench_random_weights_small_shape(tmp_path):
 def test_bench_rejects_bad_gamma(tmp_path):
     proc = _run("--gamma", "2,banana", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--gamma: 'banana'" in proc.stderr
+
+
+def test_bench_rejects_a_length_spread_of_one_or_more(tmp_path):
+    proc = _run("--length-spread", "1.0", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--length-spread must be in [0, 1), got 1.0" in proc.stderr
+
+
+def test_output_lengths_spread_around_new_tokens_the_same_for_every_configuration():
+    from specdec.bench.runner import BenchSettings, output_lengths
+
+    lockstep = BenchSettings(batch_sizes=[4], gammas=[0], new_tokens=100, length_spread=0.0)
+    assert output_lengths(lockstep, 8) == [100] * 8
+    spread = BenchSettings(batch_sizes=[4], gammas=[0], new_tokens=100, length_spread=0.5)
+    lengths = output_lengths(spread, 400)
+    assert lengths == output_lengths(spread, 400)  # seeded: every configuration gets these
+    assert min(lengths) >= 50 and max(lengths) <= 150 and len(set(lengths)) > 50
+    assert 90 < sum(lengths) / len(lengths) < 110

@@ -6,8 +6,8 @@ tokens over the time all slots are busy, and the report gives the median. Our en
 size × `waves` requests per run with batch size in flight (continuous batching, as served), their
 output lengths spread around `new_tokens` (`length_spread`, the same draws for every
 configuration); Hugging Face `generate()` runs one static batch of `new_tokens`-long outputs, which
-is already its steady state. Alongside: the measured acceptance α (per tested draft position), the cost ratio
-c = draft step / target step from the engine's own pass timings, the theoretical speedup
+is already its steady state. Alongside: the measured acceptance α (per tested draft position), the
+cost ratio c = draft step / target step from the engine's own pass timings, the theoretical speedup
 (1 - α^(γ+1)) / ((1 - α)(γc + 1)) next to the measured one, and for target-alone decode the
 achieved memory bandwidth (weights + KV read per step) against a copy bandwidth measured on the
 same device.

@@ -32,8 +32,8 @@ G = 0 is a plain target step; its price includes the catch-up debt it adds (one 
 the catch-up pass that feeds the draft its missing tokens when speculation resumes). Speculation
 must beat it by a small margin (EngineConfig.speculation_margin): where the expected gain is
 within the estimates' error, the plain step is the safe choice. Forced rows
-(num_speculative_tokens) always draft their own γ. Exploration: a row that has not drafted for `explore_every` steps drafts
-γ = 1 once, so its α does not go stale while the policy keeps it out.
+(num_speculative_tokens) always draft their own γ. Exploration: a row that has not drafted for
+`explore_every` steps drafts γ = 1 once, so its α does not go stale while the policy keeps it out.
 """
 
 from __future__ import annotations

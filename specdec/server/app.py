@@ -47,9 +47,9 @@ def configure_cpu_threads(device: torch.device, requested: int = 0, available: i
     and a server always has other threads to run (the gRPC event loop and completion queues, the
     clients on the same host). So by default the compute leaves one core to them. Measured on 2
     cores with the demo pair (docs/BENCHMARKS.md): 1 compute thread served 1.6× the tokens/s of 2
-    at one client, 1.03× at sixteen (two load-test runs minutes apart). `requested` > 0 or OMP_NUM_THREADS set by the user win. On a
-    GPU the host threads only launch work, so torch's default stands. `available`: the threads
-    torch would use (default: its own choice at import)."""
+    at one client, 1.03× at sixteen (two load-test runs minutes apart). `requested` > 0 or
+    OMP_NUM_THREADS set by the user win. On a GPU the host threads only launch work, so torch's
+    default stands. `available`: the threads torch would use (default: its own choice at import)."""
     if requested > 0:
         torch.set_num_threads(requested)
     elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

@@ -17,6 +17,8 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sizes(device: torch.device, gpu: dict, cpu: dict) -> dict:
-    """Realistic shapes on a GPU; small ones that keep the interpreter quick on a CPU."""
-    return gpu if device.type == "cuda" else cpu
+@pytest.fixture(scope="session")
+def sizes(device: torch.device):
+    """sizes(gpu, cpu): realistic shapes on a GPU; small ones that keep the interpreter quick on a
+    CPU."""
+    return lambda gpu, cpu: gpu if device.type == "cuda" else cpu

@@ -147,7 +147,7 @@ def run_in_process(engine, prompts: list[list[int]], args, concurrency: int) -> 
             request = engine.make_request(todo.popleft(), params, mode)
             rid = scheduler.add_request(request)
             active[rid] = {"start": time.perf_counter(), "ttft": None, "tokens": 0, "itl": [], "last": None}
-        for out in scheduler.step():
+        for out in scheduler.step().outputs:
             state = active.get(out.request_id)
             if state is None:
                 continue
@@ -190,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
 
     from specdec.bench.main import prompts_from_text
-    from specdec.cli import DEMO
+    from specdec.assets import resolve_pair
     from specdec.config import EngineConfig
     from specdec.engine import Engine, resolve_device
     from specdec.server.app import ServerConfig, configure_cpu_threads
     from specdec.server.background import BackgroundServer
 
-    target, draft = (args.target, args.draft) if args.target else (DEMO / "target", DEMO / "draft")
+    target, draft = resolve_pair(args.target, args.draft)
     engine = server = None
     threads = 0
     if args.server:

@@ -12,8 +12,6 @@ import torch
 
 from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
 
-from conftest import sizes
-
 
 def _sync(device):
     if device.type == "cuda":
@@ -21,8 +19,8 @@ def _sync(device):
 
 
 @pytest.fixture(scope="module")
-def greedy_inputs(device):
-    shape = sizes(device, {"b": 64, "g": 4, "v": 128_256}, {"b": 4, "g": 4, "v": 2048})
+def greedy_inputs(device, sizes):
+    shape = sizes({"b": 64, "g": 4, "v": 128_256}, {"b": 4, "g": 4, "v": 2048})
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logits = torch.randn(shape["b"], shape["g"] + 1, shape["v"], generator=gen).to(device, dtype)
@@ -59,8 +57,8 @@ def test_greedy_accept_triton(benchmark, greedy_inputs, device):
 
 
 @pytest.fixture(scope="module")
-def rejection_inputs(device):
-    shape = sizes(device, {"b": 64, "g": 4, "v": 128_256}, {"b": 4, "g": 4, "v": 1024})
+def rejection_inputs(device, sizes):
+    shape = sizes({"b": 64, "g": 4, "v": 128_256}, {"b": 4, "g": 4, "v": 1024})
     b, g, v = shape["b"], shape["g"], shape["v"]
     gen = torch.Generator().manual_seed(1)
     p = torch.softmax(torch.randn(b, g + 1, v, generator=gen), -1).to(device)

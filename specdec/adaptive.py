@@ -43,6 +43,8 @@ import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+from specdec.timing import PassKind
+
 
 def expected_tokens(alpha: float, gamma: int) -> float:
     """E[tokens emitted by one verify with γ drafts] at per-token acceptance α: (1 - α^(γ+1)) / (1 - α)."""
@@ -146,12 +148,12 @@ class CostModel:
         self.verify_level[batch] = at_one
         self.verify_shape[batch] = (1.0, slope / at_one if at_one > 0 else 0.0)
 
-    def set_baseline(self, kind: str, batch: int, size: int, seconds: float) -> None:
+    def set_baseline(self, kind: PassKind, batch: int, width: int, seconds: float) -> None:
         """A warm-up measurement of a draft or catch-up pass: replaces the estimate outright."""
-        if kind == "draft":
+        if kind is PassKind.DRAFT:
             self.draft[batch] = seconds
-        elif kind == "catchup":
-            self.catchup[batch] = seconds / max(size, 1)
+        elif kind is PassKind.CATCHUP:
+            self.catchup[batch] = seconds / max(width, 1)
 
     def _shape(self, batch: int, width: int) -> float:
         if not self.verify_shape:

@@ -4,8 +4,10 @@
     [result] = engine.generate(["def fibonacci(n):"], SamplingParams(max_new_tokens=64))
     print(result.text, result.stats.acceptance_rate)
 
-An Engine loads a pair (or one model) and drives the scheduler synchronously. It knows nothing of
-gRPC; the server runs the same scheduler loop in a thread of its own.
+An Engine loads a pair (or one model), checks it, and wires the parts together: the request
+limits (`validation`), the model runner (models, caches, passes), the γ planner and the scheduler
+(slots and queues), which it then drives synchronously. It knows nothing of gRPC; the server runs
+the same scheduler loop in a thread of its own.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,14 @@ import torch
 from specdec.config import EngineConfig
 from specdec.errors import InvalidRequestError
 from specdec.models.loader import LoadedModel, load_checkpoint
+from specdec.models.pair import check_pair
+from specdec.planner import GammaPlanner
 from specdec.request import GenerationResult, Mode, Request, RequestOutput, SpecStats, Timing
+from specdec.runner import ModelRunner
 from specdec.sampling import SamplingParams
-from specdec.scheduler import Scheduler
+from specdec.scheduler import Scheduler, StepReport
+from specdec.speculative import AcceptKernels
+from specdec.validation import RequestLimits, validate
 
 log = logging.getLogger("specdec")
 
@@ -49,22 +56,32 @@ class Engine:
         target: str | os.PathLike[str] | LoadedModel,
         draft: str | os.PathLike[str] | LoadedModel | None = None,
         config: EngineConfig | None = None,
+        *,
+        planner: GammaPlanner | None = None,
+        kernels: AcceptKernels | None = None,
     ):
+        """`planner`: a γ planner to use instead of a fresh one (tests inject synthetic costs or a
+        forced γ schedule through it). `kernels`: the acceptance kernels (default: by device)."""
         self.config = config or EngineConfig()
         device = resolve_device(self.config.device)
         dtype = resolve_dtype(self.config.dtype, device)
         self.target = _load(target, device, dtype, self.config.attention)
         self.draft = _load(draft, device, dtype, self.config.attention) if draft is not None else None
-        self.scheduler = Scheduler(self.target, self.draft, self.config)
+        if self.draft is not None:
+            check_pair(self.target, self.draft)
+        self.limits = RequestLimits.for_pair(self.target, self.draft, self.config)
+        self.runner = ModelRunner(self.target, self.draft, self.config, self.limits, kernels)
+        self.planner = planner or GammaPlanner(self.config)
+        self.scheduler = Scheduler(self.runner, self.planner, self.limits, self.config)
         if self.config.warmup and self.config.adaptive:
-            self.scheduler.warm_up()
+            self.planner.calibrate(self.runner.warm_up())
         log.info(
             "target %s (%s, %d layers), draft %s; KV cache per model: %s",
             self.target.name,
             self.target.config.model_type,
             self.target.config.num_layers,
             self.draft.name if self.draft else "none",
-            self.scheduler.target_cache.describe(),
+            self.runner.target_cache.describe(),
         )
 
     @property
@@ -73,11 +90,11 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
-        return self.scheduler.vocab_size
+        return self.limits.vocab_size
 
     @property
     def max_context(self) -> int:
-        return self.scheduler.max_context
+        return self.limits.max_context
 
     # ------------------------------------------------------------------ building requests
 
@@ -126,11 +143,13 @@ class Engine:
         mode: Mode | str | None = None,
         num_speculative_tokens: int = 0,
         max_concurrency: int | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
     ) -> list[GenerationResult]:
         """Run `prompts` (strings, token-id lists or Requests) to completion, batched together;
         `params` is one SamplingParams for all or one per prompt. Results come in prompt order.
         With `max_concurrency`, at most that many are in flight: the next starts as soon as one
-        finishes (a closed loop, as clients of a server would keep it busy)."""
+        finishes (a closed loop, as clients of a server would keep it busy). `on_step` sees every
+        step's report (what the bench measures)."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -149,7 +168,7 @@ class Engine:
         if len(set(given_ids)) != len(given_ids):
             raise InvalidRequestError("request_id", "the same request_id is given to two requests")
         for request in requests:  # every request is checked before any starts
-            self.scheduler.validate(request)
+            validate(request, self.limits)
         limit = max_concurrency or len(requests)
         todo = deque(enumerate(requests))
         ids: list[str] = [""] * len(requests)
@@ -161,7 +180,10 @@ class Engine:
                 ids[index] = self.scheduler.add_request(request)
                 collected[ids[index]] = []
                 in_flight += 1
-            for out in self.scheduler.step():
+            report = self.scheduler.step()
+            if on_step is not None:
+                on_step(report)
+            for out in report.outputs:
                 if out.request_id in collected:
                     collected[out.request_id].append(out)
                     if out.finished:
@@ -186,7 +208,7 @@ class Engine:
         done = False
         try:
             while not done:
-                for out in self.scheduler.step():
+                for out in self.scheduler.step().outputs:
                     if out.request_id == request_id:
                         done = out.finished
                         if out.new_token_ids or out.new_text or out.finished:

@@ -1,13 +1,12 @@
 """Log-probabilities of emitted tokens under the producing model's raw logits (before the sampling
-transform): computed on the device for the step's candidate tokens, read back after its sync."""
+transform): computed on the device for the step's candidate tokens, read back in the step's one
+copy (`readback.HostCopy`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from specdec.request import TokenLogprob
 
 
 @dataclass(slots=True)
@@ -29,15 +28,13 @@ class Logprobs:
             ids = tokens.new_empty((*tokens.shape, 0))
         return Logprobs(chosen, values, ids)
 
-    def host(self) -> tuple[list, list, list]:
-        """(chosen, top values, top ids) as nested lists; called after the step's sync."""
-        return self.chosen.cpu().tolist(), self.top_values.cpu().tolist(), self.top_ids.cpu().tolist()
-
-
-def token_logprobs(
-    chosen: list[float], values: list[list[float]], ids: list[list[int]], tokens: list[int], top_n: int
-) -> list[TokenLogprob]:
-    return [
-        TokenLogprob(t, lp, list(zip(i[:top_n], v[:top_n])))
-        for t, lp, v, i in zip(tokens, chosen, values, ids)
-    ]
+    @staticmethod
+    def concat(parts: list[Logprobs]) -> Logprobs | None:
+        """Positions side by side ([N, P1] + [N, P2] -> [N, P1 + P2]); None for no parts."""
+        if not parts:
+            return None
+        return Logprobs(
+            torch.cat([lp.chosen for lp in parts], 1),
+            torch.cat([lp.top_values for lp in parts], 1),
+            torch.cat([lp.top_ids for lp in parts], 1),
+        )

@@ -1,18 +1,20 @@
-"""One batched speculative step: draft -> verify -> accept, then commit.
+"""One batched speculative step: draft -> verify -> accept, and its one readback.
 
 For every running row the step (1) lets the draft propose γ_b tokens, (2) has the target score the
-row's pending token plus its drafts in one pass (γ_b + 1 distributions), (3) accepts a prefix of the
-drafts in one kernel call for the whole batch, and (4) commits the emitted tokens and sets both
-caches' lengths. Rows are ragged: each has its own γ_b (0 = a plain target step), its own number of
-tokens the draft has not seen yet, and possibly drafts supplied from outside instead of by the
-draft model. Draft-only rows ride along in the draft passes and keep every token they sample.
+row's pending token plus its drafts in one pass (γ_b + 1 distributions), and (3) accepts a prefix of
+the drafts in one kernel call for the whole batch. Rows are ragged: each has its own γ_b (0 = a
+plain target step), its own number of tokens the draft has not seen yet, and possibly drafts
+supplied from outside instead of by the draft model. Draft-only rows ride along in the draft passes
+and keep every token they sample. Committing the results (stop conditions, cache lengths) is the
+scheduler's.
 
-The host reads the device exactly once per step: the accepted counts, emitted tokens and per-row
-non-finite flags, packed into one tensor.
+The host reads the device exactly once per step (`readback.HostCopy`): accepted counts, emitted
+tokens, per-row non-finite flags and any log-probabilities asked for, in one copy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +25,32 @@ from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.rejection_sample import rejection_sample_reference, rejection_sample_triton
 from specdec.kernels.sample import sample_reference, sample_triton
-from specdec.logprobs import Logprobs, token_logprobs
+from specdec.logprobs import Logprobs
 from specdec.models.decoder import ForwardBatch
 from specdec.models.kv_cache import KVCache
 from specdec.models.loader import LoadedModel
-from specdec.request import FinishReason, TokenLogprob
+from specdec.readback import DraftReadback, HostCopy, HostLogprobs, StepReadback, VerifyReadback
+from specdec.request import TokenLogprob
 from specdec.sampling import SamplingTensors, probabilities
 from specdec.sequence import Sequence
-from specdec.timing import PassTimer, sync_point
+from specdec.timing import PassKind, PassTimer
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptKernels:
+    """The step's sampling and acceptance kernels: Triton on CUDA, the PyTorch references elsewhere
+    (`specdec.kernels.use_triton`). A test may pass a deliberately wrong rule to show that the
+    statistical tests catch it."""
+
+    sample: Callable
+    greedy_accept: Callable
+    rejection_sample: Callable
+
+    @staticmethod
+    def for_device(device: torch.device) -> AcceptKernels:
+        if use_triton(device):
+            return AcceptKernels(sample_triton, greedy_accept_triton, rejection_sample_triton)
+        return AcceptKernels(sample_reference, greedy_accept_reference, rejection_sample_reference)
 
 
 @dataclass(slots=True)
@@ -55,11 +75,22 @@ class RowOutcome:
 
 @dataclass(slots=True)
 class _Drafts:
-    tokens: torch.Tensor  # [Bd, n] proposals (or a draft-only row's output)
+    """The draft passes' results, still on the device."""
+
+    tokens: torch.Tensor  # [Bd, passes] proposals (or a draft-only row's output)
     bad: torch.Tensor  # [Bd] bool: the draft produced non-finite numbers for the row
-    probs: torch.Tensor | None  # [Bd, n, V] q of each proposal (None when every row is greedy)
-    passes: int
+    probs: torch.Tensor | None  # [Bd, passes, V] q of each proposal (None when every row is greedy)
     logprobs: Logprobs | None = None  # of each sampled token (only when a draft-only row asks)
+
+
+@dataclass(slots=True)
+class _Verified:
+    """The verify pass's acceptance, still on the device."""
+
+    accepted: torch.Tensor  # [B]
+    bad: torch.Tensor  # [B] bool
+    tokens: torch.Tensor  # [B, G+1] emitted-token candidates
+    logprobs: Logprobs | None  # of the candidates, when a row asked
 
 
 class SpeculativeStep:
@@ -70,6 +101,7 @@ class SpeculativeStep:
         target_cache: KVCache,
         draft_cache: KVCache | None,
         vocab_size: int,
+        kernels: AcceptKernels | None = None,
     ):
         self.target = target
         self.draft = draft
@@ -78,65 +110,47 @@ class SpeculativeStep:
         self.vocab_size = vocab_size
         self.device = target.device
         self.capacity = target_cache.layout.capacity
-        triton_ok = use_triton(self.device)
-        self._sample = sample_triton if triton_ok else sample_reference
-        self._greedy_accept = greedy_accept_triton if triton_ok else greedy_accept_reference
-        self._rejection_sample = rejection_sample_triton if triton_ok else rejection_sample_reference
+        self.kernels = kernels or AcceptKernels.for_device(self.device)
         self.timer = PassTimer(self.device)
 
     # ------------------------------------------------------------------------- the step
 
     def run(self, plans: list[RowPlan], draft_only: list[Sequence]) -> list[RowOutcome]:
+        """One step for `plans` (target-verified rows) and `draft_only` rows; one outcome per row,
+        plans first. The passes' timings wait in `self.timer`."""
         model_drafted = [p for p in plans if p.gamma > 0 and p.external is None]
         drafting = [p.seq for p in model_drafted] + draft_only
         passes = max((p.gamma for p in model_drafted), default=1 if draft_only else 0)
         drafts = self._draft(drafting, passes, draft_only_from=len(model_drafted)) if drafting else None
-        verified, verify_logprobs = self._verify(plans, drafts) if plans else (None, None)
-
-        # The step's one device-to-host copy.
-        packed = []
-        if verified is not None:
-            packed.append(verified.flatten())
-        if drafts is not None:
-            packed.append(torch.cat([drafts.tokens, drafts.bad[:, None].long()], dim=1).flatten())
-        with sync_point(self.device):
-            host = torch.cat(packed).cpu().tolist() if packed else []
-            # Log-probabilities, when asked for, come back right after: the device is idle by now.
-            v_lp = verify_logprobs.host() if verify_logprobs is not None else None
-            d_lp = drafts.logprobs.host() if drafts is not None and drafts.logprobs is not None else None
-        n_verify = verified.numel() if verified is not None else 0
-        verify_rows = _rows(host[:n_verify], verified.shape[1] if verified is not None else 1)
-        draft_rows = _rows(host[n_verify:], passes + 1)
+        verified = self._verify(plans, drafts) if plans else None
+        readback = _read_back(self.device, verified, drafts)
 
         outcomes: list[RowOutcome] = []
         draft_index = 0
-        for b, (plan, (accepted, bad, *candidates)) in enumerate(zip(plans, verify_rows)):
+        verify, draft = readback.verify, readback.draft
+        for b, plan in enumerate(plans):
+            assert verify is not None
+            accepted = verify.accepted[b]
             error, draft_fed = None, None
             if plan.gamma > 0 and plan.external is None:
+                assert draft is not None
                 # Proposals 1..passes-1 went through the draft; the accepted ones among them are
                 # valid draft cache (the last proposal and the correction/bonus are not in it).
                 draft_fed = min(accepted, passes - 1)
-                if draft_rows[draft_index][-1]:
+                if draft.bad[draft_index]:
                     error = "non-finite logits from the draft model"
                 draft_index += 1
-            if bad:
+            if verify.bad[b]:
                 error = "non-finite logits from the target model"
-            emitted = candidates[: accepted + 1]
-            logprobs = None
-            params = plan.seq.request.params
-            if params.logprobs and v_lp is not None:
-                logprobs = token_logprobs(v_lp[0][b], v_lp[1][b], v_lp[2][b], emitted, params.top_logprobs)
+            emitted = verify.tokens[b][: accepted + 1]
+            logprobs = _logprobs_of(plan.seq, verify.logprobs, b, emitted)
             outcomes.append(RowOutcome(plan.seq, emitted, plan.gamma, accepted, draft_fed, error, logprobs))
-        for i, (seq, row) in enumerate(zip(draft_only, draft_rows[draft_index:])):
-            error = "non-finite logits from the draft model" if row[-1] else None
-            logprobs = None
-            params = seq.request.params
-            if params.logprobs and d_lp is not None:
-                r = draft_index + i
-                logprobs = token_logprobs(
-                    d_lp[0][r], d_lp[1][r], d_lp[2][r], row[:passes], params.top_logprobs
-                )
-            outcomes.append(RowOutcome(seq, row[:passes], 0, 0, passes - 1, error, logprobs))
+        for r, seq in enumerate(draft_only, start=draft_index):
+            assert draft is not None
+            error = "non-finite logits from the draft model" if draft.bad[r] else None
+            tokens = draft.tokens[r]
+            logprobs = _logprobs_of(seq, draft.logprobs, r, tokens)
+            outcomes.append(RowOutcome(seq, tokens, 0, 0, passes - 1, error, logprobs))
         return outcomes
 
     # ------------------------------------------------------------------------- draft
@@ -152,7 +166,7 @@ class SpeculativeStep:
         if behind:
             rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len : -1]) for s in behind]
             # Per column of the padded pass: it is as wide as its longest row.
-            with self.timer.measure("catchup", len(rows), max(len(r.tokens) for r in rows)):
+            with self.timer.measure(PassKind.CATCHUP, len(rows), max(len(r.tokens) for r in rows)):
                 model(make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows]), cache)
             for s in behind:
                 s.draft_len = len(s.tokens) - 1
@@ -172,7 +186,7 @@ class SpeculativeStep:
         top_n = max((p.top_logprobs for p in want), default=0)
         pass_logprobs: list[Logprobs] = []
         for j in range(passes):
-            with self.timer.measure("draft", len(seqs), 1):
+            with self.timer.measure(PassKind.DRAFT, len(seqs), 1):
                 if j == 0:
                     logits = model(batch, cache)[:, 0]
                 else:
@@ -190,7 +204,7 @@ class SpeculativeStep:
                 if probs is not None:
                     q = probs[:, j]
                     q.copy_(probabilities(logits[:, : self.vocab_size], st))
-                tokens[:, j], row_bad = self._sample(
+                tokens[:, j], row_bad = self.kernels.sample(
                     logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
                 )
                 bad |= row_bad
@@ -198,21 +212,12 @@ class SpeculativeStep:
                     pass_logprobs.append(
                         Logprobs.of(logits[:, None], tokens[:, j : j + 1], top_n, self.vocab_size)
                     )
-        logprobs = None
-        if pass_logprobs:
-            logprobs = Logprobs(
-                torch.cat([lp.chosen for lp in pass_logprobs], 1),
-                torch.cat([lp.top_values for lp in pass_logprobs], 1),
-                torch.cat([lp.top_ids for lp in pass_logprobs], 1),
-            )
-        return _Drafts(tokens=tokens, bad=bad, probs=probs, passes=passes, logprobs=logprobs)
+        return _Drafts(tokens=tokens, bad=bad, probs=probs, logprobs=Logprobs.concat(pass_logprobs))
 
     # ------------------------------------------------------------------------- verify + accept
 
-    def _verify(self, plans: list[RowPlan], drafts: _Drafts | None) -> tuple[torch.Tensor, Logprobs | None]:
-        """Target pass over [pending tokens, drafts] per row and acceptance; returns
-        [B, 2 + G + 1] int64 rows of (accepted, bad, emitted-token candidates...), and the
-        candidates' log-probabilities when a row asked for them."""
+    def _verify(self, plans: list[RowPlan], drafts: _Drafts | None) -> _Verified:
+        """Target pass over [pending tokens, drafts] per row, and acceptance."""
         device = self.device
         rows, columns, placements = [], [], []
         q_row, point_mass = [], []  # where each row's q comes from
@@ -253,7 +258,7 @@ class SpeculativeStep:
         q = drafts.probs if drafts is not None else None
         q_rows = _device_ints(q_row, device)
         point_masses = torch.tensor(point_mass).to(device, non_blocking=True)
-        with self.timer.measure("verify", len(plans), g + 1):
+        with self.timer.measure(PassKind.VERIFY, len(plans), g + 1):
             logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
             accepted, tokens, bad = self.accept(
                 logits, draft_tokens, num_drafts, plans, q, q_rows, point_masses
@@ -262,48 +267,7 @@ class SpeculativeStep:
         want = [p.seq.request.params for p in plans if p.seq.request.params.logprobs]
         if want:
             logprobs = Logprobs.of(logits, tokens, max(p.top_logprobs for p in want), self.vocab_size)
-        return torch.cat([accepted[:, None], bad[:, None].long(), tokens], dim=1), logprobs
-
-    def measure_costs(
-        self, batch_sizes: list[int], max_gamma: int, position: int = 0, repeats: int = 3
-    ) -> list[tuple[str, int, int, float]]:
-        """Warm-up: time draft passes, target passes of every width 1..γmax+1 and a catch-up pass at
-        each batch size, on dummy rows (before any request holds a slot). Returns the fastest of
-        `repeats` measurements of each: the machine's cost when nothing else disturbs it."""
-        device, capacity = self.device, self.capacity
-        # Every dummy row must fit below the cache's scratch position, however short the context.
-        catchup = max(1, min(8, capacity - 1 - (max_gamma + 1)))
-        position = max(0, min(position, capacity - 1 - max(catchup, max_gamma + 1)))
-        best: dict[tuple[str, int, int], float] = {}
-        self.timer.drain()
-        for _ in range(repeats):
-            for b in batch_sizes:
-                for width in range(1, max_gamma + 2):
-                    rows = [Row(slot, position, [1] * width) for slot in range(b)]
-                    batch = make_batch(rows, device, capacity, logits_columns=[list(range(width))] * b)
-                    drafts = torch.zeros((b, width - 1), dtype=torch.int64, device=device)
-                    num = torch.full((b,), width - 1, dtype=torch.int64, device=device)
-                    # Timed like a real verify: the pass and the acceptance over its logits.
-                    with self.timer.measure("verify", b, width):
-                        logits = self.target.model(batch, self.target_cache)
-                        self._greedy_accept(logits, drafts, num, self.vocab_size)
-                if self.draft is not None and self.draft_cache is not None:
-                    rows = [Row(slot, position, [1]) for slot in range(b)]
-                    batch = make_batch(rows, device, capacity, logits_columns=[[0]] * b)
-                    with self.timer.measure("draft", b, 1):
-                        self.draft.model(batch, self.draft_cache)
-                    rows = [Row(slot, position, [1] * catchup) for slot in range(b)]
-                    with self.timer.measure("catchup", b, catchup):
-                        self.draft.model(
-                            make_batch(rows, device, capacity, logits_columns=[[] for _ in rows]),
-                            self.draft_cache,
-                        )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            for kind, b, size, seconds in self.timer.drain():
-                key = (kind, b, size)
-                best[key] = min(seconds, best.get(key, float("inf")))
-        return [(kind, b, size, seconds) for (kind, b, size), seconds in best.items()]
+        return _Verified(accepted, bad, tokens, logprobs)
 
     def accept(
         self,
@@ -320,7 +284,7 @@ class SpeculativeStep:
         transformed distributions of both models)."""
         st = SamplingTensors.from_params([p.seq.request.params for p in plans], self.device)
         all_greedy = not st.any_sampled
-        accepted, tokens, bad = self._greedy_accept(
+        accepted, tokens, bad = self.kernels.greedy_accept(
             logits, draft_tokens, num_drafts, self.vocab_size, None if all_greedy else st.greedy
         )
         if all_greedy:
@@ -331,7 +295,7 @@ class SpeculativeStep:
         )
         seeds = _device_ints([pl.seq.seed for pl in plans], self.device)
         positions = _device_ints([len(pl.seq.tokens) for pl in plans], self.device)
-        s_acc, s_tok, s_bad = self._rejection_sample(
+        s_acc, s_tok, s_bad = self.kernels.rejection_sample(
             p, q, q_row, point_mass, draft_tokens, num_drafts, ~st.greedy, seeds, positions, self.vocab_size
         )
         greedy = st.greedy
@@ -342,33 +306,33 @@ class SpeculativeStep:
         )
 
 
-def commit(seq: Sequence, outcome: RowOutcome, external: list[int] | None) -> FinishReason | None:
-    """Append the emitted tokens (cut by the stop conditions), set both caches' lengths, and
-    advance the row's external draft. Returns the finish reason if a stop condition fired."""
-    before = len(seq.tokens)
-    kept, reason = seq.stopper.consume(outcome.tokens)
-    seq.tokens.extend(outcome.tokens[:kept])
-    if outcome.logprobs is not None:
-        seq.pending_logprobs.extend(outcome.logprobs[:kept])
-    seq.stats.record(outcome.gamma, outcome.accepted, outcome.accepted + 1)
-    # The last committed token is not in the target cache: it is the next pass's first input.
-    seq.target_len = len(seq.tokens) - 1
-    if outcome.draft_fed is not None:
-        seq.draft_len = before + min(outcome.draft_fed, kept)
-    if external is not None:
-        rest = seq.external_pending[len(external) :]
-        fully_accepted = outcome.accepted == len(external)
-        # After a full accept the target's bonus token stands where the next external token
-        # would: the external draft goes on only if the two agree.
-        if fully_accepted and rest and rest[0] == outcome.tokens[-1]:
-            seq.external_pending = rest[1:]
-        else:
-            seq.external_pending = []
-    return reason
+def _read_back(device: torch.device, verified: _Verified | None, drafts: _Drafts | None) -> StepReadback:
+    """The step's one device-to-host copy, unpacked."""
+    copy = HostCopy()
+    if verified is not None:
+        v = [copy.add(verified.accepted), copy.add(verified.bad), copy.add(verified.tokens)]
+        v_lp = copy.add_logprobs(verified.logprobs)
+    if drafts is not None:
+        d = [copy.add(drafts.tokens), copy.add(drafts.bad)]
+        d_lp = copy.add_logprobs(drafts.logprobs)
+    host = copy.fetch(device)
+    verify = draft = None
+    if verified is not None:
+        accepted, bad, tokens = (host[i].tolist() for i in v)
+        verify = VerifyReadback(accepted, bad, tokens, HostLogprobs.of(host, v_lp))
+    if drafts is not None:
+        tokens, bad = (host[i].tolist() for i in d)
+        draft = DraftReadback(tokens, bad, HostLogprobs.of(host, d_lp))
+    return StepReadback(verify, draft)
 
 
-def _rows(flat: list[int], width: int) -> list[list[int]]:
-    return [flat[i : i + width] for i in range(0, len(flat), width)]
+def _logprobs_of(
+    seq: Sequence, logprobs: HostLogprobs | None, row: int, tokens: list[int]
+) -> list[TokenLogprob] | None:
+    params = seq.request.params
+    if not params.logprobs or logprobs is None:
+        return None
+    return logprobs.row(row, tokens, params.top_logprobs)
 
 
 def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from specdec.bench.runner import Bench, BenchSettings, plans, report, save
+from specdec.assets import resolve_pair
+from specdec.bench.report import report, save, theoretical_speedup
+from specdec.bench.runner import Bench, BenchSettings, Config, plans
 from specdec.bench.shapes import DEFAULT_DRAFT, SHAPES, hf_model, random_model, synthetic_tokenizer
 from specdec.engine import resolve_device, resolve_dtype
 from specdec.errors import SpecdecError
@@ -89,9 +91,7 @@ def run(args: Any) -> dict[str, Any]:
             hf_draft = hf_model(draft_shape, device, dtype, seed=2)
         source = {"random_weights": {"target_shape": args.shape, "draft_shape": draft_shape}}
     else:
-        from specdec.cli import _checkpoints
-
-        target_dir, draft_dir = _checkpoints(args)
+        target_dir, draft_dir = resolve_pair(args.target, args.draft)
         if draft_dir is None:
             raise SpecdecError("bench needs a draft: give --draft with --target")
         target = load_checkpoint(target_dir, device=device, dtype=dtype)
@@ -131,23 +131,21 @@ def run(args: Any) -> dict[str, Any]:
             f"{target.config.vocab_size} vs {draft.config.vocab_size})",
             file=sys.stderr,
         )
+    configs: list[Config] = [("target", Mode.TARGET, 0), ("draft", Mode.DRAFT, 0)]
+    for gamma in settings.gammas:
+        if gamma != 0:  # γ = 0 is the target alone, measured above
+            configs.append(("speculative", Mode.SPECULATIVE, gamma))
     with tqdm(total=plans(settings, hf_target is not None, assisted), desc="bench", unit="run") as bar:
-        bench = Bench(target, draft, settings, prompts, progress=bar)
-        configs = [("target", Mode.TARGET, 0), ("draft", Mode.DRAFT, 0)]
-        for gamma in settings.gammas:
-            if gamma != 0:  # γ = 0 is the target alone, measured above
-                configs.append(("speculative", Mode.SPECULATIVE, gamma))
+        bench = Bench(target, draft, settings, prompts, configs, progress=bar)
         for batch in settings.batch_sizes:
             hf = [("hf-target", hf_target, None)] if hf_target is not None else []
             if assisted and batch == 1:
                 hf.append(("hf-assisted", hf_target, hf_draft))
-            bench.run_batch(batch, configs, hf)
+            bench.run_batch(batch, hf)
     result = report(bench, target, draft, settings, source)
     if args.random_weights:
         # A random pair accepts almost nothing: give the speedup the measured costs would yield at
         # realistic acceptance rates instead.
-        from specdec.bench.runner import theoretical_speedup
-
         for entry in result["summary"]:
             c = entry["cost_ratio_c"]
             entry["theoretical_at_alpha"] = {

@@ -151,7 +151,12 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def init_rope(self, num_positions: int) -> None:
-        """Build the cos/sin tables for positions [0, num_positions) on the model's device and dtype."""
+        """Make the cos/sin tables cover positions [0, num_positions) on the model's device and dtype.
+
+        Tables only grow: several engines (the bench builds one per configuration) may share one
+        loaded model, and a longer table serves a shorter cache unchanged."""
+        if num_positions <= self.num_positions:
+            return
         ref = self.embed_tokens.weight
         cos, sin = rope_tables(self.cfg.rope, num_positions)
         # Non-persistent: derived from the config, never part of a checkpoint.

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from specdec.engine import Engine
 from specdec.request import Mode, RequestOutput
+from specdec.scheduler import StepReport
 from specdec.server.engine_loop import EngineLoop, Subscription
 from specdec.server.metrics import Metrics, log_request, status_of
 from specdec.server.servicer import SpecDecServicer
@@ -69,10 +70,13 @@ class ServerConfig:
 def _instrumented_loop(engine: Engine, metrics: Metrics) -> EngineLoop:
     scheduler = engine.scheduler
 
-    def on_step(outputs: list[RequestOutput], seconds: float) -> None:
-        decision = scheduler.last_decision
+    def on_step(report: StepReport) -> None:
+        # Called on the engine thread, between steps: the scheduler's counts are stable.
+        decision = report.decision
         gammas = list(decision.gammas) if decision is not None else []
-        metrics.observe_step(outputs, seconds, scheduler.num_running, scheduler.num_waiting, gammas)
+        metrics.observe_step(
+            report.outputs, report.seconds, scheduler.num_running, scheduler.num_waiting, gammas
+        )
 
     def on_output(sub: Subscription, out: RequestOutput, interval: float) -> None:
         if out.new_token_ids and out.completion_tokens > len(out.new_token_ids):
@@ -83,7 +87,7 @@ def _instrumented_loop(engine: Engine, metrics: Metrics) -> EngineLoop:
             metrics.observe_finish(out, mode, status)
             log_request(out, mode, status)
 
-    return EngineLoop(scheduler, on_step=on_step, on_output=on_output)
+    return EngineLoop(scheduler, engine.limits, on_step=on_step, on_output=on_output)
 
 
 async def serve(

@@ -6,8 +6,8 @@ Request and gets a Subscription: an asyncio.Queue its RequestOutputs arrive on (
 (a thread-safe inbox), runs `scheduler.step()` while there is work, and sleeps on a condition
 variable when there is none. Cancelling frees the row's slot at the next step.
 
-Admission control is synchronous: a request is validated in the caller's thread (the checks only
-read immutable limits) and refused at once with QueueFullError when the server already holds
+Admission control is synchronous: a request is validated in the caller's thread against the
+engine's frozen `RequestLimits` (the caller never touches the scheduler) and refused at once with QueueFullError when the server already holds
 `max_batch_size + max_queue` requests; draining refuses everything with ShuttingDownError.
 """
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from specdec.errors import InvalidRequestError, QueueFullError, ShuttingDownError
 from specdec.request import FinishReason, Request, RequestOutput, SpecStats, Timing
-from specdec.scheduler import Scheduler
+from specdec.scheduler import Scheduler, StepReport
+from specdec.validation import RequestLimits, validate
 
 log = logging.getLogger("specdec.server")
 
@@ -44,11 +45,13 @@ class EngineLoop:
     def __init__(
         self,
         scheduler: Scheduler,
-        on_step: Callable[[list[RequestOutput], float], None] | None = None,
+        limits: RequestLimits,
+        on_step: Callable[[StepReport], None] | None = None,
         on_output: Callable[[Subscription, RequestOutput, float], None] | None = None,
     ):
-        self.scheduler = scheduler
-        self.on_step = on_step  # metrics: the outputs of one step and its duration
+        self.scheduler = scheduler  # touched only by the loop thread
+        self.limits = limits
+        self.on_step = on_step  # metrics: each step's report
         self.on_output = (
             on_output  # metrics and logs: each output, with seconds since the request's previous one
         )
@@ -74,7 +77,7 @@ class EngineLoop:
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Subscription:
         """Validate and enqueue; raises InvalidRequestError, QueueFullError or ShuttingDownError."""
-        self.scheduler.validate(request)
+        validate(request, self.limits)
         with self._cond:
             if self._draining or self._stopping:
                 raise ShuttingDownError("the server is shutting down and takes no new requests")
@@ -138,16 +141,15 @@ class EngineLoop:
                 scheduler.cancel(request_id)
             if not scheduler.has_unfinished():
                 continue
-            started = time.monotonic()
             try:
-                outputs = scheduler.step()
+                report = scheduler.step()
             except Exception as e:  # a bug, not a request's bad numbers (those are flagged per row)
                 log.error("engine step failed; failing every in-flight request:\n%s", traceback.format_exc())
                 self._fail_all(e)
                 continue
             if self.on_step is not None:
-                self.on_step(outputs, time.monotonic() - started)
-            for out in outputs:
+                self.on_step(report)
+            for out in report.outputs:
                 with self._cond:
                     sub = self._subs.get(out.request_id)
                     if sub is not None and out.finished:

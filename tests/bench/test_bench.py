@@ -38,8 +38,11 @@ def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
         modes = entry["modes"]
         assert {"target", "draft", "speculative-gamma2", "speculative-adaptive", "hf-target"} <= set(modes)
         assert all(m["tokens_per_second"] > 0 for m in modes.values())
-        assert modes["target"]["speedup_vs_target"] == 1.0
-        assert 0 <= modes["speculative-gamma2"]["acceptance"] <= 1
+        # Every ratio is of the medians measured side by side, and the close pair's drafts are
+        # mostly accepted (its γ = 2 acceptance is measured, not assumed).
+        spec, target = modes["speculative-gamma2"], modes["target"]
+        assert spec["speedup_vs_target"] == round(spec["tokens_per_second"] / target["tokens_per_second"], 3)
+        assert 0.5 < spec["acceptance"] <= 1
         assert modes["speculative-gamma2"]["theoretical_speedup"] > 0
         assert "gamma_histogram" in modes["speculative-adaptive"]
         assert "gamma_histogram" in modes["speculative-adaptive-per-row"]
@@ -50,6 +53,15 @@ def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
         )
     assert "speedup_vs_hf_assisted" in result["summary"][0]["modes"]["target"]
     engine_rows = [r for r in result["rows"] if not r["mode"].startswith("hf")]
+    for r in result["rows"]:  # one sample per repeat, the reported figure their median
+        assert len(r["samples"]) == 1 and r["tokens_per_second"] == pytest.approx(r["samples"][0], abs=0.01)
+    # The adaptive configurations report the γ their steps ran with.
+    assert all(
+        sum(m["gamma_histogram"].values()) > 0
+        for e in result["summary"]
+        for k, m in e["modes"].items()
+        if "adaptive" in k
+    )
     assert all(r["extra"]["whole_run_tokens_per_second"] > 0 for r in engine_rows)
     assert result["settings"]["waves"] == 2 and result["settings"]["length_spread"] == 0.5
     for name in ("tokens_per_second.png", "speedup_vs_gamma.png", "acceptance_by_position.png"):

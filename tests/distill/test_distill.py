@@ -10,9 +10,7 @@ from specdec.distill.distill import DraftShape, run_distill
 from specdec.distill.trainer import TrainConfig
 from specdec.errors import CheckpointError, SpecdecError
 from specdec.models import load_checkpoint
-from specdec.testing import _CORPUS
-
-from conftest import hf_reference
+from specdec.testing import _CORPUS, hf_reference
 
 
 @pytest.fixture(scope="module")

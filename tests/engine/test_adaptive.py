@@ -7,20 +7,8 @@ import itertools
 import pytest
 
 from specdec.adaptive import AcceptanceEstimate, CostModel, RowView, choose_gammas, expected_tokens, step_rate
-
-
-def costs(
-    draft: float, verify_base: float, verify_per_token: float, batches=(1, 2, 4, 8, 16), max_width=9
-) -> CostModel:
-    """A synthetic machine: a draft pass costs `draft` (growing slowly with batch), a target pass
-    costs verify_base + verify_per_token * batch * width."""
-    model = CostModel()
-    for b in batches:
-        model.set_baseline("draft", b, 1, draft * (1 + 0.05 * b))
-        model.set_verify_baseline(
-            b, {w: verify_base + verify_per_token * b * w for w in range(1, max_width + 1)}
-        )
-    return model
+from specdec.testing import synthetic_costs as costs
+from specdec.timing import PassKind
 
 
 def test_expected_tokens_matches_enumeration():
@@ -226,8 +214,8 @@ def test_catch_up_is_priced_per_column_of_one_batched_pass():
     them, and drafting rows pay for the row furthest behind, not the sum (this once priced the
     plain step at batch 16 a third too dear, so the policy speculated where it lost)."""
     machine = costs(draft=0.4, verify_base=1.0, verify_per_token=0.01)
-    machine.set_baseline("catchup", 16, 8, 8 * 0.3)  # 0.3 s per column at 16 rows
-    machine.set_baseline("catchup", 4, 8, 8 * 0.2)
+    machine.set_baseline(PassKind.CATCHUP, 16, 8, 8 * 0.3)  # 0.3 s per column at 16 rows
+    machine.set_baseline(PassKind.CATCHUP, 4, 8, 8 * 0.2)
     rows = [RowView(alpha=0.5) for _ in range(16)]
     plain = 1.0 + 0.01 * 16 * 1  # one target pass of width 1
     assert step_rate(rows, (0,) * 16, machine) == pytest.approx(16 / (plain + 0.3))

@@ -10,9 +10,16 @@ import torch
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
 from specdec.errors import IncompatiblePairError, InvalidRequestError
+from specdec.planner import GammaPlanner
 from specdec.request import FinishReason, Mode
-
-from conftest import PADDED_VOCAB, TOKENIZER_VOCAB, first_divergence, hf_reference, is_near_tie, random_prompt
+from specdec.testing import (
+    PADDED_VOCAB,
+    TOKENIZER_VOCAB,
+    first_divergence,
+    hf_reference,
+    is_near_tie,
+    random_prompt,
+)
 
 CONFIG = EngineConfig(max_batch_size=4, max_context=128, max_gamma=8)
 
@@ -28,6 +35,16 @@ def engines(pairs):
         return cache[name]
 
     return get
+
+
+def _scheduled_engine(engine, schedule):
+    """An engine on the same loaded models whose rows draft by `schedule` (cycled, offset by the
+    row's slot) instead of by the policy."""
+    counter = itertools.count()
+    planner = GammaPlanner(
+        CONFIG, gamma_override=lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
+    )
+    return Engine(target=engine.target, draft=engine.draft, config=CONFIG, planner=planner)
 
 
 def _prompts(seed, n=8):
@@ -82,15 +99,9 @@ def test_rows_at_gamma_zero_catch_up_later(engines, name):
     """A per-step γ that drops to 0 for several steps and comes back: the draft cache falls behind
     and is caught up in one batched pass, never by recomputing a prefix."""
     engine = engines(name)
-    scheduler = engine.scheduler
-    counter = itertools.count()
-    schedule = [0, 0, 3, 0, 0, 0, 5, 2, 0, 1, 4, 0, 0, 0, 0, 6]
-    scheduler.gamma_override = lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
-    try:
-        prompts, params = _prompts(11), _params(8, 3)
-        spec = engine.generate(prompts, params, mode=Mode.SPECULATIVE)
-    finally:
-        scheduler.gamma_override = None
+    scheduled = _scheduled_engine(engine, [0, 0, 3, 0, 0, 0, 5, 2, 0, 1, 4, 0, 0, 0, 0, 6])
+    prompts, params = _prompts(11), _params(8, 3)
+    spec = scheduled.generate(prompts, params, mode=Mode.SPECULATIVE)
     target = engine.generate(prompts, params, mode=Mode.TARGET)
     _assert_same(engine, name, prompts, spec, target)
 
@@ -197,9 +208,9 @@ def test_non_finite_logits_fail_one_request_and_the_others_finish(engines, monke
     ids = [engine.scheduler.add_request(r) for r in requests]
     results = {i: [] for i in ids}
     engine.scheduler.step()  # admits all four and runs one step
-    victim_slot["slot"] = engine.scheduler._by_id[ids[1]].slot
+    victim_slot["slot"] = next(s.slot for s in engine.scheduler.running if s.request_id == ids[1])
     while engine.scheduler.has_unfinished():
-        for out in engine.scheduler.step():
+        for out in engine.scheduler.step().outputs:
             results[out.request_id].append(out)
     final = {i: outs[-1] for i, outs in results.items()}
     assert final[ids[1]].finish_reason is FinishReason.ERROR
@@ -245,10 +256,9 @@ def test_draft_cache_bookkeeping_with_an_identical_draft(pairs, tmp_path):
     target, _ = pairs("llama")
     twin = tmp_path / "twin"
     shutil.copytree(target, twin)
-    engine = Engine(target=target, draft=twin, config=CONFIG)
-    counter = itertools.count()
-    schedule = [4, 0, 0, 2, 7, 0, 1, 3, 0, 0, 0, 5]
-    engine.scheduler.gamma_override = lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
+    engine = _scheduled_engine(
+        Engine(target=target, draft=twin, config=CONFIG), [4, 0, 0, 2, 7, 0, 1, 3, 0, 0, 0, 5]
+    )
     prompts, params = _prompts(13), _params(8, 5)
     scheduler = engine.scheduler
     for p, sp in zip(prompts, params):
@@ -256,7 +266,7 @@ def test_draft_cache_bookkeeping_with_an_identical_draft(pairs, tmp_path):
     finals = []
     while scheduler.has_unfinished():
         verify_steps = {id(s): s.stats.verify_steps for s in scheduler.running}
-        finals += [o for o in scheduler.step() if o.finished]
+        finals += [o for o in scheduler.step().outputs if o.finished]
         for seq in scheduler.running:
             if seq.stats.verify_steps > verify_steps.get(id(seq), 0):
                 # A row that just drafted has at most two tokens its draft has not seen, and the
@@ -274,21 +284,15 @@ def test_max_concurrency_keeps_that_many_in_flight_and_the_same_tokens(engines):
     engine = engines("llama-close")
     prompts = _prompts(11, n=7)
     params = _params(7)
-    scheduler = engine.scheduler
-    step = scheduler.step
     in_flight = []
-
-    def counting_step():
-        in_flight.append(scheduler.num_running + scheduler.num_waiting)
-        return step()
-
-    scheduler.step = counting_step
-    try:
-        limited = engine.generate(
-            prompts, params, Mode.SPECULATIVE, num_speculative_tokens=3, max_concurrency=2
-        )
-    finally:
-        scheduler.step = step
+    limited = engine.generate(
+        prompts,
+        params,
+        Mode.SPECULATIVE,
+        num_speculative_tokens=3,
+        max_concurrency=2,
+        on_step=lambda report: in_flight.append(report.in_flight),
+    )
     assert max(in_flight) == 2 and in_flight.count(2) > len(in_flight) // 2
     free = engine.generate(prompts, params, Mode.TARGET)
     _assert_same(engine, "llama-close", prompts, limited, free)
@@ -305,7 +309,7 @@ def test_warm_up_fits_a_tiny_context(pairs):
         draft=draft,
         config=EngineConfig(max_batch_size=2, max_context=2, max_gamma=1, default_gamma=1),
     )
-    assert engine.scheduler.costs.ready
+    assert engine.planner.costs.ready
     [result] = engine.generate([[5]], SamplingParams(max_new_tokens=1, ignore_eos=True))
     assert len(result.token_ids) == 1
 

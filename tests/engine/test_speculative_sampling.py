@@ -8,6 +8,7 @@ under the same sampling transform. A wrong acceptance rule run through the same 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -19,9 +20,8 @@ from specdec.config import EngineConfig
 from specdec.kernels import rejection_sample as rs
 from specdec.request import Mode
 from specdec.sampling import SamplingTensors, probabilities
-from specdec.testing import perturb_checkpoint
-
-from conftest import chi_square_pvalue, hf_reference
+from specdec.speculative import AcceptKernels
+from specdec.testing import chi_square_pvalue, hf_reference, perturb_checkpoint
 
 V = 16
 PROMPT = [5, 9, 3, 12]
@@ -109,12 +109,17 @@ def test_joint_of_first_three_tokens_matches_the_target(engine, pair, params, ga
     [{"residual_rule": lambda p, q: p}, {"accept_rule": lambda p_d, q_d, u: u * p_d < q_d}],
     ids=["replacement-from-p", "inverted-ratio"],
 )
-def test_a_wrong_rule_through_the_engine_fails(engine, pair, monkeypatch, rule):
+def test_a_wrong_rule_through_the_engine_fails(engine, pair, rule):
     """Negative controls end to end: the same test rejects a wrong rule run through the engine."""
     params = SamplingParams(temperature=1.0)
     expected = exact_joint(pair[0], params)
-    monkeypatch.setattr(engine.scheduler.step_runner, "_rejection_sample", _with_rule(**rule))
-    observed = sampled_joint(engine, params, 2, seed_base=10_000)
+    kernels = dataclasses.replace(
+        AcceptKernels.for_device(engine.runner.device), rejection_sample=_with_rule(**rule)
+    )
+    # γ is forced, so the wrong engine needs no start-up cost measurement.
+    config = dataclasses.replace(engine.config, warmup=False)
+    wrong = Engine(target=engine.target, draft=engine.draft, config=config, kernels=kernels)
+    observed = sampled_joint(wrong, params, 2, seed_base=10_000)
     assert chi_square_pvalue(observed, expected) < ALPHA
 
 

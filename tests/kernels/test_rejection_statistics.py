@@ -15,8 +15,7 @@ import torch
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.rejection_sample import rejection_sample_reference
 from specdec.kernels.sample import sample_reference
-
-from conftest import chi_square_pvalue
+from specdec.testing import chi_square_pvalue
 
 ALPHA = 1e-3
 N = 40_000

@@ -10,8 +10,7 @@ from specdec.batching import Row, make_batch
 from specdec.config import EngineConfig
 from specdec.models import CacheLayout, KVCache, load_checkpoint
 from specdec.request import Mode
-
-from conftest import ARCHITECTURES, hf_reference, random_prompt
+from specdec.testing import ARCHITECTURES, hf_reference, random_prompt
 
 
 def test_bf16_logits_track_the_fp32_reference(checkpoints):
@@ -37,7 +36,7 @@ def test_bf16_greedy_speculative_equals_target(pairs):
     engine = Engine(
         target=target, draft=draft, config=EngineConfig(max_batch_size=4, max_context=96, dtype="bfloat16")
     )
-    assert engine.scheduler.target_cache.k.dtype == torch.bfloat16
+    assert engine.runner.target_cache.k.dtype == torch.bfloat16
     prompts = [[5, 6, 7], [40, 41, 42, 43], [100], [7] * 12, [200, 3]]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     spec = engine.generate(prompts, params, num_speculative_tokens=3)

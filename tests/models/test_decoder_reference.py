@@ -11,8 +11,7 @@ import torch
 
 from specdec.batching import Row, make_batch
 from specdec.models import CacheLayout, KVCache, load_checkpoint
-
-from conftest import ARCHITECTURES, LLAMA3_ROPE, PADDED_VOCAB, hf_reference, random_prompt
+from specdec.testing import ARCHITECTURES, LLAMA3_ROPE, PADDED_VOCAB, hf_reference, random_prompt
 
 ATOL = 2e-5
 RTOL = 1e-4

@@ -8,8 +8,7 @@ import torch
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
 from specdec.request import FinishReason, Mode
-
-from conftest import (
+from specdec.testing import (
     ARCHITECTURES,
     TOKENIZER_VOCAB,
     assert_greedy_equal,

@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 from specdec.batching import Row, make_batch
 from specdec.errors import CheckpointError
 from specdec.models import CacheLayout, KVCache, load_checkpoint
-
-from conftest import hf_reference, random_prompt
+from specdec.testing import hf_reference, random_prompt
 
 
 @pytest.fixture

@@ -20,15 +20,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serverutil import ServerThread, free_port
 
 from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
+from specdec.scheduler import StepReport
+from specdec.testing import free_port, grpc_stub, hf_reference, serve_in_thread
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
-
-from conftest import hf_reference
 
 MODES = {"speculative": pb.MODE_SPECULATIVE, "target": pb.MODE_TARGET, "draft": pb.MODE_DRAFT}
 
@@ -39,7 +38,7 @@ def server(pairs):
     engine = Engine(
         target=target, draft=draft, config=EngineConfig(max_batch_size=8, max_queue=64, max_context=256)
     )
-    srv = ServerThread(engine)
+    srv = serve_in_thread(engine)
     yield srv
     srv.stop()
 
@@ -56,7 +55,7 @@ def _stream(stub, msg, **kw):
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_unary_and_streaming_agree_in_every_mode(server, mode):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     # Seeded sampling reproduces exactly under a fixed γ (docs/ARCHITECTURE.md, adaptive γ).
     msg = _req(
         [5, 6, 7, 8], mode, temperature=0.8, seed=3, num_speculative_tokens=3 if mode == "speculative" else 0
@@ -75,7 +74,7 @@ def test_unary_and_streaming_agree_in_every_mode(server, mode):
 
 
 def test_greedy_speculative_equals_target_only(server):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     for prompt in ([5, 6, 7], [100, 101, 102, 103, 104], [42]):
         spec = stub.Generate(_req(prompt, "speculative", max_new_tokens=30))
         target = stub.Generate(_req(prompt, "target", max_new_tokens=30))
@@ -83,7 +82,7 @@ def test_greedy_speculative_equals_target_only(server):
 
 
 def test_chat_messages_render_through_the_template(server):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
     reply = stub.Generate(_req(messages, "target", max_new_tokens=8))
     tokenizer = server.engine.tokenizer
@@ -96,7 +95,7 @@ def test_chat_messages_render_through_the_template(server):
 
 @pytest.mark.parametrize("mode", ["speculative", "target", "draft"])
 def test_logprobs_are_the_producing_models(server, mode):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     prompt = [10, 11, 12, 13]
     reply = stub.Generate(
         _req(prompt, mode, max_new_tokens=10, temperature=1.0, seed=5, logprobs=True, top_logprobs=3)
@@ -117,7 +116,7 @@ def test_logprobs_are_the_producing_models(server, mode):
 
 
 def test_32_concurrent_streams_complete_and_equal_one_at_a_time(server):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     g = torch.Generator().manual_seed(0)
     requests = []
     for i in range(32):
@@ -125,7 +124,7 @@ def test_32_concurrent_streams_complete_and_equal_one_at_a_time(server):
         mode = ("speculative", "target", "draft")[i % 3]
         requests.append(_req(prompt, mode, max_new_tokens=4 + (i * 7) % 29))
     with ThreadPoolExecutor(32) as pool:
-        streamed = list(pool.map(lambda m: _stream(server.stub(), m), requests))
+        streamed = list(pool.map(lambda m: _stream(grpc_stub(server.address), m), requests))
     for msg, chunks in zip(requests, streamed):
         alone = stub.Generate(msg)
         assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
@@ -144,7 +143,7 @@ def _wait_idle(server, timeout=10.0):
 
 
 def test_cancel_mid_stream_frees_the_slot(server):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     call = stub.GenerateStream(_req([5, 6, 7], "target", max_new_tokens=200))
     first = next(call)
     assert first.token_ids
@@ -158,7 +157,7 @@ def test_cancel_mid_stream_frees_the_slot(server):
 
 
 def test_deadline_exceeded_frees_the_slot(server):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(_req([5, 6, 7], "target", max_new_tokens=240), timeout=0.05)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -192,7 +191,7 @@ BAD = [
 
 @pytest.mark.parametrize("name,fields,field", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_invalid_argument_naming_the_field(server, name, fields, field):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     msg = pb.GenerateRequest(**fields)
     for call in (stub.Generate, lambda m: list(stub.GenerateStream(m))):
         with pytest.raises(grpc.RpcError) as e:
@@ -218,7 +217,7 @@ def test_non_finite_logits_fail_one_request_with_internal(server, monkeypatch):
         return logits
 
     monkeypatch.setattr(model, "forward", poisoned)
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     with ThreadPoolExecutor(4) as pool:
         good = [
             pool.submit(stub.Generate, _req([5, 6, 7 + i], "target", max_new_tokens=20)) for i in range(3)
@@ -233,7 +232,7 @@ def test_non_finite_logits_fail_one_request_with_internal(server, monkeypatch):
 
 
 def test_model_info(server):
-    info = server.stub().GetModelInfo(pb.GetModelInfoRequest())
+    info = grpc_stub(server.address).GetModelInfo(pb.GetModelInfoRequest())
     assert info.target.architecture == "llama" and info.draft.architecture == "llama"
     assert info.tokenizer_vocab_size == 300 and info.max_context == 256 and info.max_batch_size == 8
     assert set(info.modes) == {pb.MODE_SPECULATIVE, pb.MODE_TARGET, pb.MODE_DRAFT}
@@ -264,7 +263,9 @@ def test_health_and_reflection(server):
 
 def _metrics(server) -> dict[str, float]:
     text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+        urllib.request.urlopen(f"http://127.0.0.1:{server.config.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
     )
     values = {}
     for line in text.splitlines():
@@ -275,7 +276,7 @@ def _metrics(server) -> dict[str, float]:
 
 
 def test_metrics_are_plausible_after_traffic(server):
-    stub = server.stub()
+    stub = grpc_stub(server.address)
     before = _metrics(server)
     # γ forced: adaptive γ may rightly decide that this tiny pair is not worth drafting for.
     stub.Generate(_req([5, 6, 7], "speculative", max_new_tokens=12, num_speculative_tokens=3))
@@ -319,12 +320,12 @@ def test_queue_overflow_is_resource_exhausted(pairs):
         if running.is_set():
             return step()
         time.sleep(0.005)
-        return []
+        return StepReport(outputs=[], in_flight=engine.scheduler.num_running + engine.scheduler.num_waiting)
 
     engine.scheduler.step = gated_step
-    srv = ServerThread(engine)
+    srv = serve_in_thread(engine)
     try:
-        stub = srv.stub()
+        stub = grpc_stub(srv.address)
         long_calls = [stub.GenerateStream(_req([5, 6], "target", max_new_tokens=200)) for _ in range(2)]
         deadline = time.monotonic() + 10
         while _running(srv) < 2 and time.monotonic() < deadline:

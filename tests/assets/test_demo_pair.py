@@ -97,7 +97,7 @@ def test_transformers_loads_the_shipped_pair_and_agrees(engine):
 
 
 def test_generate_and_serve_default_to_the_pair():
-    from specdec.cli import _default_checkpoints
+    from specdec.assets import resolve_pair
 
-    target, draft = _default_checkpoints()
+    target, draft = resolve_pair(None, None)
     assert target == DEMO / "target" and draft == DEMO / "draft"

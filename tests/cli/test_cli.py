@@ -75,3 +75,20 @@ def test_generate_speculative_json_with_a_draft(pairs):
         ).stdout
     )
     assert target_only["token_ids"] == result["token_ids"]
+
+
+def test_flag_defaults_are_the_cores_own():
+    """Unset flags mean the core's defaults: one mapping from flags to EngineConfig and
+    SamplingParams, shared by every subcommand that builds an engine."""
+    from specdec.cli import build_parser
+    from specdec.cli.options import engine_config, sampling_params
+    from specdec.config import EngineConfig
+    from specdec.sampling import SamplingParams
+
+    parser = build_parser()
+    generate = parser.parse_args(["generate", "x"])
+    assert sampling_params(generate) == SamplingParams()
+    assert engine_config(generate) == EngineConfig()
+    assert engine_config(parser.parse_args(["serve"])) == EngineConfig()
+    flags = parser.parse_args(["serve", "--max-batch-size", "3", "--max-queue", "5", "--no-adaptive"])
+    assert engine_config(flags) == EngineConfig(max_batch_size=3, max_queue=5, adaptive=False)

@@ -1,0 +1,62 @@
+"""`specdec bench`: tokens/s of target, draft, speculative and Hugging Face, side by side."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench", help="tokens/s of target, draft, speculative and Hugging Face, side by side"
+    )
+    bench.add_argument("--target", type=Path, help="target checkpoint (default: the embedded demo pair)")
+    bench.add_argument("--draft", type=Path, help="draft checkpoint")
+    bench.add_argument(
+        "--random-weights", action="store_true", help="random models of a real shape (see --shape)"
+    )
+    bench.add_argument(
+        "--shape",
+        default="tiny-1b-like",
+        help="with --random-weights: llama-3-8b, llama-3.2-1b, qwen2.5-7b, qwen2.5-0.5b, tiny-1b-like",
+    )
+    bench.add_argument(
+        "--draft-shape",
+        default=None,
+        help="with --random-weights: the draft's shape (default: the usual pairing)",
+    )
+    bench.add_argument("--batch-sizes", default="1,4,16")
+    bench.add_argument(
+        "--gamma",
+        default="0,2,4,8,adaptive",
+        help="γ values to run; 0 = target alone; adaptive (as served); adaptive-per-row (to compare)",
+    )
+    bench.add_argument("--prompt-len", type=int, default=64)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument(
+        "--waves",
+        type=int,
+        default=2,
+        help="requests per run = batch size x waves, batch size in flight (a closed loop); 1 = static batch",
+    )
+    bench.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.5,
+        help="each output's length is drawn from new-tokens x [1 - s, 1 + s] (seeded, the same for every "
+        "configuration); 0 = all exactly new-tokens, which runs target-alone rows in lockstep",
+    )
+    bench.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
+    bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    bench.add_argument("--out", default="out/bench", help="directory for bench.json and the PNG plots")
+    bench.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specdec.bench.main import run as run_bench
+
+    run_bench(args)
+    return 0

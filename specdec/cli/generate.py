@@ -1,0 +1,109 @@
+"""`specdec generate`: one prompt, in-process or over gRPC with --server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from specdec.assets import resolve_pair
+from specdec.cli.options import add_engine_flags, add_sampling_flags, engine_config, sampling_params
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser(
+        "generate", help="generate text for one prompt: in-process, or over gRPC with --server"
+    )
+    gen.add_argument("prompt")
+    gen.add_argument(
+        "--server", help="HOST:PORT of a running `specdec serve` (default: run the engine in-process)"
+    )
+    gen.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds (with --server)")
+    add_engine_flags(gen)
+    add_sampling_flags(gen)
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    gen.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.server:
+        return _generate_remote(args)
+    from specdec.engine import Engine
+
+    target, draft = resolve_pair(args.target, args.draft)
+    engine = Engine(target=target, draft=draft, config=engine_config(args))
+    request = engine.make_request(args.prompt, sampling_params(args), args.mode, args.num_speculative_tokens)
+    if args.stream and not args.json:
+        sys.stdout.write(args.prompt)
+        for out in engine.stream(request):
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    [result] = engine.generate([request])
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(args.prompt + result.text)
+        stats = result.stats
+        print(
+            f"[{result.finish_reason.value}; {len(result.token_ids)} tokens in {result.timing.total_seconds:.2f}s; "
+            f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verify]",
+            file=sys.stderr,
+        )
+    return 0 if result.error is None else 1
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`specdec generate --server`: the same flags, over gRPC."""
+    import grpc
+
+    from specdec.client import Client, response_dict
+
+    params = sampling_params(args)
+    fields = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "seed": params.seed,
+        "stop": list(params.stop),
+        "num_speculative_tokens": args.num_speculative_tokens,
+    }
+    try:
+        with Client(args.server, timeout=args.timeout) as client:
+            if args.stream:
+                last = None
+                if not args.json:
+                    sys.stdout.write(args.prompt)
+                pieces = []
+                for chunk in client.stream(args.prompt, args.mode, **fields):
+                    pieces.append(chunk)
+                    last = chunk
+                    if not args.json:
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+                assert last is not None
+                last.text = "".join(c.text for c in pieces)
+                del last.token_ids[:]
+                last.token_ids.extend(t for c in pieces for t in c.token_ids)
+                reply = last
+                if not args.json:
+                    sys.stdout.write("\n")
+            else:
+                reply = client.generate(args.prompt, args.mode, **fields)
+                if not args.json:
+                    print(args.prompt + reply.text)
+    except grpc.RpcError as e:
+        print(f"specdec: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(response_dict(reply)))
+    else:
+        stats = reply.stats
+        print(
+            f"[{len(reply.token_ids)} tokens in {reply.timing.total_seconds:.2f}s; acceptance "
+            f"{stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verify]",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,152 @@
+"""The γ planner: every running row's γ for the next step, and what it learns from each step.
+
+It gathers what the pure policy (`adaptive.choose_gammas`) needs - each row's acceptance estimate,
+its catch-up debt, whether the request or an external draft fixes its γ - and keeps the two kinds
+of evidence the policy weighs: acceptance (per row and engine-wide) and the measured cost of every
+pass (`adaptive.CostModel`). It never touches a model or a cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from specdec.adaptive import AcceptanceEstimate, CostModel, Decision, RowView, choose_gammas
+from specdec.config import EngineConfig
+from specdec.request import Mode
+from specdec.sequence import Sequence
+from specdec.speculative import RowPlan
+from specdec.timing import PassKind, PassTiming
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    rows: list[RowPlan]  # the target-verified rows, in slot order
+    draft_only: list[Sequence]  # rows of draft mode: they ride along in the draft passes
+    decision: Decision | None  # the adaptive policy's, when it chose any row's γ
+
+    @property
+    def speculative(self) -> bool:
+        """Whether the step runs the draft model at all."""
+        return bool(self.draft_only) or any(p.gamma > 0 for p in self.rows)
+
+
+class GammaPlanner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        costs: CostModel | None = None,
+        gamma_override: Callable[[Sequence], int] | None = None,
+        learn_costs: bool = True,
+    ):
+        """`costs`: a cost model to start from (tests inject a synthetic machine). `gamma_override`:
+        fixes the γ of rows the request leaves to the engine (tests use it to force γ schedules).
+        `learn_costs=False` keeps the cost model as given instead of updating it from real passes."""
+        self.config = config
+        self.costs = costs or CostModel()
+        self.gamma_override = gamma_override
+        self.learn_costs = learn_costs
+        self.global_acceptance = AcceptanceEstimate()
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the policy decides γ now: asked for, and the costs are measured."""
+        return self.config.adaptive and self.costs.ready
+
+    # ------------------------------------------------------------------------- planning
+
+    def plan(self, running: list[Sequence]) -> StepPlan:
+        """Every running row's γ for this step: fixed by the request, an external draft or the row's
+        mode where they say so; chosen by the adaptive policy (or the default) otherwise."""
+        config = self.config
+        draft_only = [s for s in running if s.mode is Mode.DRAFT]
+        # In slot order: consecutive slots make the batch's cache reads views (batching.make_batch).
+        rows = sorted((s for s in running if s.mode is not Mode.DRAFT), key=lambda s: s.slot)
+        views, chunks = [], []
+        for seq in rows:
+            room = seq.remaining - 1  # a step emits up to γ + 1 tokens
+            chunk = seq.external_pending[: min(config.max_external_draft, room)] if room > 0 else []
+            chunks.append(chunk)
+            if room <= 0 or (seq.mode is Mode.TARGET and not chunk):
+                views.append(RowView(0.0, fixed=0, model_drafts=False))
+            elif chunk:
+                views.append(RowView(0.0, fixed=len(chunk), model_drafts=False))
+            else:
+                fixed = seq.request.num_speculative_tokens or None
+                if fixed is None and self.gamma_override is not None:
+                    fixed = self.gamma_override(seq)
+                if fixed is None and not self.adaptive:
+                    fixed = config.default_gamma
+                views.append(
+                    RowView(
+                        alpha=self._alpha(seq),
+                        fixed=None if fixed is None else min(fixed, room),
+                        behind=len(seq.tokens) - seq.draft_len,
+                        explore=seq.steps_idle >= config.explore_every,
+                    )
+                )
+        decision = None
+        if any(v.fixed is None for v in views):
+            decision = choose_gammas(
+                views,
+                self.costs,
+                config.max_gamma,
+                len(draft_only),
+                config.speculation_margin,
+                config.per_row_gamma,
+            )
+            gammas = decision.gammas
+        else:
+            gammas = tuple(v.fixed or 0 for v in views)
+        plans = []
+        for seq, gamma, chunk in zip(rows, gammas, chunks):
+            room = max(seq.remaining - 1, 0)
+            plans.append(RowPlan(seq, len(chunk), chunk) if chunk else RowPlan(seq, min(gamma, room)))
+        return StepPlan(plans, draft_only, decision)
+
+    def _alpha(self, seq: Sequence) -> float:
+        prior = self.global_acceptance.value(self.config.acceptance_prior, prior_weight=4.0)
+        return seq.acceptance.value(prior, prior_weight=4.0)
+
+    # ------------------------------------------------------------------------- learning
+
+    def observe_acceptance(self, seq: Sequence, gamma: int, accepted: int, external: bool) -> None:
+        """A speculative row's verify: `accepted` of `gamma` drafts (external drafts say nothing
+        about the draft model, and a row that did not draft counts an idle step)."""
+        if seq.mode is not Mode.SPECULATIVE:
+            return
+        if gamma > 0 and not external:
+            seq.acceptance.observe(gamma, accepted, self.config.acceptance_decay)
+            self.global_acceptance.observe(gamma, accepted, 0.99)
+            seq.steps_idle = 0
+        else:
+            seq.steps_idle += 1
+
+    def observe_costs(self, plan: StepPlan, timings: list[PassTiming], step_seconds: float) -> None:
+        """A step's pass timings, and what the rest of the step (planning, batching, the sync,
+        commit, detokenising) cost: part of every option's price, it favours amortising it over
+        longer drafts."""
+        if not self.learn_costs:
+            return
+        for t in timings:
+            if t.kind is PassKind.VERIFY:
+                self.costs.observe_verify(t.batch, t.width, t.seconds)
+            elif t.kind is PassKind.DRAFT:
+                self.costs.observe_draft(t.batch, t.seconds)
+            elif t.kind is PassKind.CATCHUP:
+                self.costs.observe_catchup(t.batch, t.width, t.seconds)
+        passes = sum(t.seconds for t in timings)
+        self.costs.observe_overhead(
+            len(plan.rows) + len(plan.draft_only), step_seconds - passes, speculative=plan.speculative
+        )
+
+    def calibrate(self, timings: list[PassTiming]) -> None:
+        """Start-up measurements (`ModelRunner.warm_up`) as the cost model's baselines."""
+        verify: dict[int, dict[int, float]] = {}
+        for t in timings:
+            if t.kind is PassKind.VERIFY:
+                verify.setdefault(t.batch, {})[t.width] = t.seconds
+            else:
+                self.costs.set_baseline(t.kind, t.batch, t.width, t.seconds)
+        for batch, by_width in verify.items():
+            self.costs.set_verify_baseline(batch, by_width)

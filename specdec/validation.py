@@ -1,0 +1,95 @@
+"""Request validation against limits computed once from the pair and the config.
+
+`RequestLimits` is frozen and holds plain numbers, so any thread may validate against it: the gRPC
+handlers check requests on the event loop without touching the scheduler, and the scheduler checks
+them again when they are added (in-process callers reach it directly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.config import EngineConfig
+from specdec.errors import InvalidRequestError
+from specdec.models.loader import LoadedModel
+from specdec.request import Mode, Request
+from specdec.tokenization import emittable_vocab_size
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    vocab_size: int  # ids a request may use and the engine may emit: [0, vocab_size)
+    max_context: int  # prompt + output tokens per sequence
+    max_gamma: int  # the most drafts a request may force per step
+    has_draft: bool
+
+    @staticmethod
+    def for_pair(target: LoadedModel, draft: LoadedModel | None, config: EngineConfig) -> RequestLimits:
+        """The limits of an engine on these models: max_context is the config's, or the models'
+        shorter max_position_embeddings capped at DEFAULT_MAX_CONTEXT."""
+        models = [target] if draft is None else [target, draft]
+        model_limit = min(m.config.max_position_embeddings for m in models)
+        max_context = config.max_context or min(model_limit, DEFAULT_MAX_CONTEXT)
+        if max_context > model_limit:
+            raise InvalidRequestError(
+                "max_context", f"{max_context} exceeds the models' max_position_embeddings {model_limit}"
+            )
+        return RequestLimits(
+            vocab_size=emittable_vocab_size(target, draft),
+            max_context=max_context,
+            max_gamma=config.max_gamma,
+            has_draft=draft is not None,
+        )
+
+    @property
+    def default_mode(self) -> Mode:
+        return Mode.SPECULATIVE if self.has_draft else Mode.TARGET
+
+
+def validate(request: Request, limits: RequestLimits) -> Mode:
+    """Raise InvalidRequestError naming the first bad field; return the mode the request runs in."""
+    mode = request.mode or limits.default_mode
+    if mode in (Mode.SPECULATIVE, Mode.DRAFT) and not limits.has_draft:
+        raise InvalidRequestError(
+            "mode", f"mode {mode.value} needs a draft model; this engine has only a target"
+        )
+    ids = request.prompt_ids
+    if not ids:
+        raise InvalidRequestError("prompt", "must not be empty")
+    vocab = limits.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(
+            "prompt_token_ids", f"token id {bad[0]} is outside the vocabulary [0, {vocab})"
+        )
+    if len(ids) >= limits.max_context:
+        raise InvalidRequestError(
+            "prompt",
+            f"{len(ids)} prompt tokens leave no room in the context of {limits.max_context} tokens",
+        )
+    request.params.validate(vocab)
+    room = limits.max_context - len(ids)
+    if request.params.max_new_tokens > room:
+        raise InvalidRequestError(
+            "max_new_tokens",
+            f"{request.params.max_new_tokens} exceeds the room left in the context: {len(ids)} prompt tokens "
+            f"+ max_new_tokens must be <= {limits.max_context}, so at most {room}",
+        )
+    if request.external_draft:
+        if mode is Mode.DRAFT:
+            raise InvalidRequestError(
+                "external_draft", "external drafts are verified by the target; not in draft mode"
+            )
+        outside = [t for t in request.external_draft if not 0 <= t < vocab]
+        if outside:
+            raise InvalidRequestError(
+                "external_draft", f"token id {outside[0]} is outside the vocabulary [0, {vocab})"
+            )
+    if not 0 <= request.num_speculative_tokens <= limits.max_gamma:
+        raise InvalidRequestError(
+            "num_speculative_tokens",
+            f"must be in [0, {limits.max_gamma}] (0 = adaptive), got {request.num_speculative_tokens}",
+        )
+    return mode

@@ -139,16 +139,16 @@ def run_in_process(engine, prompts: list[list[int]], args, concurrency: int) -> 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, temperature=args.temperature)
     mode = Mode(args.mode) if args.mode else None
     todo = deque(prompts)
-    active: dict[str, dict] = {}
+    active: dict[int, dict] = {}
     results: list[Result] = []
     start = time.perf_counter()
     while todo or active:
         while todo and len(active) < concurrency:
             request = engine.make_request(todo.popleft(), params, mode)
-            rid = scheduler.add_request(request)
-            active[rid] = {"start": time.perf_counter(), "ttft": None, "tokens": 0, "itl": [], "last": None}
+            handle = scheduler.add_request(request, check_queue=False)
+            active[handle] = {"start": time.perf_counter(), "ttft": None, "tokens": 0, "itl": [], "last": None}
         for out in scheduler.step().outputs:
-            state = active.get(out.request_id)
+            state = active.get(out.handle)
             if state is None:
                 continue
             now = time.perf_counter()
@@ -161,7 +161,7 @@ def run_in_process(engine, prompts: list[list[int]], args, concurrency: int) -> 
                 state["tokens"] += n
                 state["last"] = now
             if out.finished:
-                del active[out.request_id]
+                del active[out.handle]
                 results.append(
                     Result(state["ttft"] or 0.0, now - state["start"], state["tokens"], state["itl"])
                 )

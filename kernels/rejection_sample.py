@@ -17,8 +17,13 @@ the race falls back to p, which is then the right distribution.
 A draft may be a point mass (an external proposal, e.g. the router's answer or prompt lookup):
 q_i(v) = [v == d_i], which makes the same rule exact for deterministic proposals.
 
-Rows flagged greedy are skipped here (they go through the greedy kernel). Rows whose p or q hold
-non-finite numbers, or whose p has no mass, are flagged bad and yield ids inside the vocabulary.
+A draft id outside [0, vocab_size) is never accepted (it is a proposal of no real token; an
+external point mass there has no mass in the vocabulary, so the replacement is drawn from p).
+
+Rows flagged greedy are skipped here (they go through the greedy kernel). A row whose p or q hold
+a NaN or +inf gets ROW_NONFINITE; a row whose deciding position has no possible token (p has no
+mass there: every target logit -inf) gets ROW_NO_TOKEN (`specdec.kernels.status`). Such rows
+accept nothing and yield ids inside the vocabulary.
 
 `acceptance_threshold` and `residual_weights` are the two ingredients of the rule; the reference
 takes them as parameters only so that the statistical tests can show that wrong rules fail.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from specdec.kernels.philox import HAVE_TRITON, STREAM_ACCEPT, STREAM_RESAMPLE, uniform_reference
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK
 
 if HAVE_TRITON:
     import triton
@@ -61,10 +67,11 @@ def rejection_sample_reference(
     accept_rule=acceptance_threshold,
     residual_rule=residual_weights,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """accepted [B], tokens [B, G+1], bad [B] for the active rows (inactive rows: zeros).
+    """accepted [B], tokens [B, G+1], status [B] int8 for the active rows (inactive rows: zeros).
 
-    p [B, G+1, V] target probabilities; q [Bq, G', V] draft probabilities (G' >= G) with row
-    q_row[b] for row b (-1 or point_mass[b]: not read); draft_tokens [B, G]; num_drafts [B];
+    p [B, G+1, V] target probabilities; q [Bq, G', V] draft probabilities with row q_row[b] for
+    row b (-1 or point_mass[b]: not read), G' >= num_drafts[b] of every row that reads it (G' may be
+    below G when a longer external draft shares the batch); draft_tokens [B, G]; num_drafts [B];
     active [B] bool (the sampled rows); seeds [B]; positions [B]: index of the token d_1 decides."""
     b_size, g1, _ = p.shape
     g = g1 - 1
@@ -75,31 +82,37 @@ def rejection_sample_reference(
     is_draft = steps[None, :g] < num_drafts[:, None]
     rows = torch.arange(b_size, device=device)
 
+    in_vocab = (draft_tokens >= 0) & (draft_tokens < vocab_size)  # [B, G]
+    d = draft_tokens.clamp(0, vocab_size - 1)  # for reading p and q only; never emitted unless valid
+
     # q at every draft position, as a dense [B, G, V] (point masses made explicit).
     q_dense = torch.zeros((b_size, g, vocab_size), device=device)
     has_q = (q_row >= 0) & ~point_mass
     if q is not None and has_q.any():
-        q_dense[has_q] = q[q_row[has_q].clamp_min(0), :g, :vocab_size].float()
+        gq = min(g, q.shape[1])  # positions past a model-drafted row's γ are never read
+        q_dense[has_q, :gq] = q[q_row[has_q].clamp_min(0), :gq, :vocab_size].float()
     if point_mass.any():
-        q_dense[point_mass] = torch.nn.functional.one_hot(
-            draft_tokens[point_mass].clamp(0, vocab_size - 1), vocab_size
-        ).float()
+        q_dense[point_mass] = (
+            torch.nn.functional.one_hot(d[point_mass], vocab_size).float() * in_vocab[point_mass][..., None]
+        )
 
-    p_ok = torch.isfinite(p).all(-1) & (p.sum(-1) > 0)  # [B, G+1]
+    p_ok = torch.isfinite(p).all(-1)  # [B, G+1]
     q_ok = torch.isfinite(q_dense).all(-1)  # [B, G]
-    bad = ((~p_ok & in_row).any(-1) | (~q_ok & is_draft).any(-1)) & active
+    nonfinite = ((~p_ok & in_row).any(-1) | (~q_ok & is_draft).any(-1)) & active
 
-    d = draft_tokens.clamp(0, vocab_size - 1)
     p_d = torch.gather(p[:, :g], 2, d[..., None])[..., 0]
     q_d = torch.gather(q_dense, 2, d[..., None])[..., 0]
     u = uniform_reference(
         seeds.repeat_interleave(g), STREAM_ACCEPT, (positions[:, None] + steps[None, :g]).flatten()
     )
-    ok = accept_rule(p_d, q_d, u.view(b_size, g)) & is_draft
+    ok = accept_rule(p_d, q_d, u.view(b_size, g)) & is_draft & in_vocab
     accepted = ok.long().cumprod(-1).sum(-1)  # [B]
 
     # One race per row, at the position that decides: the first rejection, or the bonus.
     p_at = p[rows, accepted]  # [B, V]
+    no_token = ~(torch.where(torch.isfinite(p_at), p_at, 0.0).sum(-1) > 0) & active
+    status = torch.where(nonfinite, ROW_NONFINITE, torch.where(no_token, ROW_NO_TOKEN, ROW_OK)).to(torch.int8)
+    bad = status != ROW_OK
     q_at = q_dense[rows, accepted.clamp(max=g - 1)] if g else torch.zeros_like(p_at)
     rejected = accepted < num_drafts
     weights = torch.where(rejected[:, None], residual_rule(p_at, q_at), p_at)
@@ -118,7 +131,7 @@ def rejection_sample_reference(
     return (
         torch.where(inactive, 0, accepted),
         torch.where(inactive[:, None], 0, tokens),
-        bad,
+        status,
     )
 
 
@@ -159,8 +172,9 @@ if HAVE_TRITON:
             point_mass = tl.load(point_mass_ptr + b).to(tl.int32)
             q_row = tl.load(q_row_ptr + b)
             read_q = is_draft & (point_mass == 0) & (q_row >= 0)
-            d = tl.load(draft_ptr + b * G + i, mask=is_draft, other=0)
-            d = tl.minimum(tl.maximum(d, 0), vocab_size - 1)
+            d_raw = tl.load(draft_ptr + b * G + i, mask=is_draft, other=0)
+            in_vocab_d = (d_raw >= 0) & (d_raw < vocab_size)
+            d = tl.minimum(tl.maximum(d_raw, 0), vocab_size - 1)  # for reading p and q only
             p_base = p_ptr + b * p_stride_b + i * p_stride_g
             q_base = q_ptr + q_row * q_stride_b + i * q_stride_g
             # A block-wide copy of the scalar: Triton's interpreter rejects block & scalar masks.
@@ -178,7 +192,7 @@ if HAVE_TRITON:
                 p = tl.load(p_base + lanes, mask=in_vocab, other=0.0).to(tl.float32)
                 q_mask = in_vocab & ((lanes * 0 + read_q_flag) != 0)
                 q = tl.load(q_base + lanes, mask=q_mask, other=0.0).to(tl.float32)
-                q = tl.where(is_draft & (point_mass != 0) & (lanes == d), 1.0, q)
+                q = tl.where(is_draft & (point_mass != 0) & in_vocab_d & (lanes == d), 1.0, q)
                 p_fin = (p == p) & (tl.abs(p) < float("inf"))
                 q_fin = (q == q) & (tl.abs(q) < float("inf"))
                 n_bad += tl.sum(tl.where(in_vocab & (~p_fin | ~q_fin), 1, 0))
@@ -202,8 +216,10 @@ if HAVE_TRITON:
             q_d = tl.load(q_base + d, mask=read_q, other=0.0)
             q_d = tl.where(point_mass != 0, 1.0, q_d)
             u = philox_uniform(seed, 1, position, position * 0)  # STREAM_ACCEPT, lane 0
-            accept = is_draft & (u * q_d < p_d)
-            bad = (n_bad > 0) | (p_mass <= 0.0)
+            accept = is_draft & in_vocab_d & (u * q_d < p_d)
+            # Per position: 2 = a NaN or +inf (any position of the row fails it), 1 = no mass (fails
+            # the row only where this position decides), as specdec.kernels.status.
+            bad = tl.where(n_bad > 0, 2, tl.where(p_mass <= 0.0, 1, 0))
             tl.store(accept_ptr + b * (G + 1) + i, accept.to(tl.int8))
             tl.store(choice_ptr + b * (G + 1) + i, choice.to(tl.int64))
             tl.store(bad_ptr + b * (G + 1) + i, bad.to(tl.int8))
@@ -234,9 +250,13 @@ if HAVE_TRITON:
         pos = tl.arange(0, G1_BLOCK)
         in_row = (pos <= n) & ((pos * 0 + active.to(tl.int32)) != 0)
         acc = tl.load(accept_ptr + b * (G + 1) + pos, mask=pos <= G, other=0)
-        bad = tl.sum(tl.load(bad_ptr + b * (G + 1) + pos, mask=in_row, other=0).to(tl.int32), axis=0) > 0
+        code = tl.load(bad_ptr + b * (G + 1) + pos, mask=in_row, other=0).to(tl.int32)
         first_reject = tl.min(tl.where((acc == 0) & (pos < n), pos, G1_BLOCK), axis=0)
         accepted = tl.minimum(first_reject, n)
+        nonfinite = tl.sum(tl.where(code == 2, 1, 0), axis=0) > 0
+        no_token = tl.sum(tl.where((pos == accepted) & (code == 1), 1, 0), axis=0) > 0
+        status = tl.where(nonfinite, 2, tl.where(no_token, 1, 0))
+        bad = status != 0
         choice = tl.sum(
             tl.where(pos == accepted, tl.load(choice_ptr + b * (G + 1) + pos, mask=pos <= G, other=0), 0),
             axis=0,
@@ -248,7 +268,7 @@ if HAVE_TRITON:
         accepted = tl.where(active & (bad == 0), accepted, 0)
         tl.store(accepted_ptr + b, accepted.to(tl.int64))
         tl.store(tokens_ptr + b * (G + 1) + pos, tokens.to(tl.int64), mask=pos <= G)
-        tl.store(row_bad_ptr + b, (bad & active).to(tl.int8))
+        tl.store(row_bad_ptr + b, tl.where(active, status, 0).to(tl.int8))
 
 
 def rejection_sample_triton(
@@ -295,4 +315,4 @@ def rejection_sample_triton(
         accept, choice, pos_bad, drafts, num, act, accepted, tokens, bad, vocab_size, g,
         G1_BLOCK=triton.next_power_of_2(g1),
     )  # fmt: skip
-    return accepted, tokens, bad.bool()
+    return accepted, tokens, bad

@@ -5,8 +5,10 @@ Sampling is an exponential race: token = argmax_v p_v / E_v with E_v = -log(u_v)
 v with probability p_v / sum(p) - no normalisation and no cumulative sum, one read of p. The u_v
 are Philox uniforms keyed on (seed, stream, position, v) (see philox.py).
 
-Both paths mask lanes >= vocab_size (padded vocabulary) and flag rows whose numbers are not finite
-or whose probabilities sum to zero; a flagged row still yields an id inside [0, vocab_size).
+Both paths mask lanes >= vocab_size (padded vocabulary). -inf logits are impossible tokens, never
+bad numbers: a row with a NaN or +inf gets ROW_NONFINITE, a row with no possible token (every
+logit -inf, or probabilities that sum to zero) ROW_NO_TOKEN (`specdec.kernels.status`); such a row
+yields id 0.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from specdec.kernels.philox import HAVE_TRITON, uniform_reference
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK
 
 if HAVE_TRITON:
     import triton
@@ -31,25 +34,27 @@ def sample_reference(
     stream: int,
     vocab_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens [N] int64 and bad [N] bool.
+    """tokens [N] int64 and status [N] int8.
 
     logits [N, >=V] raw (greedy rows), probs [N, V] transformed (sampled rows; None if all greedy),
     greedy [N] bool, seeds/positions [N] int64 keys of the draw."""
     raw = logits[:, :vocab_size].float()
-    raw_ok = torch.isfinite(raw).all(dim=-1)
-    tokens = torch.where(raw_ok[:, None], raw, float("-inf")).argmax(dim=-1)
-    bad = ~raw_ok
+    nonfinite = (torch.isnan(raw) | torch.isposinf(raw)).any(dim=-1)
+    no_token = torch.isneginf(raw).all(dim=-1)
+    tokens = torch.where(nonfinite[:, None], float("-inf"), raw).argmax(dim=-1)
     if probs is not None:
         sampled = ~greedy
         rows = sampled.nonzero().squeeze(1)
         if rows.numel():
             p = probs[rows, :vocab_size].float()
-            p_ok = torch.isfinite(p).all(dim=-1) & (p.sum(dim=-1) > 0)
+            p_nonfinite = ~torch.isfinite(p).all(dim=-1)
             u = uniform_reference(seeds[rows], stream, positions[rows], vocab_size)
-            scores = torch.where(p_ok[:, None], p, 0.0) / -torch.log(u)
+            scores = torch.where(torch.isfinite(p), p, 0.0) / -torch.log(u)
             tokens[rows] = scores.argmax(dim=-1)
-            bad[rows] = ~p_ok
-    return tokens.clamp_(0, vocab_size - 1), bad
+            nonfinite[rows] = p_nonfinite
+            no_token[rows] = ~(torch.where(torch.isfinite(p), p, 0.0).sum(dim=-1) > 0)
+    status = torch.where(nonfinite, ROW_NONFINITE, torch.where(no_token, ROW_NO_TOKEN, ROW_OK)).to(torch.int8)
+    return torch.where(status != ROW_OK, 0, tokens), status
 
 
 if HAVE_TRITON:
@@ -64,7 +69,7 @@ if HAVE_TRITON:
         seed_ptr,
         position_ptr,
         tokens_ptr,
-        bad_ptr,
+        status_ptr,
         stream,
         vocab_size,
         BLOCK: tl.constexpr,
@@ -75,8 +80,9 @@ if HAVE_TRITON:
         position = tl.load(position_ptr + row)
         best = float("-inf")
         best_index = 0
-        n_bad = 0
-        total = 0.0
+        n_bad = 0  # NaN or +inf
+        n_live = 0  # greedy: lanes above -inf
+        total = 0.0  # sampled: probability mass
         for start in range(0, vocab_size, BLOCK):
             lanes = start + tl.arange(0, BLOCK)
             in_vocab = lanes < vocab_size
@@ -84,9 +90,10 @@ if HAVE_TRITON:
                 x = tl.load(logits_ptr + row * logits_stride + lanes, mask=in_vocab, other=float("-inf")).to(
                     tl.float32
                 )
-                ok = (x == x) & (tl.abs(x) < float("inf"))
-                n_bad += tl.sum(tl.where(in_vocab & ~ok, 1, 0))
-                score = tl.where(ok, x, float("-inf"))
+                bad = (x != x) | (x == float("inf"))
+                n_bad += tl.sum(tl.where(in_vocab & bad, 1, 0))
+                n_live += tl.sum(tl.where(in_vocab & ~bad & (x > float("-inf")), 1, 0))
+                score = tl.where(bad, float("-inf"), x)
             else:
                 p = tl.load(probs_ptr + row * probs_stride + lanes, mask=in_vocab, other=0.0).to(tl.float32)
                 ok = (p == p) & (tl.abs(p) < float("inf"))
@@ -100,10 +107,11 @@ if HAVE_TRITON:
             better = block_best > best
             best_index = tl.where(better, block_index, best_index)
             best = tl.where(better, block_best, best)
-        bad = (n_bad > 0) | ((greedy == 0) & (total <= 0.0))
-        best_index = tl.where(bad, 0, best_index)
+        empty = tl.where(greedy, n_live == 0, total <= 0.0)
+        status = tl.where(n_bad > 0, 2, tl.where(empty, 1, 0))  # ROW_NONFINITE, ROW_NO_TOKEN
+        best_index = tl.where(status != 0, 0, best_index)
         tl.store(tokens_ptr + row, tl.minimum(tl.maximum(best_index, 0), vocab_size - 1).to(tl.int64))
-        tl.store(bad_ptr + row, bad.to(tl.int8))
+        tl.store(status_ptr + row, status.to(tl.int8))
 
 
 def sample_triton(
@@ -119,7 +127,7 @@ def sample_triton(
     """The Triton twin of `sample_reference` (same arguments, same results up to exact float ties)."""
     n = logits.shape[0]
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
-    bad = torch.empty(n, dtype=torch.int8, device=logits.device)
+    status = torch.empty(n, dtype=torch.int8, device=logits.device)
     if probs is None:
         probs = logits  # never read: every row is greedy
     assert logits.stride(-1) == 1 and probs.stride(-1) == 1
@@ -132,9 +140,9 @@ def sample_triton(
         seeds.to(torch.int64),
         positions.to(torch.int64),
         tokens,
-        bad,
+        status,
         stream,
         vocab_size,
         BLOCK=block,
     )
-    return tokens, bad.bool()
+    return tokens, status

@@ -19,7 +19,13 @@ class EngineConfig:
     max_context: int | None = None  # prompt + output tokens per sequence; None: min(model limit, 4096)
     max_gamma: int = 8  # γmax: the most drafts per row per step
     default_gamma: int = 4  # γ for speculative rows that do not force one, until adaptive γ decides
-    max_external_draft: int = 64  # external draft tokens verified per step (the rest wait for later steps)
+    max_external_draft: int = 64  # external draft tokens verified per row per step (the rest wait)
+    # Prompt tokens prefilled per step, padding included (rows x the widest chunk), and the budget
+    # external drafts share in the verify pass: long prompts are chunked across steps while the
+    # running rows go on decoding. 2048 (vLLM's long-standing default for chunked prefill) bounds a
+    # pass's activations - the explicit attention path (Gemma 2) holds heads x tokens x context
+    # float32 scores, 1 GiB at 32 heads and a 4096 context - and the stall running rows see.
+    max_prefill_tokens: int = 2048
     adaptive: bool = True  # choose γ per step from measured costs and acceptance (else default_gamma)
     warmup: bool = True  # time the passes at start-up, so the first adaptive decisions are informed
     explore_every: int = 16  # a row kept at γ = 0 this many steps drafts γ = 1 once, to refresh its α
@@ -49,6 +55,8 @@ class EngineConfig:
             )
         if self.max_external_draft < 1:
             raise SpecdecError(f"max_external_draft must be >= 1, got {self.max_external_draft}")
+        if self.max_prefill_tokens < 1:
+            raise SpecdecError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if not 0 <= self.speculation_margin < 1:
             raise SpecdecError(f"speculation_margin must be in [0, 1), got {self.speculation_margin}")
         if self.explore_every < 1:

@@ -164,31 +164,41 @@ class Engine:
         ]
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        given_ids = [r.request_id for r in requests if r.request_id]
-        if len(set(given_ids)) != len(given_ids):
-            raise InvalidRequestError("request_id", "the same request_id is given to two requests")
         for request in requests:  # every request is checked before any starts
             validate(request, self.limits)
         limit = max_concurrency or len(requests)
         todo = deque(enumerate(requests))
-        ids: list[str] = [""] * len(requests)
-        collected: dict[str, list[RequestOutput]] = {}
+        handles: list[int] = [-1] * len(requests)
+        collected: dict[int, list[RequestOutput]] = {}
         in_flight = 0
-        while todo or in_flight:
-            while todo and in_flight < limit:
-                index, request = todo.popleft()
-                ids[index] = self.scheduler.add_request(request)
-                collected[ids[index]] = []
-                in_flight += 1
-            report = self.scheduler.step()
-            if on_step is not None:
-                on_step(report)
-            for out in report.outputs:
-                if out.request_id in collected:
-                    collected[out.request_id].append(out)
-                    if out.finished:
-                        in_flight -= 1
-        return [_merge(collected[i]) for i in ids]
+        try:
+            while todo or in_flight:
+                while todo and in_flight < limit:
+                    index, request = todo.popleft()
+                    # No queue limit in-process: the caller's own loop is the back-pressure.
+                    handles[index] = self.scheduler.add_request(request, check_queue=False)
+                    collected[handles[index]] = []
+                    in_flight += 1
+                report = self.scheduler.step()
+                if on_step is not None:
+                    on_step(report)
+                for out in report.outputs:
+                    if out.handle in collected:
+                        collected[out.handle].append(out)
+                        if out.finished:
+                            in_flight -= 1
+        finally:
+            # Interrupted (an exception here or in on_step): nothing of this call stays queued to
+            # run during some later call.
+            self._drop([h for h in handles if h >= 0 and self.scheduler.is_active(h)])
+        return [_merge(collected[h]) for h in handles]
+
+    def _drop(self, handles: list[int]) -> None:
+        """Cancel these requests and step until the scheduler has let go of them."""
+        for handle in handles:
+            self.scheduler.cancel(handle)
+        while any(self.scheduler.is_active(h) for h in handles):
+            self.scheduler.step()
 
     def stream(
         self,
@@ -204,20 +214,18 @@ class Engine:
             if isinstance(prompt, Request)
             else self.make_request(prompt, params, mode, num_speculative_tokens)
         )
-        request_id = self.scheduler.add_request(request)
+        handle = self.scheduler.add_request(request, check_queue=False)
         done = False
         try:
             while not done:
                 for out in self.scheduler.step().outputs:
-                    if out.request_id == request_id:
+                    if out.handle == handle:
                         done = out.finished
                         if out.new_token_ids or out.new_text or out.finished:
                             yield out
         finally:
             if not done:
-                self.scheduler.cancel(request_id)
-                while self.scheduler.is_active(request_id):
-                    self.scheduler.step()
+                self._drop([handle])
 
 
 def _load(spec: Any, device: torch.device, dtype: torch.dtype, attention: str) -> LoadedModel:

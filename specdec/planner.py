@@ -55,17 +55,22 @@ class GammaPlanner:
 
     # ------------------------------------------------------------------------- planning
 
-    def plan(self, running: list[Sequence]) -> StepPlan:
+    def plan(self, running: list[Sequence], external_budget: int | None = None) -> StepPlan:
         """Every running row's γ for this step: fixed by the request, an external draft or the row's
-        mode where they say so; chosen by the adaptive policy (or the default) otherwise."""
+        mode where they say so; chosen by the adaptive policy (or the default) otherwise.
+        `external_budget`: external draft tokens the step may verify in all (None: no limit
+        beyond max_external_draft per row); rows past it run as if they had none this step."""
         config = self.config
+        budget = external_budget if external_budget is not None else float("inf")
         draft_only = [s for s in running if s.mode is Mode.DRAFT]
         # In slot order: consecutive slots make the batch's cache reads views (batching.make_batch).
         rows = sorted((s for s in running if s.mode is not Mode.DRAFT), key=lambda s: s.slot)
         views, chunks = [], []
         for seq in rows:
             room = seq.remaining - 1  # a step emits up to γ + 1 tokens
-            chunk = seq.external_pending[: min(config.max_external_draft, room)] if room > 0 else []
+            take = int(min(config.max_external_draft, room, budget)) if room > 0 else 0
+            chunk = seq.external_pending[:take]
+            budget -= len(chunk)
             chunks.append(chunk)
             if room <= 0 or (seq.mode is Mode.TARGET and not chunk):
                 views.append(RowView(0.0, fixed=0, model_drafts=False))

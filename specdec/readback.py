@@ -18,7 +18,13 @@ from specdec.logprobs import Logprobs
 from specdec.request import TokenLogprob
 from specdec.timing import sync_point
 
-_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
+_NUMPY = {
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int8: np.int8,
+    torch.float32: np.float32,
+    torch.bool: np.bool_,
+}
 
 
 class HostCopy:
@@ -79,7 +85,7 @@ class VerifyReadback:
     """Per target-verified row."""
 
     accepted: list[int]  # drafts accepted
-    bad: list[bool]  # the target produced non-finite logits for the row
+    status: list[int]  # specdec.kernels.status of the target's numbers for the row
     tokens: list[list[int]]  # emitted-token candidates: the row emits tokens[b][: accepted[b] + 1]
     logprobs: HostLogprobs | None  # of those candidates, when a row asked
 
@@ -89,7 +95,7 @@ class DraftReadback:
     """Per row the draft model ran on (model-drafted rows first, then draft-only rows)."""
 
     tokens: list[list[int]]  # the proposals (a draft-only row's output)
-    bad: list[bool]  # the draft produced non-finite logits for the row
+    status: list[int]  # specdec.kernels.status of the draft's numbers for the row
     logprobs: HostLogprobs | None  # of each proposal, when a draft-only row asked
 
 

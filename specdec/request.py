@@ -121,6 +121,7 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     new_text: str
+    handle: int = -1  # Scheduler.add_request's key for the request (-1: never reached the scheduler)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
     finish_reason: FinishReason | None = None

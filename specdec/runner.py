@@ -60,25 +60,31 @@ class ModelRunner:
     def tokenizer(self):
         return self.target.tokenizer
 
-    def prefill(self, seqs: list[Sequence]) -> None:
-        """Write every prompt but its last token into the caches that will serve it (the last
-        token is the first input of the row's first decoding pass, which yields logits)."""
-        for model, cache, modes, attr in (
-            (self.target, self.target_cache, _TARGET_MODES, "target_len"),
-            (self.draft, self.draft_cache, _DRAFT_MODES, "draft_len"),
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """Write the next `n` prompt tokens of each (row, n) into the caches that serve the row, in
+        one ragged pass per model with no logits. A row's prompt but its last token is prefilled
+        in chunks (`Sequence.prefilled`); the last token is the first input of its first decoding
+        pass, which yields logits."""
+        for model, cache, modes in (
+            (self.target, self.target_cache, _TARGET_MODES),
+            (self.draft, self.draft_cache, _DRAFT_MODES),
         ):
-            rows = [s for s in seqs if s.mode in modes and s.num_prompt > 1]
+            rows = [(s, n) for s, n in chunks if s.mode in modes and n > 0]
             if model is None or cache is None or not rows:
                 continue
             batch = make_batch(
-                [Row(s.slot, 0, s.tokens[: s.num_prompt - 1]) for s in rows],
+                [Row(s.slot, s.prefilled, s.tokens[s.prefilled : s.prefilled + n]) for s, n in rows],
                 self.device,
                 self.layout.capacity,
                 logits_columns=[[] for _ in rows],
             )
             model.model(batch, cache)
-            for s in rows:
-                setattr(s, attr, s.num_prompt - 1)
+        for s, n in chunks:
+            s.prefilled += n
+            if s.mode in _TARGET_MODES:
+                s.target_len = s.prefilled
+            if s.mode in _DRAFT_MODES:
+                s.draft_len = s.prefilled
 
     def decode(
         self, plans: list[RowPlan], draft_only: list[Sequence]

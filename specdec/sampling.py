@@ -23,6 +23,9 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+# Temperatures below this are greedy (vLLM's rule): dividing logits by a temperature near zero
+# overflows float32 (below about 1e-38 it gives inf / NaN), and far above that it is already argmax.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +33,7 @@ class SamplingParams:
     """Per-request generation settings. Defaults: greedy, 128 new tokens, no stop strings."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # 0 = no top-k
     seed: int | None = None  # None: the engine draws one (reported back, so a run can be repeated)
@@ -42,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the first field that is out of range."""
@@ -133,8 +136,12 @@ def transform_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def probabilities(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """[N, V] probabilities of the transformed distribution (what acceptance compares)."""
-    return torch.softmax(transform_logits(logits, st), dim=-1)
+    """[N, V] probabilities of the transformed distribution (what acceptance compares). A row with
+    no possible token (every logit -inf) has no mass - all zeros, not softmax's NaN - so the kernels
+    tell it from bad numbers (a NaN or +inf logit still gives NaN)."""
+    x = transform_logits(logits, st)
+    p = torch.softmax(x, dim=-1)
+    return p.masked_fill_((x.amax(dim=-1) == float("-inf"))[:, None], 0.0)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,18 @@
 """The synchronous scheduler: slots and queues.
 
-Each `step()` reaps cancelled requests, admits waiting ones into free slots (the runner prefills
-their prompts), asks the planner for every running row's γ, has the runner run one step, commits
-the tokens it produced and finishes the rows that stopped. It returns a `StepReport` - the outputs,
-the plan, the policy's decision and the passes' timings - which metrics, the bench and tests read.
-It knows nothing of threads or gRPC: the engine calls it in a loop, the server runs that loop in a
+Each `step()` reaps cancelled requests, admits waiting ones into free slots, prefills the next
+chunks of the admitted prompts (at most `EngineConfig.max_prefill_tokens` per step, so a long
+prompt never stalls the running rows for long), asks the planner for every running row's γ, has
+the runner run one step, commits the tokens it produced and finishes the rows that stopped. It
+returns a `StepReport` - the outputs, the plan, the policy's decision and the passes' timings -
+which metrics, the bench and tests read. A step that raises fails only the requests it was working
+on (finished with an error naming it; their slots freed) and the scheduler serves the next one. It
+knows nothing of threads or gRPC: the engine calls it in a loop, the server runs that loop in a
 thread of its own.
+
+A request's life: waiting (no slot) -> prefilling (a slot; its prompt going into the caches chunk
+by chunk) -> running (decoding) -> finished. Requests are keyed by a handle of the scheduler's
+own; a client's request_id is only a label.
 
 Invariant between steps, for every running sequence: `tokens` holds prompt + committed output; the
 target cache holds K/V for tokens[:target_len] (target_len = len(tokens) - 1: the last committed
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import random
 import time
 from collections import deque
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 
 from specdec.adaptive import Decision
 from specdec.config import EngineConfig
-from specdec.errors import InvalidRequestError, QueueFullError
+from specdec.errors import QueueFullError
 from specdec.planner import GammaPlanner, StepPlan
 from specdec.request import FinishReason, Request, RequestOutput, Timing
 from specdec.runner import ModelRunner
@@ -33,13 +41,16 @@ from specdec.stopping import OutputStopper
 from specdec.timing import PassTiming
 from specdec.validation import RequestLimits, validate
 
+log = logging.getLogger("specdec")
+
 
 @dataclass(slots=True)
 class StepReport:
     """What one `Scheduler.step` did."""
 
     outputs: list[RequestOutput]  # one per request that produced tokens or finished
-    in_flight: int  # requests waiting or running when the step began
+    in_flight: int  # requests waiting, prefilling or running when the step began
+    prefill_tokens: int = 0  # the prefill pass's size: rows x its widest chunk
     plan: StepPlan | None = None  # None when no row was running after admission
     timings: list[PassTiming] = field(default_factory=list)  # the decode passes
     seconds: float = 0.0  # the whole step, admission and prefill included
@@ -66,22 +77,22 @@ class Scheduler:
         # range of slots, which the forward pass reads as a view instead of a gather.
         self.free_slots: list[int] = list(range(config.max_batch_size))
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []  # hold a slot; prompt not yet all in the caches
         self.running: list[Sequence] = []
-        self._by_id: dict[str, Sequence] = {}
-        self._ids = itertools.count()
+        self._by_handle: dict[int, Sequence] = {}
+        self._handles = itertools.count()
         self._seeds = random.SystemRandom()
 
     # ----------------------------------------------------------------------------- requests
 
-    def add_request(self, request: Request, check_queue: bool = True) -> str:
-        """Validate and queue a request; return its id. Raises InvalidRequestError / QueueFullError
-        (the server does its own admission control and passes check_queue=False)."""
+    def add_request(self, request: Request, check_queue: bool = True) -> int:
+        """Validate and queue a request; return its handle. Raises InvalidRequestError /
+        QueueFullError (in-process callers and the server, which do their own admission control,
+        pass check_queue=False)."""
         mode = validate(request, self.limits)
         if check_queue and len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
-        request_id = request.request_id or f"req-{next(self._ids)}"
-        if request_id in self._by_id:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        handle = next(self._handles)
         params = request.params
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**63)
         stopper = OutputStopper(
@@ -95,7 +106,8 @@ class Scheduler:
         )
         seq = Sequence(
             request=request,
-            request_id=request_id,
+            handle=handle,
+            request_id=request.request_id or f"req-{handle}",
             mode=mode,
             slot=-1,
             seed=seed,
@@ -106,27 +118,28 @@ class Scheduler:
             external_pending=list(request.external_draft or []),
         )
         self.waiting.append(seq)
-        self._by_id[request_id] = seq
-        return request_id
+        self._by_handle[handle] = seq
+        return handle
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, handle: int) -> bool:
         """Mark a request cancelled; its slot is freed at the start of the next step."""
-        seq = self._by_id.get(request_id)
+        seq = self._by_handle.get(handle)
         if seq is None:
             return False
         seq.cancelled = True
         return True
 
-    def is_active(self, request_id: str) -> bool:
-        """Whether the request is still waiting or running."""
-        return request_id in self._by_id
+    def is_active(self, handle: int) -> bool:
+        """Whether the request is still waiting, prefilling or running."""
+        return handle in self._by_handle
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._by_handle)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Requests holding a slot (prefilling or decoding)."""
+        return len(self.running) + len(self.prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -136,40 +149,70 @@ class Scheduler:
 
     def step(self) -> StepReport:
         started = time.perf_counter()
-        report = StepReport(outputs=[], in_flight=len(self.running) + len(self.waiting))
+        report = StepReport(outputs=[], in_flight=len(self._by_handle))
         self._reap_cancelled(report.outputs)
-        admitted = self._admit()
-        if admitted:
-            self.runner.prefill(admitted)
+        self._admit()
+        budget = self.config.max_prefill_tokens
+        chunks = self._prefill_chunks(budget)
+        if chunks:
+            report.prefill_tokens = len(chunks) * max(n for _, n in chunks)
+            rows = [s for s, _ in chunks]
+            try:
+                self.runner.prefill(chunks)
+            except Exception as e:  # fails the rows being prefilled; the running rows go on
+                self._fail_rows(rows, e, "prefilling", report.outputs)
+        self._start_prefilled()
         if self.running:
-            self._decode(report)
+            try:
+                self._decode(report, external_budget=max(budget - report.prefill_tokens, 0))
+            except Exception as e:  # fails the rows of this step; the scheduler goes on
+                self._fail_rows(list(self.running), e, "decoding", report.outputs)
         report.seconds = time.perf_counter() - started
         return report
 
     def _reap_cancelled(self, outputs: list[RequestOutput]) -> None:
-        for seq in [s for s in self.waiting if s.cancelled]:
-            self.waiting.remove(seq)
-            seq.finish_reason = FinishReason.CANCELLED
-            outputs.append(self._finish(seq))
-        for seq in [s for s in self.running if s.cancelled]:
+        for seq in [s for s in self._by_handle.values() if s.cancelled]:
             seq.finish_reason = FinishReason.CANCELLED
             outputs.append(self._finish(seq))
 
-    def _admit(self) -> list[Sequence]:
-        admitted = []
+    def _admit(self) -> None:
         now = time.monotonic()
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
             seq.timing.admitted = now
-            self.running.append(seq)
-            admitted.append(seq)
-        return admitted
+            self.prefilling.append(seq)
 
-    def _decode(self, report: StepReport) -> None:
+    def _prefill_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
+        """The next prompt chunk of each prefilling row, in admission order, within `budget`
+        tokens of one padded pass (rows x its widest chunk): a row joins only if the rows before
+        it keep their chunks, so one long prompt takes the budget alone and many short ones share
+        it."""
+        chunks: list[tuple[Sequence, int]] = []
+        width = 0
+        for seq in self.prefilling:
+            left = seq.num_prompt - 1 - seq.prefilled
+            if left <= 0:
+                continue
+            allowed = budget // (len(chunks) + 1)
+            if allowed < max(width, 1):
+                break
+            n = min(left, allowed)
+            chunks.append((seq, n))
+            width = max(width, n)
+        return chunks
+
+    def _start_prefilled(self) -> None:
+        """Rows whose prompt is in the caches start decoding (this very step)."""
+        done = [s for s in self.prefilling if s.prefill_done]
+        if done:
+            self.prefilling = [s for s in self.prefilling if not s.prefill_done]
+            self.running.extend(done)
+
+    def _decode(self, report: StepReport, external_budget: int) -> None:
         """One speculative step for every running row (plain target and draft-only rows included)."""
         started = time.perf_counter()
-        plan = self.planner.plan(self.running)
+        plan = self.planner.plan(self.running, external_budget)
         outcomes, timings = self.runner.decode(plan.rows, plan.draft_only)
         report.plan, report.timings = plan, timings
         externals = {id(p.seq): p.external for p in plan.rows}
@@ -181,7 +224,11 @@ class Scheduler:
                 continue
             external = externals.get(id(seq))
             self.planner.observe_acceptance(seq, outcome.gamma, outcome.accepted, external is not None)
-            reason = commit(seq, outcome, external)
+            try:
+                reason = commit(seq, outcome, external)
+            except Exception as e:  # e.g. the tokenizer failing on this row's text: this row only
+                self._fail_rows([seq], e, "committing its tokens", report.outputs)
+                continue
             if seq.timing.first_token is None and outcome.tokens:
                 seq.timing.first_token = time.monotonic()
             if reason is not None:
@@ -192,6 +239,17 @@ class Scheduler:
         self.planner.observe_costs(plan, timings, time.perf_counter() - started)
 
     # ----------------------------------------------------------------------------- finish
+
+    def _fail_rows(
+        self, seqs: list[Sequence], error: Exception, phase: str, outputs: list[RequestOutput]
+    ) -> None:
+        """After an exception: finish `seqs` with the error (their slots freed) and log it once."""
+        log.exception("engine step failed while %s; failing its %d request(s)", phase, len(seqs))
+        message = f"internal error while {phase}: {type(error).__name__}: {error}"
+        for seq in seqs:
+            if seq.handle in self._by_handle:
+                self._fail(seq, message)
+                outputs.append(self._finish(seq))
 
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.finish_reason = FinishReason.ERROR
@@ -205,6 +263,7 @@ class Scheduler:
         logprobs, seq.pending_logprobs = seq.pending_logprobs, []
         return RequestOutput(
             request_id=seq.request_id,
+            handle=seq.handle,
             new_token_ids=new_ids,
             new_text=seq.stopper.take_text(final),
             new_logprobs=logprobs,
@@ -221,10 +280,13 @@ class Scheduler:
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         seq.timing.finished = time.monotonic()
-        if seq in self.running:
-            self.running.remove(seq)
-            heapq.heappush(self.free_slots, seq.slot)
-        self._by_id.pop(seq.request_id, None)
+        for queue in (self.running, self.prefilling, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
+                if queue is not self.waiting:
+                    heapq.heappush(self.free_slots, seq.slot)
+                break
+        self._by_handle.pop(seq.handle, None)
         return self._delta(seq, final=True)
 
 
@@ -248,6 +310,15 @@ def commit(seq: Sequence, outcome: RowOutcome, external: list[int] | None) -> Fi
         # would: the external draft goes on only if the two agree.
         if fully_accepted and rest and rest[0] == outcome.tokens[-1]:
             seq.external_pending = rest[1:]
+        else:
+            seq.external_pending = []
+    elif seq.external_pending:
+        # The row ran without its external draft this step (no budget left for it): the draft
+        # stays aligned only if what was emitted is its next tokens, which verifying it would have
+        # accepted anyway; otherwise it was going to be rejected there.
+        emitted = outcome.tokens[:kept]
+        if seq.external_pending[: len(emitted)] == emitted:
+            seq.external_pending = seq.external_pending[len(emitted) :]
         else:
             seq.external_pending = []
     return reason

@@ -12,7 +12,8 @@ from specdec.stopping import OutputStopper
 @dataclass(slots=True, eq=False)
 class Sequence:
     request: Request
-    request_id: str
+    handle: int  # the engine's own key for this request (a client's request_id keys nothing)
+    request_id: str  # the client's label, or one the engine made up: reported, never a key
     mode: Mode
     slot: int
     seed: int
@@ -22,6 +23,7 @@ class Sequence:
     timing: Timing
     target_len: int = 0  # tokens[:target_len] have K/V in the target cache
     draft_len: int = 0  # tokens[:draft_len] have K/V in the draft cache
+    prefilled: int = 0  # prompt tokens written to the caches serving the row (chunked prefill)
     external_pending: list[int] = field(default_factory=list)  # external draft tokens not yet verified
     stats: SpecStats = field(default_factory=SpecStats)
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
@@ -31,6 +33,11 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
+
+    @property
+    def prefill_done(self) -> bool:
+        """Every prompt token but the last is in the caches (the last is the first decode input)."""
+        return self.prefilled >= self.num_prompt - 1
 
     @property
     def output_ids(self) -> list[int]:

@@ -25,6 +25,7 @@ from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.rejection_sample import rejection_sample_reference, rejection_sample_triton
 from specdec.kernels.sample import sample_reference, sample_triton
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK
 from specdec.logprobs import Logprobs
 from specdec.models.decoder import ForwardBatch
 from specdec.models.kv_cache import KVCache
@@ -78,7 +79,7 @@ class _Drafts:
     """The draft passes' results, still on the device."""
 
     tokens: torch.Tensor  # [Bd, passes] proposals (or a draft-only row's output)
-    bad: torch.Tensor  # [Bd] bool: the draft produced non-finite numbers for the row
+    status: torch.Tensor  # [Bd] int8 (specdec.kernels.status), the worst of the row's passes
     probs: torch.Tensor | None  # [Bd, passes, V] q of each proposal (None when every row is greedy)
     logprobs: Logprobs | None = None  # of each sampled token (only when a draft-only row asks)
 
@@ -88,7 +89,7 @@ class _Verified:
     """The verify pass's acceptance, still on the device."""
 
     accepted: torch.Tensor  # [B]
-    bad: torch.Tensor  # [B] bool
+    status: torch.Tensor  # [B] int8 (specdec.kernels.status)
     tokens: torch.Tensor  # [B, G+1] emitted-token candidates
     logprobs: Logprobs | None  # of the candidates, when a row asked
 
@@ -137,17 +138,15 @@ class SpeculativeStep:
                 # Proposals 1..passes-1 went through the draft; the accepted ones among them are
                 # valid draft cache (the last proposal and the correction/bonus are not in it).
                 draft_fed = min(accepted, passes - 1)
-                if draft.bad[draft_index]:
-                    error = "non-finite logits from the draft model"
+                error = _row_error(draft.status[draft_index], "draft")
                 draft_index += 1
-            if verify.bad[b]:
-                error = "non-finite logits from the target model"
+            error = _row_error(verify.status[b], "target") or error
             emitted = verify.tokens[b][: accepted + 1]
             logprobs = _logprobs_of(plan.seq, verify.logprobs, b, emitted)
             outcomes.append(RowOutcome(plan.seq, emitted, plan.gamma, accepted, draft_fed, error, logprobs))
         for r, seq in enumerate(draft_only, start=draft_index):
             assert draft is not None
-            error = "non-finite logits from the draft model" if draft.bad[r] else None
+            error = _row_error(draft.status[r], "draft")
             tokens = draft.tokens[r]
             logprobs = _logprobs_of(seq, draft.logprobs, r, tokens)
             outcomes.append(RowOutcome(seq, tokens, 0, 0, passes - 1, error, logprobs))
@@ -178,7 +177,7 @@ class SpeculativeStep:
         lengths_host = [len(s.tokens) for s in seqs]
         lengths = _device_ints(lengths_host, device)
         tokens = torch.empty((len(seqs), passes), dtype=torch.int64, device=device)
-        bad = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+        status = torch.zeros(len(seqs), dtype=torch.int8, device=device)
         probs = None
         if st.any_sampled:
             probs = torch.empty((len(seqs), passes, self.vocab_size), dtype=torch.float32, device=device)
@@ -204,15 +203,15 @@ class SpeculativeStep:
                 if probs is not None:
                     q = probs[:, j]
                     q.copy_(probabilities(logits[:, : self.vocab_size], st))
-                tokens[:, j], row_bad = self.kernels.sample(
+                tokens[:, j], row_status = self.kernels.sample(
                     logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
                 )
-                bad |= row_bad
+                torch.maximum(status, row_status, out=status)
                 if want:
                     pass_logprobs.append(
                         Logprobs.of(logits[:, None], tokens[:, j : j + 1], top_n, self.vocab_size)
                     )
-        return _Drafts(tokens=tokens, bad=bad, probs=probs, logprobs=Logprobs.concat(pass_logprobs))
+        return _Drafts(tokens=tokens, status=status, probs=probs, logprobs=Logprobs.concat(pass_logprobs))
 
     # ------------------------------------------------------------------------- verify + accept
 
@@ -260,14 +259,14 @@ class SpeculativeStep:
         point_masses = torch.tensor(point_mass).to(device, non_blocking=True)
         with self.timer.measure(PassKind.VERIFY, len(plans), g + 1):
             logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
-            accepted, tokens, bad = self.accept(
+            accepted, tokens, status = self.accept(
                 logits, draft_tokens, num_drafts, plans, q, q_rows, point_masses
             )
         logprobs = None
         want = [p.seq.request.params for p in plans if p.seq.request.params.logprobs]
         if want:
             logprobs = Logprobs.of(logits, tokens, max(p.top_logprobs for p in want), self.vocab_size)
-        return _Verified(accepted, bad, tokens, logprobs)
+        return _Verified(accepted, status, tokens, logprobs)
 
     def accept(
         self,
@@ -279,30 +278,30 @@ class SpeculativeStep:
         q_row: torch.Tensor,
         point_mass: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """accepted [B], emitted-token candidates [B, G+1], bad [B] for a mixed batch: greedy rows
+        """accepted [B], emitted-token candidates [B, G+1], status [B] for a mixed batch: greedy rows
         through the greedy kernel (raw logits), sampled rows through rejection sampling (the
         transformed distributions of both models)."""
         st = SamplingTensors.from_params([p.seq.request.params for p in plans], self.device)
         all_greedy = not st.any_sampled
-        accepted, tokens, bad = self.kernels.greedy_accept(
+        accepted, tokens, status = self.kernels.greedy_accept(
             logits, draft_tokens, num_drafts, self.vocab_size, None if all_greedy else st.greedy
         )
         if all_greedy:
-            return accepted, tokens, bad
+            return accepted, tokens, status
         b, g1, _ = logits.shape
         p = probabilities(logits[..., : self.vocab_size].reshape(b * g1, -1), st.repeat_rows(g1)).view(
             b, g1, -1
         )
         seeds = _device_ints([pl.seq.seed for pl in plans], self.device)
         positions = _device_ints([len(pl.seq.tokens) for pl in plans], self.device)
-        s_acc, s_tok, s_bad = self.kernels.rejection_sample(
+        s_acc, s_tok, s_status = self.kernels.rejection_sample(
             p, q, q_row, point_mass, draft_tokens, num_drafts, ~st.greedy, seeds, positions, self.vocab_size
         )
         greedy = st.greedy
         return (
             torch.where(greedy, accepted, s_acc),
             torch.where(greedy[:, None], tokens, s_tok),
-            torch.where(greedy, bad, s_bad),
+            torch.where(greedy, status, s_status),
         )
 
 
@@ -310,20 +309,33 @@ def _read_back(device: torch.device, verified: _Verified | None, drafts: _Drafts
     """The step's one device-to-host copy, unpacked."""
     copy = HostCopy()
     if verified is not None:
-        v = [copy.add(verified.accepted), copy.add(verified.bad), copy.add(verified.tokens)]
+        v = [copy.add(verified.accepted), copy.add(verified.status), copy.add(verified.tokens)]
         v_lp = copy.add_logprobs(verified.logprobs)
     if drafts is not None:
-        d = [copy.add(drafts.tokens), copy.add(drafts.bad)]
+        d = [copy.add(drafts.tokens), copy.add(drafts.status)]
         d_lp = copy.add_logprobs(drafts.logprobs)
     host = copy.fetch(device)
     verify = draft = None
     if verified is not None:
-        accepted, bad, tokens = (host[i].tolist() for i in v)
-        verify = VerifyReadback(accepted, bad, tokens, HostLogprobs.of(host, v_lp))
+        accepted, status, tokens = (host[i].tolist() for i in v)
+        verify = VerifyReadback(accepted, status, tokens, HostLogprobs.of(host, v_lp))
     if drafts is not None:
-        tokens, bad = (host[i].tolist() for i in d)
-        draft = DraftReadback(tokens, bad, HostLogprobs.of(host, d_lp))
+        tokens, status = (host[i].tolist() for i in d)
+        draft = DraftReadback(tokens, status, HostLogprobs.of(host, d_lp))
     return StepReadback(verify, draft)
+
+
+def _row_error(status: int, model: str) -> str | None:
+    """The failure a row's status means, naming the model whose numbers it is about."""
+    if status == ROW_NONFINITE:
+        return f"non-finite logits (NaN or +inf) from the {model} model"
+    if status == ROW_NO_TOKEN:
+        return (
+            f"no token is possible: every logit of the {model} model is -inf at the position that "
+            "decides, so the request's constraints (allowed tokens, logit bias or grammar) exclude every token"
+        )
+    assert status == ROW_OK, status
+    return None
 
 
 def _logprobs_of(

@@ -3,7 +3,8 @@
     asyncio.run(serve(engine, ServerConfig(port=50051)))
 
 Serves SpecDec, the standard grpc.health.v1 Health service (SERVING once the models are loaded
-and warmed up, NOT_SERVING while draining) and server reflection (grpcurl needs no proto file).
+and warmed up, NOT_SERVING while draining or once the engine thread has failed) and server
+reflection (grpcurl needs no proto file).
 Prometheus metrics go to their own HTTP port. SIGTERM or Ctrl-C: health goes NOT_SERVING, new
 requests get UNAVAILABLE, in-flight requests finish within the grace period, the process exits 0.
 """
@@ -67,7 +68,7 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
 
 
-def _instrumented_loop(engine: Engine, metrics: Metrics) -> EngineLoop:
+def _instrumented_loop(engine: Engine, metrics: Metrics, on_fatal) -> EngineLoop:
     scheduler = engine.scheduler
 
     def on_step(report: StepReport) -> None:
@@ -87,7 +88,7 @@ def _instrumented_loop(engine: Engine, metrics: Metrics) -> EngineLoop:
             metrics.observe_finish(out, mode, status)
             log_request(out, mode, status)
 
-    return EngineLoop(scheduler, engine.limits, on_step=on_step, on_output=on_output)
+    return EngineLoop(scheduler, engine.limits, on_step=on_step, on_output=on_output, on_fatal=on_fatal)
 
 
 async def serve(
@@ -99,7 +100,21 @@ async def serve(
     metrics = Metrics()
     if config.metrics_port:
         metrics.serve(config.metrics_port, config.host)
-    engine_loop = _instrumented_loop(engine, metrics)
+    loop = asyncio.get_running_loop()
+    health_servicer = health.aio.HealthServicer()
+    stop = stop_event or asyncio.Event()
+
+    def engine_died(error: BaseException) -> None:
+        # On the engine thread, after its requests have failed: health goes NOT_SERVING, so load
+        # balancers and probes stop sending here; new requests get UNAVAILABLE.
+        async def not_serving() -> None:
+            for service in ("", SERVICE_NAME):
+                await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        with contextlib.suppress(RuntimeError):  # the event loop may be gone already
+            loop.call_soon_threadsafe(lambda: loop.create_task(not_serving()))
+
+    engine_loop = _instrumented_loop(engine, metrics, engine_died)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -107,7 +122,6 @@ async def serve(
         ]
     )
     pb_grpc.add_SpecDecServicer_to_server(SpecDecServicer(engine, engine_loop), server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -124,8 +138,6 @@ async def serve(
     if on_ready is not None:
         on_ready(port)
 
-    stop = stop_event or asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Not possible off the main thread (tests run servers in threads); they use stop_event.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

@@ -4,24 +4,32 @@ gRPC handlers run on an asyncio event loop that must never wait on torch. A hand
 Request and gets a Subscription: an asyncio.Queue its RequestOutputs arrive on (pushed with
 ``loop.call_soon_threadsafe``). The loop thread takes new requests and cancellations between steps
 (a thread-safe inbox), runs `scheduler.step()` while there is work, and sleeps on a condition
-variable when there is none. Cancelling frees the row's slot at the next step.
+variable when there is none. Cancelling frees the row's slot at the next step. A Subscription is
+its request's only key: a client's request_id labels the request and keys nothing, so no client
+can cancel, block or probe another's request by naming it.
 
 Admission control is synchronous: a request is validated in the caller's thread against the
-engine's frozen `RequestLimits` (the caller never touches the scheduler) and refused at once with QueueFullError when the server already holds
-`max_batch_size + max_queue` requests; draining refuses everything with ShuttingDownError.
+engine's frozen `RequestLimits` (the caller never touches the scheduler) and refused at once with
+QueueFullError when the server already holds `max_batch_size + max_queue` requests; draining
+refuses everything with ShuttingDownError.
+
+If anything escapes the loop, the thread does not die silently: it logs the error, fails every
+request in flight with an error (INTERNAL), refuses new ones and calls `on_fatal` (the server turns
+its health to NOT_SERVING there). Callbacks that only observe (metrics, logs) cannot take the
+loop down: their errors are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from specdec.errors import InvalidRequestError, QueueFullError, ShuttingDownError
+from specdec.errors import QueueFullError, ShuttingDownError
 from specdec.request import FinishReason, Request, RequestOutput, SpecStats, Timing
 from specdec.scheduler import Scheduler, StepReport
 from specdec.validation import RequestLimits, validate
@@ -31,14 +39,17 @@ log = logging.getLogger("specdec.server")
 
 @dataclass(eq=False)
 class Subscription:
-    request_id: str
     request: Request
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    handle: int | None = None  # the scheduler's, once the loop thread has added the request
     last_output_time: float = field(default_factory=time.monotonic)
 
     def deliver(self, item: RequestOutput) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        # The handler's event loop may be gone (the server shut down under it): nobody is left to
+        # tell, and that must not take the engine thread down.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class EngineLoop:
@@ -48,22 +59,23 @@ class EngineLoop:
         limits: RequestLimits,
         on_step: Callable[[StepReport], None] | None = None,
         on_output: Callable[[Subscription, RequestOutput, float], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ):
         self.scheduler = scheduler  # touched only by the loop thread
         self.limits = limits
         self.on_step = on_step  # metrics: each step's report
-        self.on_output = (
-            on_output  # metrics and logs: each output, with seconds since the request's previous one
-        )
+        self.on_output = on_output  # metrics and logs: each output, with seconds since the previous one
+        self.on_fatal = on_fatal  # the loop thread is gone (called on that thread, once)
         self.capacity = scheduler.config.max_batch_size + scheduler.config.max_queue
         self._inbox: list[Subscription] = []
-        self._cancels: set[str] = set()
-        self._subs: dict[str, Subscription] = {}
+        self._cancels: list[Subscription] = []
+        self._subs: set[Subscription] = set()  # in flight: submitted and not yet finished
+        self._by_handle: dict[int, Subscription] = {}  # the loop thread's
         self._cond = threading.Condition()
         self._stopping = False
         self._draining = False
+        self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="specdec-engine", daemon=True)
-        self._ids = 0
 
     # -------------------------------------------------------------------- handler side (any thread)
 
@@ -79,6 +91,8 @@ class EngineLoop:
         """Validate and enqueue; raises InvalidRequestError, QueueFullError or ShuttingDownError."""
         validate(request, self.limits)
         with self._cond:
+            if self.fatal is not None:
+                raise ShuttingDownError(f"the engine stopped after an internal error: {self.fatal!r}")
             if self._draining or self._stopping:
                 raise ShuttingDownError("the server is shutting down and takes no new requests")
             if len(self._subs) >= self.capacity:
@@ -86,22 +100,17 @@ class EngineLoop:
                     f"the server is full ({self.scheduler.config.max_batch_size} running + "
                     f"{self.scheduler.config.max_queue} queued requests); retry later"
                 )
-            if not request.request_id:
-                self._ids += 1
-                request.request_id = f"req-{self._ids}"
-            if request.request_id in self._subs:
-                raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
-            sub = Subscription(request.request_id, request, asyncio.Queue(), loop)
-            self._subs[sub.request_id] = sub
+            sub = Subscription(request, asyncio.Queue(), loop)
+            self._subs.add(sub)
             self._inbox.append(sub)
             self._cond.notify()
         return sub
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, sub: Subscription) -> None:
         """Drop the request; its slot is freed at the next step (idempotent, any thread)."""
         with self._cond:
-            if request_id in self._subs:
-                self._cancels.add(request_id)
+            if sub in self._subs:
+                self._cancels.append(sub)
                 self._cond.notify()
 
     def drain(self) -> None:
@@ -113,11 +122,31 @@ class EngineLoop:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # -------------------------------------------------------------------- the loop thread
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:
+            log.critical("the engine thread failed; failing every request in flight", exc_info=True)
+            with self._cond:
+                self.fatal = e
+            self._fail_all(
+                f"internal error: the engine stopped ({type(e).__name__}: {e})", FinishReason.ERROR
+            )
+            if self.on_fatal is not None:
+                try:
+                    self.on_fatal(e)
+                except Exception:
+                    log.exception("on_fatal failed")
+            return
+        # Stopping: whatever is left learns it will not be served.
+        self._fail_all("the server stopped before this request finished", FinishReason.CANCELLED)
+
+    def _serve(self) -> None:
         scheduler = self.scheduler
         while True:
             with self._cond:
@@ -129,71 +158,63 @@ class EngineLoop:
                 ):
                     self._cond.wait()
                 if self._stopping:
-                    break
+                    return
                 inbox, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, set()
+                cancels, self._cancels = self._cancels, []
             for sub in inbox:
                 try:
-                    scheduler.add_request(sub.request, check_queue=False)
+                    sub.handle = scheduler.add_request(sub.request, check_queue=False)
                 except Exception as e:  # validated already; a race with limits, or a bug
-                    self._fail(sub, e)
-            for request_id in cancels:
-                scheduler.cancel(request_id)
+                    self._finish(sub, _failure(sub, str(e), FinishReason.ERROR))
+                    continue
+                self._by_handle[sub.handle] = sub
+            for sub in cancels:
+                if sub.handle is not None:
+                    scheduler.cancel(sub.handle)
             if not scheduler.has_unfinished():
                 continue
-            try:
-                report = scheduler.step()
-            except Exception as e:  # a bug, not a request's bad numbers (those are flagged per row)
-                log.error("engine step failed; failing every in-flight request:\n%s", traceback.format_exc())
-                self._fail_all(e)
-                continue
-            if self.on_step is not None:
-                self.on_step(report)
+            report = scheduler.step()  # a failing step fails its own requests and returns
+            self._observe(self.on_step, report)
             for out in report.outputs:
-                with self._cond:
-                    sub = self._subs.get(out.request_id)
-                    if sub is not None and out.finished:
-                        del self._subs[out.request_id]
+                sub = self._by_handle.get(out.handle)
                 if sub is None:
                     continue
                 now = time.monotonic()
-                if self.on_output is not None:
-                    self.on_output(sub, out, now - sub.last_output_time)
-                sub.deliver(out)
+                self._observe(self.on_output, sub, out, now - sub.last_output_time)
                 sub.last_output_time = now
-        # Stopping: whatever is left learns it will not be served.
-        with self._cond:
-            left = list(self._subs.values())
-            self._subs.clear()
-        for sub in left:
-            sub.deliver(
-                _failure(sub, "the server stopped before this request finished", FinishReason.CANCELLED)
-            )
+                if out.finished:
+                    del self._by_handle[out.handle]
+                    self._finish(sub, out)
+                else:
+                    sub.deliver(out)
 
-    def _fail(self, sub: Subscription, error: Exception) -> None:
-        with self._cond:
-            self._subs.pop(sub.request_id, None)
-        sub.deliver(_failure(sub, str(error), FinishReason.ERROR))
-
-    def _fail_all(self, error: Exception) -> None:
-        """After an unexpected exception: reset the scheduler's rows and fail their requests."""
-        scheduler = self.scheduler
-        for seq in list(scheduler.running) + list(scheduler.waiting):
-            scheduler.cancel(seq.request_id)
+    def _observe(self, callback: Callable | None, *args: object) -> None:
+        if callback is None:
+            return
         try:
-            scheduler.step()  # reaps the cancelled rows and frees their slots
+            callback(*args)
         except Exception:
-            log.exception("could not reap rows after a failed step")
+            log.exception("an observer of the engine loop failed (the request goes on)")
+
+    def _finish(self, sub: Subscription, out: RequestOutput) -> None:
         with self._cond:
-            subs = list(self._subs.values())
+            self._subs.discard(sub)
+        sub.deliver(out)
+
+    def _fail_all(self, message: str, reason: FinishReason) -> None:
+        with self._cond:
+            left = list(self._subs)
             self._subs.clear()
-        for sub in subs:
-            sub.deliver(_failure(sub, f"internal error: {error}", FinishReason.ERROR))
+            self._inbox.clear()
+        self._by_handle.clear()
+        for sub in left:
+            sub.deliver(_failure(sub, message, reason))
 
 
 def _failure(sub: Subscription, message: str, reason: FinishReason) -> RequestOutput:
     return RequestOutput(
-        request_id=sub.request_id,
+        request_id=sub.request.request_id,
+        handle=sub.handle if sub.handle is not None else -1,
         new_token_ids=[],
         new_text="",
         finished=True,

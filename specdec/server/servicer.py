@@ -46,15 +46,19 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
                 out: RequestOutput = await sub.queue.get()
                 if out.finished and out.finish_reason is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, out.error or "internal error")
-                if out.finished and out.finish_reason is FinishReason.CANCELLED and out.error:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, out.error)
+                if out.finished and out.finish_reason is FinishReason.CANCELLED:
+                    # This client did not cancel (its handler would be gone): the server did, and
+                    # a request it stopped is never reported as a success.
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, out.error or "the server cancelled this request"
+                    )
                 yield out
                 if out.finished:
                     return
         finally:
             # Client gone, deadline passed, or done: in the first two cases the row is still
             # running; cancelling a finished request is a no-op.
-            self.engine_loop.cancel(sub.request_id)
+            self.engine_loop.cancel(sub)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -9,7 +9,7 @@ import torch
 
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
-from specdec.errors import IncompatiblePairError, InvalidRequestError
+from specdec.errors import IncompatiblePairError
 from specdec.planner import GammaPlanner
 from specdec.request import FinishReason, Mode
 from specdec.testing import (
@@ -208,13 +208,13 @@ def test_non_finite_logits_fail_one_request_and_the_others_finish(engines, monke
     ids = [engine.scheduler.add_request(r) for r in requests]
     results = {i: [] for i in ids}
     engine.scheduler.step()  # admits all four and runs one step
-    victim_slot["slot"] = next(s.slot for s in engine.scheduler.running if s.request_id == ids[1])
+    victim_slot["slot"] = next(s.slot for s in engine.scheduler.running if s.handle == ids[1])
     while engine.scheduler.has_unfinished():
         for out in engine.scheduler.step().outputs:
-            results[out.request_id].append(out)
+            results[out.handle].append(out)
     final = {i: outs[-1] for i, outs in results.items()}
     assert final[ids[1]].finish_reason is FinishReason.ERROR
-    assert "non-finite logits from the target model" in final[ids[1]].error
+    assert "non-finite logits (NaN or +inf) from the target model" in final[ids[1]].error
     for k in (0, 2, 3):
         assert final[ids[k]].finish_reason is FinishReason.LENGTH
     assert engine.scheduler.num_running == 0 and len(engine.scheduler.free_slots) == CONFIG.max_batch_size
@@ -314,11 +314,15 @@ def test_warm_up_fits_a_tiny_context(pairs):
     assert len(result.token_ids) == 1
 
 
-def test_generate_refuses_two_requests_with_one_id(engines):
+def test_a_request_id_is_a_label_two_requests_may_share(engines):
+    """Requests are keyed by the engine's own handles: two with one request_id run independently,
+    each labelled with it."""
     engine = engines("llama-close")
-    params = SamplingParams(max_new_tokens=2)
-    requests = [engine.make_request([5, 6], params) for _ in range(2)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    requests = [engine.make_request(p, params, Mode.TARGET) for p in ([5, 6], [7, 8, 9])]
     for r in requests:
         r.request_id = "same"
-    with pytest.raises(InvalidRequestError, match="request_id"):
-        engine.generate(requests, max_concurrency=1)
+    results = engine.generate(requests)
+    alone = engine.generate([[5, 6], [7, 8, 9]], params, mode=Mode.TARGET)
+    assert [r.request_id for r in results] == ["same", "same"]
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE
 
 # On a GPU the kernels are compiled for real and compared on CUDA tensors; here, interpreted.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,8 +37,8 @@ def _check(logits, drafts, num_drafts, vocab, block=64):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_ragged_batches(seed):
-    _accepted, tokens, bad = _check(*_case(seed=seed))
-    assert (tokens < 257).all() and not bad.any()
+    _accepted, tokens, status = _check(*_case(seed=seed))
+    assert (tokens < 257).all() and not status.any()
 
 
 def test_all_accepted_emits_the_bonus():
@@ -76,16 +77,49 @@ def test_non_finite_rows_are_flagged_and_stay_in_vocabulary():
     num[:] = 5
     logits[1, 2, 7] = float("nan")
     logits[4, 0, :] = float("inf")
-    logits[6, 5, 0] = float("-inf")  # -inf alone is non-finite too
+    logits[6, 5, 0] = float("-inf")  # -inf is an impossible token, not a bad number
     logits[7, :, 300 - 1] = float("nan")  # NaN only in a padded lane: not this row's problem
-    accepted, tokens, bad = _check(logits, drafts, num, vocab)
-    assert bad.tolist() == [False, True, False, False, True, False, True, False]
-    assert (accepted[bad] == 0).all() and ((tokens >= 0) & (tokens < vocab)).all()
+    accepted, tokens, status = _check(logits, drafts, num, vocab)
+    assert status.tolist() == [0, ROW_NONFINITE, 0, 0, ROW_NONFINITE, 0, 0, 0]
+    assert (accepted[status != 0] == 0).all() and ((tokens >= 0) & (tokens < vocab)).all()
+
+
+def test_minus_infinity_masks_tokens_and_an_empty_deciding_position_fails_the_row():
+    logits, drafts, num, vocab = _case(seed=5, agree=1.0)
+    num[:] = 5
+    # Row 0: its best token at the bonus position is masked out: the bonus is the best unmasked one.
+    best = logits[0, 5, :vocab].argmax()
+    logits[0, 5, best] = float("-inf")
+    # Row 1: nothing possible at position 0, which decides: ROW_NO_TOKEN, never emitted as id 0.
+    logits[1, 0, :vocab] = float("-inf")
+    # Row 2: the draft is rejected at position 1; position 3, never reached, has nothing possible.
+    drafts[2, 1] = (logits[2, 1, :vocab].argmax() + 1) % vocab
+    logits[2, 3, :vocab] = float("-inf")
+    # Row 3: nothing possible after a full accept, at the bonus position that decides.
+    logits[3, 5, :vocab] = float("-inf")
+    accepted, tokens, status = _check(logits, drafts, num, vocab)
+    assert status.tolist() == [0, ROW_NO_TOKEN, 0, ROW_NO_TOKEN, 0, 0, 0, 0]
+    masked = logits[0, 5, :vocab].clone()
+    assert accepted[0] == 5 and tokens[0, 5] == masked.argmax() and tokens[0, 5] != best
+    assert accepted[1] == 0 and accepted[3] == 0
+    assert accepted[2] == 1 and tokens[2, 1] == logits[2, 1, :vocab].argmax()
+
+
+def test_draft_ids_outside_the_vocabulary_are_never_accepted():
+    logits, drafts, num, vocab = _case(seed=6, agree=1.0)
+    num[:] = 5
+    drafts[0, 0] = vocab + 3  # clamped it would be vocab - 1; make that the argmax too
+    logits[0, 0, vocab - 1] = 50.0
+    drafts[1, 2] = -1
+    logits[1, 2, 0] = 50.0
+    accepted, tokens, status = _check(logits, drafts, num, vocab)
+    assert accepted[0] == 0 and tokens[0, 0] == vocab - 1  # the target's own choice, not an acceptance
+    assert accepted[1] == 2 and not status.any()
 
 
 def test_nan_past_a_rows_drafts_is_ignored():
     logits, drafts, num, vocab = _case(seed=4)
     num[:] = 2
     logits[:, 4, 3] = float("nan")  # position 4 > γ = 2: not read
-    _accepted, _tokens, bad = _check(logits, drafts, num, vocab)
-    assert not bad.any()
+    _accepted, _tokens, status = _check(logits, drafts, num, vocab)
+    assert not status.any()

@@ -9,6 +9,7 @@ import torch
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.rejection_sample import rejection_sample_reference, rejection_sample_triton
 from specdec.kernels.sample import sample_reference
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE
 from specdec.sampling import SamplingParams, SamplingTensors, probabilities
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +70,7 @@ def _both(case, block=64):
     case = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     ref = rejection_sample_reference(**case)
     got = rejection_sample_triton(**case, block=block)
-    for name, r, k in zip(("accepted", "tokens", "bad"), ref, got):
+    for name, r, k in zip(("accepted", "tokens", "status"), ref, got):
         assert torch.equal(r, k), f"{name}:\nref {r}\nkernel {k}"
     return tuple(t.cpu() for t in ref)
 
@@ -145,12 +146,45 @@ def test_bad_numbers_are_flagged_and_ids_stay_in_vocabulary():
     case = _case(seed=10)
     case["p"][1, 2, 5] = float("nan")
     case["q"][3, 1, :] = float("inf")
-    case["p"][5, 4, :] = 0.0  # no mass at the bonus position
+    case["p"][5, 0, :] = 0.0  # no mass at position 0, which always decides: nothing possible
     case["p"][6, 3, :] = float("nan")
     case["num_drafts"][6] = 2  # ... but position 3 is past row 6's drafts: not its problem
-    accepted, tokens, bad = _both(case)
-    assert bad.tolist() == [False, True, False, True, False, True, False, False]
-    assert ((tokens >= 0) & (tokens < 200)).all() and (accepted[bad] == 0).all()
+    case["p"][7, 0, :] = 0.0
+    case["p"][7, 0, 7] = 1.0
+    case["draft_tokens"][7, 0] = 8  # rejected at position 0 for sure ...
+    case["p"][7, 3, :] = 0.0  # ... so a position with no mass later on never decides
+    accepted, tokens, status = _both(case)
+    assert status.tolist() == [0, ROW_NONFINITE, 0, ROW_NONFINITE, 0, ROW_NO_TOKEN, 0, 0]
+    assert ((tokens >= 0) & (tokens < 200)).all() and (accepted[status != 0] == 0).all()
+    assert accepted[7] == 0 and tokens[7, 0] == 7
+
+
+def test_draft_ids_outside_the_vocabulary_are_never_accepted():
+    case = _case(seed=13, same=True)  # p == q: every valid draft is accepted
+    case["point_mass"] = torch.tensor([True, True, False, False] * 2)
+    case["draft_tokens"][0, 0] = 200 + 5  # external, past the vocabulary (clamped it would be 199)
+    case["p"][0, 0, :] = 0.0
+    case["p"][0, 0, 199] = 1.0  # ... and the target is sure of 199
+    case["p"][1, 0, :] = 0.0
+    case["p"][1, 0, case["draft_tokens"][1, 0]] = 1.0  # row 1's first (external) draft: sure to pass
+    case["draft_tokens"][1, 1] = -1
+    case["draft_tokens"][2, 2] = 10_000  # a model row (a kernel bug upstream)
+    accepted, tokens, status = _both(case)
+    assert accepted[:3].tolist() == [0, 1, 2] and not status.any()
+    assert tokens[0, 0] == 199  # drawn from p (the proposal had no mass in the vocabulary)
+    assert ((tokens >= 0) & (tokens < 200)).all()
+
+
+def test_q_may_hold_fewer_positions_than_a_long_external_draft():
+    """A sampled external draft longer than the batch's longest model draft: q has only the model
+    drafts' positions, and the external row reads none of it."""
+    case = _case(seed=14)
+    case["q"] = case["q"][:, :2].contiguous()
+    case["num_drafts"] = torch.tensor([4, 2, 1, 4, 0, 2, 4, 2])
+    case["point_mass"] = case["num_drafts"] == 4
+    case["q_row"] = torch.where(case["point_mass"], -1, case["q_row"])
+    accepted, _tokens, status = _both(case)
+    assert not status.any() and (accepted <= case["num_drafts"]).all()
 
 
 def test_padded_probability_lanes_are_never_read():

@@ -7,6 +7,7 @@ from scipy.stats import chisquare
 
 from specdec.kernels.philox import STREAM_DRAFT
 from specdec.kernels.sample import sample_reference, sample_triton
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -34,13 +35,17 @@ def test_kernel_equals_reference():
 def test_bad_rows_are_flagged_and_stay_in_vocabulary():
     logits, probs, greedy, seeds, positions, vocab = _case(n=6)
     logits[0, 5] = float("nan")  # greedy row with a NaN
-    probs[1, :] = 0.0  # sampled row with no mass
+    probs[1, :] = 0.0  # sampled row with no mass: nothing possible
     probs[2, 7] = float("inf")
-    logits[3, :] = float("-inf")  # greedy row, all -inf
+    logits[3, :] = float("-inf")  # greedy row, all -inf: nothing possible
+    greedy[4] = True
+    logits[4, :5] = float("-inf")  # greedy row, some tokens impossible: fine
+    logits[4, 2] = float("-inf")
     for fn in (sample_reference, sample_triton):
-        tokens, bad = fn(logits, probs, greedy, seeds, positions, STREAM_DRAFT, vocab)
-        assert bad.tolist() == [True, True, True, True, False, False]
-        assert ((tokens >= 0) & (tokens < vocab)).all()
+        tokens, status = fn(logits, probs, greedy, seeds, positions, STREAM_DRAFT, vocab)
+        assert status.tolist() == [ROW_NONFINITE, ROW_NO_TOKEN, ROW_NONFINITE, ROW_NO_TOKEN, 0, 0]
+        assert ((tokens >= 0) & (tokens < vocab)).all() and (tokens[status != 0] == 0).all()
+        assert tokens[4] == logits[4, :vocab].argmax() and tokens[4] >= 5
 
 
 def test_greedy_rows_take_the_argmax_of_the_real_vocabulary():

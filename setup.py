@@ -1,10 +1,10 @@
 """Packaging for specdec.
 
-Two things are unusual here:
-- the top-level ``kernels/`` directory installs as the subpackage ``specdec.kernels`` (Triton kernels
-  and their PyTorch references live beside the package, as in the design's layout);
-- the Python gRPC stubs are generated from ``protos/`` while building, never committed: the proto
-  package ``specdec.v1`` becomes the Python module ``specdec.v1.specdec_pb2``.
+One thing is unusual here: the Python gRPC stubs are generated from ``protos/`` while building,
+never committed: the proto package ``specdec.v1`` becomes the Python module
+``specdec.v1.specdec_pb2``. They are written into the build tree and into the source tree (git
+ignores them there), so an editable install (``pip install -e .``) and code run from the repository
+root import them too.
 """
 
 from __future__ import annotations
@@ -54,12 +54,15 @@ def compile_protos(out_dir: Path) -> list[Path]:
 
 
 class BuildPyWithProtos(build_py):
-    """build_py that also generates the gRPC stubs into the build tree."""
+    """build_py that also generates the gRPC stubs, into the source tree and the build tree."""
 
     def run(self) -> None:
-        super().run()
         if not self.dry_run:
-            # The proto package specdec.v1 lands at <build_lib>/specdec/v1/.
+            # The proto package specdec.v1 lands at specdec/v1/ of the source tree first, so that
+            # build_py copies it like any module (an editable install imports it from there).
+            compile_protos(ROOT)
+        super().run()
+        if not self.dry_run and not getattr(self, "editable_mode", False):
             compile_protos(Path(self.build_lib))
 
 
@@ -71,7 +74,6 @@ def read_version() -> str:
 
 
 packages = find_packages(include=["specdec", "specdec.*"])
-packages.append("specdec.kernels")
 
 setup(
     name="specdec",
@@ -82,7 +84,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"specdec": "specdec", "specdec.kernels": "kernels"},
     package_data={"specdec": ["assets/**/*", "distill/*.json"]},
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithProtos},

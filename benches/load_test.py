@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_threads < 0:
         parser.error(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
 
-    from specdec.bench.main import prompts_from_text
     from specdec.assets import resolve_pair
+    from specdec.bench.main import prompts_from_text
     from specdec.config import EngineConfig
     from specdec.engine import Engine, resolve_device
     from specdec.server.app import ServerConfig, configure_cpu_threads

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from specdec.chat import encode_chat
 from specdec.config import EngineConfig
 from specdec.errors import InvalidRequestError
 from specdec.models.loader import LoadedModel, load_checkpoint
@@ -31,7 +32,7 @@ from specdec.runner import ModelRunner
 from specdec.sampling import SamplingParams
 from specdec.scheduler import Scheduler, StepReport
 from specdec.speculative import AcceptKernels
-from specdec.validation import RequestLimits, validate
+from specdec.validation import RequestLimits, check_prompt_chars, validate
 
 log = logging.getLogger("specdec")
 
@@ -99,14 +100,15 @@ class Engine:
     # ------------------------------------------------------------------ building requests
 
     def encode(self, prompt: str) -> list[int]:
+        """Token ids of prompt text; text that cannot fit the context is refused untokenized."""
+        check_prompt_chars(len(prompt), self.limits, "prompt")
         return list(self.tokenizer.encode(prompt, add_special_tokens=False))
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` rendered by the tokenizer's chat template (generation prompt added)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("messages", "the target's tokenizer has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text)
+        """Token ids of `messages` rendered by the tokenizer's chat template (generation prompt
+        added); message content stays text (`specdec.chat`)."""
+        check_prompt_chars(sum(len(m["content"]) for m in messages), self.limits, "messages")
+        return encode_chat(self.tokenizer, messages)
 
     def make_request(
         self,

@@ -36,7 +36,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # 0 = no top-k
-    seed: int | None = None  # None: the engine draws one (reported back, so a run can be repeated)
+    seed: int | None = None  # None: the engine draws one, reported back (docs/API.md, Seeds)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False

@@ -16,6 +16,7 @@ from specdec.request import Mode, Request
 from specdec.tokenization import emittable_vocab_size
 
 DEFAULT_MAX_CONTEXT = 4096
+MAX_PROMPT_CHARS = 1_000_000  # whatever the context, text longer than this is refused untokenized
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,9 @@ class RequestLimits:
     max_context: int  # prompt + output tokens per sequence
     max_gamma: int  # the most drafts a request may force per step
     has_draft: bool
+    # Text longer than this cannot fit the context (no token spells more than the vocabulary's
+    # longest token string), so it is refused before paying for its tokenization.
+    max_prompt_chars: int = MAX_PROMPT_CHARS
 
     @staticmethod
     def for_pair(target: LoadedModel, draft: LoadedModel | None, config: EngineConfig) -> RequestLimits:
@@ -36,16 +40,29 @@ class RequestLimits:
             raise InvalidRequestError(
                 "max_context", f"{max_context} exceeds the models' max_position_embeddings {model_limit}"
             )
+        longest_token = max((len(t) for t in target.tokenizer.get_vocab()), default=1)
         return RequestLimits(
             vocab_size=emittable_vocab_size(target, draft),
             max_context=max_context,
             max_gamma=config.max_gamma,
             has_draft=draft is not None,
+            max_prompt_chars=min(MAX_PROMPT_CHARS, max_context * max(longest_token, 1)),
         )
 
     @property
     def default_mode(self) -> Mode:
         return Mode.SPECULATIVE if self.has_draft else Mode.TARGET
+
+
+def check_prompt_chars(chars: int, limits: RequestLimits, field: str) -> None:
+    """Refuse prompt text that cannot fit the context, before it is tokenized."""
+    if chars > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            field,
+            f"at most {limits.max_prompt_chars} characters, got {chars}: the context holds "
+            f"{limits.max_context} tokens, and no token is longer than "
+            f"{limits.max_prompt_chars // limits.max_context} characters",
+        )
 
 
 def validate(request: Request, limits: RequestLimits) -> Mode:

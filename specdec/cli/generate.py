@@ -84,10 +84,13 @@ def _generate_remote(args: argparse.Namespace) -> int:
                         sys.stdout.write(chunk.text)
                         sys.stdout.flush()
                 assert last is not None
-                last.text = "".join(c.text for c in pieces)
-                del last.token_ids[:]
-                last.token_ids.extend(t for c in pieces for t in c.token_ids)
-                reply = last
+                # One reply with the totals of the last chunk and the text and ids of them all.
+                reply = type(last)()
+                reply.CopyFrom(last)
+                reply.text = "".join(c.text for c in pieces)
+                del reply.token_ids[:], reply.logprobs[:]
+                reply.token_ids.extend(t for c in pieces for t in c.token_ids)
+                reply.logprobs.extend(lp for c in pieces for lp in c.logprobs)
                 if not args.json:
                     sys.stdout.write("\n")
             else:

@@ -28,9 +28,8 @@ from specdec.request import Mode, RequestOutput
 from specdec.scheduler import StepReport
 from specdec.server.engine_loop import EngineLoop, Subscription
 from specdec.server.metrics import Metrics, log_request, status_of
-from specdec.server.servicer import SpecDecServicer
+from specdec.server.servicer import SpecDecServicer, add_to_server
 from specdec.v1 import specdec_pb2 as pb
-from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specdec.server")
 
@@ -121,7 +120,7 @@ async def serve(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
     )
-    pb_grpc.add_SpecDecServicer_to_server(SpecDecServicer(engine, engine_loop), server)
+    add_to_server(SpecDecServicer(engine, engine_loop), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

@@ -15,8 +15,8 @@ from specdec.errors import InvalidRequestError
 from specdec.request import FinishReason, Mode, Request, RequestOutput, SpecStats, TokenLogprob
 from specdec.sampling import SamplingParams
 from specdec.v1 import specdec_pb2 as pb
+from specdec.validation import check_prompt_chars
 
-MAX_PROMPT_CHARS = 1_000_000
 MAX_MESSAGES = 256
 MAX_REQUEST_ID_CHARS = 256
 ROLES = ("system", "user", "assistant", "tool")
@@ -38,6 +38,14 @@ _FINISH_TO_PB = {
 }
 
 
+def check_text_fits(engine: Engine, msg: pb.GenerateRequest) -> None:
+    """Refuse prompt text (or chat content) that cannot fit the context, without tokenizing it.
+    `Engine.encode` and `Engine.render_chat` check the same; this lets the server do it before
+    handing the request to a worker thread."""
+    check_prompt_chars(len(msg.prompt), engine.limits, "prompt")
+    check_prompt_chars(sum(len(m.content) for m in msg.messages), engine.limits, "messages")
+
+
 def prompt_ids(engine: Engine, msg: pb.GenerateRequest) -> list[int]:
     """Token ids of whichever prompt field is set (exactly one must be)."""
     given = [name for name, present in (
@@ -55,19 +63,10 @@ def prompt_ids(engine: Engine, msg: pb.GenerateRequest) -> list[int]:
             given[1], f"give exactly one of prompt, prompt_token_ids or messages (got {' and '.join(given)})"
         )
     if msg.prompt:
-        if len(msg.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidRequestError(
-                "prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(msg.prompt)}"
-            )
-        return engine.encode(msg.prompt)
+        return engine.encode(msg.prompt)  # refuses text that cannot fit before tokenizing it
     if msg.messages:
         if len(msg.messages) > MAX_MESSAGES:
             raise InvalidRequestError("messages", f"at most {MAX_MESSAGES} messages, got {len(msg.messages)}")
-        total = sum(len(m.content) for m in msg.messages)
-        if total > MAX_PROMPT_CHARS:
-            raise InvalidRequestError(
-                "messages", f"at most {MAX_PROMPT_CHARS} characters in all, got {total}"
-            )
         for i, m in enumerate(msg.messages):
             if m.role not in ROLES:
                 raise InvalidRequestError(
@@ -194,8 +193,7 @@ def model_info(engine: Engine) -> pb.GetModelInfoResponse:
     def info(lm: Any) -> pb.ModelInfo:
         cfg = lm.config
         return pb.ModelInfo(
-            name=lm.name,
-            path=str(lm.path),
+            name=lm.name,  # the checkpoint's name; never the server's directory layout
             architecture=cfg.model_type,
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,

@@ -4,14 +4,22 @@ Handlers run on the asyncio loop and never wait on torch: tokenising runs in a w
 engine runs in its own (EngineLoop). A handler whose client cancels or whose deadline passes is
 cancelled by grpc.aio; its `finally` tells the engine to drop the row, freeing the slot at the
 next step.
+
+`add_to_server` registers the handlers with deserializers that do not raise: a request that is not
+valid protobuf (truncated, garbage, invalid UTF-8 in a string field) reaches its handler as
+`Undecodable` and is refused with INVALID_ARGUMENT and a plain message, where grpc itself would
+answer with a Python exception's text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from specdec.engine import Engine
 from specdec.errors import SpecdecError
@@ -24,6 +32,68 @@ from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specdec.server")
 
+SERVICE = pb.DESCRIPTOR.services_by_name["SpecDec"]
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request that did not parse is handed to its handler as."""
+
+    message: str
+
+
+def _lenient(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return Undecodable(
+                f"the request is not a valid {message_class.DESCRIPTOR.full_name}: truncated or "
+                "malformed protobuf, or a string field that is not valid UTF-8"
+            )
+
+    return parse
+
+
+def _refusing_undecodable(method, streaming: bool):
+    if streaming:
+
+        @functools.wraps(method)
+        async def stream(request, context):
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            async for item in method(request, context):
+                yield item
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await method(request, context)
+
+    return unary
+
+
+def add_to_server(servicer: SpecDecServicer, server: grpc.aio.Server) -> None:
+    """Register every method of the SpecDec service (from its descriptor) on `server`."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            _refusing_undecodable(getattr(servicer, method.name), method.server_streaming),
+            request_deserializer=_lenient(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+
 
 class SpecDecServicer(pb_grpc.SpecDecServicer):
     def __init__(self, engine: Engine, loop: EngineLoop):
@@ -32,6 +102,9 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
 
     async def _submit(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Subscription:
         try:
+            # Text that cannot fit is refused here, at once; only text that may fit goes to a
+            # worker thread to be tokenized (the event loop never waits on a tokenizer).
+            convert.check_text_fits(self.engine, msg)
             ids = await asyncio.to_thread(convert.prompt_ids, self.engine, msg)
             request = convert.request_from_proto(self.engine, msg, ids)
             return self.engine_loop.submit(request, asyncio.get_running_loop())

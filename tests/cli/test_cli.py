@@ -92,3 +92,34 @@ def test_flag_defaults_are_the_cores_own():
     assert engine_config(parser.parse_args(["serve"])) == EngineConfig()
     flags = parser.parse_args(["serve", "--max-batch-size", "3", "--max-queue", "5", "--no-adaptive"])
     assert engine_config(flags) == EngineConfig(max_batch_size=3, max_queue=5, adaptive=False)
+
+
+def test_generate_over_grpc_streaming_json_has_every_token_id(pairs):
+    from specdec import Engine
+    from specdec.config import EngineConfig
+    from specdec.testing import serve_in_thread
+
+    target, draft = pairs("llama-close")
+    server = serve_in_thread(
+        Engine(
+            target=target, draft=draft, config=EngineConfig(max_batch_size=2, max_context=128, warmup=False)
+        )
+    )
+    try:
+        common = (
+            "generate",
+            "def add(a, b):",
+            "--server",
+            server.address,
+            "--max-new-tokens",
+            "20",
+            "--json",
+        )
+        streamed = run(*common, "--stream")
+        unary = run(*common)
+    finally:
+        server.stop()
+    assert streamed.returncode == 0 and unary.returncode == 0, streamed.stderr + unary.stderr
+    s, u = json.loads(streamed.stdout), json.loads(unary.stdout)
+    assert len(s["token_ids"]) == s["usage"]["completion_tokens"] == len(u["token_ids"])
+    assert s["token_ids"] == u["token_ids"] and s["text"] == u["text"]

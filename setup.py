@@ -2,17 +2,16 @@
 
 One thing is unusual here: the Python gRPC stubs are generated from ``protos/`` while building,
 never committed: the proto package ``specdec.v1`` becomes the Python module
-``specdec.v1.specdec_pb2``. They are written into the build tree and into the source tree (git
-ignores them there), so an editable install (``pip install -e .``) and code run from the repository
-root import them too.
+``specdec.v1.specdec_pb2``. They are written into the source tree whenever this file runs (git
+ignores them there) and packaged from there like any module, so an editable install
+(``pip install -e .``) and code run from the repository root import them too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py
+from setuptools import find_namespace_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 PROTO_ROOT = ROOT / "protos"
@@ -53,19 +52,6 @@ def compile_protos(out_dir: Path) -> list[Path]:
     return inits
 
 
-class BuildPyWithProtos(build_py):
-    """build_py that also generates the gRPC stubs, into the source tree and the build tree."""
-
-    def run(self) -> None:
-        if not self.dry_run:
-            # The proto package specdec.v1 lands at specdec/v1/ of the source tree first, so that
-            # build_py copies it like any module (an editable install imports it from there).
-            compile_protos(ROOT)
-        super().run()
-        if not self.dry_run and not getattr(self, "editable_mode", False):
-            compile_protos(Path(self.build_lib))
-
-
 def read_version() -> str:
     for line in (ROOT / "specdec" / "__init__.py").read_text().splitlines():
         if line.startswith("__version__"):
@@ -73,7 +59,12 @@ def read_version() -> str:
     raise RuntimeError("no __version__ in specdec/__init__.py")
 
 
-packages = find_packages(include=["specdec", "specdec.*"])
+# Namespace packages too: the directories that hold only data (assets/demo/target, ...) are
+# packages to setuptools, and it warns about every one left out of this list.
+# The stubs are generated whenever setup.py runs (every build, editable or not), before setuptools
+# looks for the packages. grpcio-tools is a build requirement (pyproject.toml), so it is there.
+compile_protos(ROOT)
+packages = find_namespace_packages(include=["specdec", "specdec.*"])
 
 setup(
     name="specdec",
@@ -86,7 +77,6 @@ setup(
     packages=packages,
     package_data={"specdec": ["assets/**/*", "distill/*.json"]},
     include_package_data=True,
-    cmdclass={"build_py": BuildPyWithProtos},
     install_requires=[
         # torch is installed by the Makefile (CPU build where there is no GPU); any 2.4+ works.
         "torch>=2.4",

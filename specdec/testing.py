@@ -348,3 +348,20 @@ def grpc_stub(address: str) -> Any:
     from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
     return pb_grpc.SpecDecStub(grpc.insecure_channel(address))
+
+
+def copy_checkout(repo: Path, dest: Path) -> Path:
+    """A copy of a git checkout's files as a fresh clone would have them: the tracked ones and new
+    ones git does not ignore (so uncommitted work is in it, and no build output or .venv)."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=repo, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, files):
+        if (repo / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, dest / name)
+    return dest

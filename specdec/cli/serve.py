@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         _status(f"{threads} torch compute thread(s)")
     _status(f"loading target {target}" + (f" and draft {draft}" if draft else ""))
-    engine = Engine(target=target, draft=draft, config=config)
-    _status(f"KV cache per model: {engine.runner.target_cache.describe()}")
+    engine = Engine(target=target, draft=draft, config=config)  # logs the KV cache's size
     server = ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, grace_period=args.grace_period
     )

@@ -37,7 +37,11 @@ def test_a_seed_repeats_the_run_where_the_docs_say_it_does(engine, mode, gamma):
 def test_the_docs_say_exactly_when_a_seed_repeats():
     api = (REPO / "docs" / "API.md").read_text()
     seeds = api[api.index("## Seeds") :]
-    for phrase in ("`MODE_TARGET` and `MODE_DRAFT`", "with a\nfixed `num_speculative_tokens`", "Under adaptive γ"):
+    for phrase in (
+        "`MODE_TARGET` and `MODE_DRAFT`",
+        "with a\nfixed `num_speculative_tokens`",
+        "Under adaptive γ",
+    ):
         assert phrase in seeds, phrase
     assert (
         "same seed repeats the\nrun token for token in target or draft mode"

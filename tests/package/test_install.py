@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from specdec.testing import copy_checkout
+
 REPO = Path(__file__).resolve().parents[2]
 CHECK = (
     "import specdec, specdec.kernels, specdec.v1.specdec_pb2\n"
@@ -24,20 +26,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _source_copy(dest: Path) -> Path:
-    """The checkout's files as a fresh clone has them (tracked, plus new ones git does not ignore)."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    assert not (dest / "specdec" / "v1").exists()  # the stubs are not part of the source
-    return dest
-
-
 def test_code_run_from_the_repository_root_imports_the_package_there():
     out = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -46,7 +34,8 @@ def test_code_run_from_the_repository_root_imports_the_package_there():
 
 @pytest.mark.slow
 def test_an_editable_install_has_the_grpc_stubs(tmp_path):
-    source = _source_copy(tmp_path / "src")
+    source = copy_checkout(REPO, tmp_path / "src")
+    assert not (source / "specdec" / "v1").exists()  # the stubs are not part of the source
     prefix = tmp_path / "prefix"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--ignore-installed", "-e", str(source),

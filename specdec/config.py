@@ -29,6 +29,10 @@ class EngineConfig:
     adaptive: bool = True  # choose γ per step from measured costs and acceptance (else default_gamma)
     warmup: bool = True  # time the passes at start-up, so the first adaptive decisions are informed
     explore_every: int = 16  # a row kept at γ = 0 this many steps drafts γ = 1 once, to refresh its α
+    # Adaptive γ checks its predictions against realised throughput (costs.RateCorrection); every
+    # this many decided steps it runs a neighbour of its choice (G - 1 or G + 1) to keep the
+    # ratios of the options it is not choosing current. 0 = no correction and no probes.
+    probe_every: int = 20
     speculation_margin: float = (
         0.03  # adaptive γ drafts only if expected tokens/s beat plain decoding by this
     )
@@ -59,6 +63,8 @@ class EngineConfig:
             raise SpecdecError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if not 0 <= self.speculation_margin < 1:
             raise SpecdecError(f"speculation_margin must be in [0, 1), got {self.speculation_margin}")
+        if self.probe_every < 0:
+            raise SpecdecError(f"probe_every must be >= 0 (0 = off), got {self.probe_every}")
         if self.explore_every < 1:
             raise SpecdecError(f"explore_every must be >= 1, got {self.explore_every}")
         if not 0 < self.acceptance_decay <= 1 or not 0 <= self.acceptance_prior <= 1:

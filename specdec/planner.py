@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from specdec.adaptive import AcceptanceEstimate, CostModel, Decision, RowView, choose_gammas
+from specdec.adaptive import AcceptanceEstimate, Decision, RowView, choose_gammas
 from specdec.config import EngineConfig
+from specdec.costs import CostModel, RateCorrection
 from specdec.request import Mode
 from specdec.sequence import Sequence
 from specdec.speculative import RowPlan
@@ -24,6 +25,7 @@ class StepPlan:
     rows: list[RowPlan]  # the target-verified rows, in slot order
     draft_only: list[Sequence]  # rows of draft mode: they ride along in the draft passes
     decision: Decision | None  # the adaptive policy's, when it chose any row's γ
+    probe: bool = False  # the policy measured a neighbour of its choice this step
 
     @property
     def speculative(self) -> bool:
@@ -47,6 +49,11 @@ class GammaPlanner:
         self.gamma_override = gamma_override
         self.learn_costs = learn_costs
         self.global_acceptance = AcceptanceEstimate()
+        # Realised vs predicted throughput: learnt like the costs (config.probe_every = 0, or
+        # learn_costs=False: the cost model alone decides).
+        self.correction = RateCorrection() if config.probe_every and learn_costs else None
+        self._decided = 0  # steps the policy decided, for the probe schedule
+        self._last_longest = 0  # the longest draft the policy last chose itself
 
     @property
     def adaptive(self) -> bool:
@@ -90,8 +97,10 @@ class GammaPlanner:
                         explore=seq.steps_idle >= config.explore_every,
                     )
                 )
-        decision = None
+        decision, probe = None, None
         if any(v.fixed is None for v in views):
+            batch = len(rows) + len(draft_only)
+            probe = self._probe()
             decision = choose_gammas(
                 views,
                 self.costs,
@@ -99,6 +108,8 @@ class GammaPlanner:
                 len(draft_only),
                 config.speculation_margin,
                 config.per_row_gamma,
+                self.correction.factors(batch, config.max_gamma) if self.correction else None,
+                probe,
             )
             gammas = decision.gammas
         else:
@@ -107,7 +118,21 @@ class GammaPlanner:
         for seq, gamma, chunk in zip(rows, gammas, chunks):
             room = max(seq.remaining - 1, 0)
             plans.append(RowPlan(seq, len(chunk), chunk) if chunk else RowPlan(seq, min(gamma, room)))
-        return StepPlan(plans, draft_only, decision)
+        return StepPlan(plans, draft_only, decision, probe is not None)
+
+    def _probe(self) -> int | None:
+        """The longest draft to measure this step instead of choosing, or None (most steps)."""
+        if self.correction is None:
+            return None
+        self._decided += 1
+        if self._decided % self.config.probe_every:
+            return None
+        # Alternately one above and one below the last choice (within 0..γmax).
+        up = (self._decided // self.config.probe_every) % 2 == 0
+        g = self._last_longest + (1 if up else -1)
+        if not 0 <= g <= self.config.max_gamma:
+            g = self._last_longest - (1 if up else -1)
+        return g
 
     def _alpha(self, seq: Sequence) -> float:
         prior = self.global_acceptance.value(self.config.acceptance_prior, prior_weight=4.0)
@@ -127,10 +152,22 @@ class GammaPlanner:
         else:
             seq.steps_idle += 1
 
-    def observe_costs(self, plan: StepPlan, timings: list[PassTiming], step_seconds: float) -> None:
+    def observe_costs(
+        self, plan: StepPlan, timings: list[PassTiming], step_seconds: float, emitted: int
+    ) -> None:
         """A step's pass timings, and what the rest of the step (planning, batching, the sync,
         commit, detokenising) cost: part of every option's price, it favours amortising it over
-        longer drafts."""
+        longer drafts. And the step's realised throughput (`emitted` tokens in `step_seconds`)
+        against what the policy predicted for it."""
+        decision = plan.decision
+        if decision is not None:
+            if not plan.probe:
+                self._last_longest = decision.longest
+            if self.correction is not None and step_seconds > 0:
+                batch = len(plan.rows) + len(plan.draft_only)
+                self.correction.observe(
+                    batch, decision.longest, decision.predicted_rate, emitted / step_seconds
+                )
         if not self.learn_costs:
             return
         for t in timings:

@@ -236,7 +236,8 @@ class Scheduler:
                 report.outputs.append(self._finish(seq))
             else:
                 report.outputs.append(self._delta(seq, final=False))
-        self.planner.observe_costs(plan, timings, time.perf_counter() - started)
+        emitted = sum(len(o.tokens) for o in outcomes)
+        self.planner.observe_costs(plan, timings, time.perf_counter() - started, emitted)
 
     # ----------------------------------------------------------------------------- finish
 

@@ -312,7 +312,7 @@ def synthetic_costs(
 ) -> Any:
     """A synthetic machine for the γ policy: a draft pass costs `draft` (growing slowly with batch),
     a target pass costs verify_base + verify_per_token * batch * width."""
-    from specdec.adaptive import CostModel
+    from specdec.costs import CostModel
     from specdec.timing import PassKind
 
     model = CostModel()

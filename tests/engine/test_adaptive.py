@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from specdec.adaptive import AcceptanceEstimate, CostModel, RowView, choose_gammas, expected_tokens, step_rate
+from specdec.adaptive import AcceptanceEstimate, RowView, choose_gammas, expected_tokens, step_rate
+from specdec.costs import CostModel
 from specdec.testing import synthetic_costs as costs
 from specdec.timing import PassKind
 

@@ -25,10 +25,15 @@ from specdec.v1 import specdec_pb2 as pb
 CONFIG = EngineConfig(max_batch_size=4, max_queue=16, max_context=128, warmup=False)
 
 
+NORMAL = dict(prompt=[5, 6, 7], mode="speculative", max_new_tokens=24)
+
+
 @pytest.fixture(scope="module")
 def server(pairs):
     target, draft = pairs("llama-close")
     srv = serve_in_thread(Engine(target=target, draft=draft, config=CONFIG))
+    # A normal request's greedy answer before any of the tests below has had a go at the server.
+    srv.first_answer = grpc_stub(srv.address).Generate(_req(**NORMAL)).text
     yield srv
     srv.stop()
 
@@ -246,3 +251,10 @@ def _refused(stub, msg):
     except grpc.RpcError as e:
         return e.code(), e.details()
     return grpc.StatusCode.OK, ""
+
+
+def test_after_all_of_it_the_server_answers_a_normal_request_with_the_same_greedy_text(server):
+    """Last in this file: the bad inputs and faults above left the server as it was."""
+    reply = grpc_stub(server.address).Generate(_req(**NORMAL))
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH and reply.text == server.first_answer
+    assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING

@@ -106,6 +106,7 @@ setup(
             "matplotlib>=3.7",
             "triton>=3.0",
             "grpcio-tools>=1.62",
+            "trustme>=1.1",  # certificates for the TLS / mTLS tests
         ],
         "bench": ["matplotlib>=3.7"],
         # flash-attn cannot be built on CPU machines; nothing requires it.

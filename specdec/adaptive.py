@@ -96,8 +96,11 @@ class Decision:
     expected_rate: float  # expected tokens per second of the chosen step (corrected)
     target_rate: float  # expected tokens per second with no row drafting by the policy's choice (corrected)
     curve: tuple[float, ...]  # for each G in 0..γmax, the best expected rate with longest draft G (corrected)
-    longest: int = 0  # the chosen step's longest draft G
-    predicted_rate: float = 0.0  # the cost model's rate of the chosen step, before the correction
+    longest: int = 0  # the chosen step's longest draft G (forced and external rows included)
+    policy_gamma: int = 0  # the γ the policy itself gave its rows (0: it kept them from drafting)
+    # The cost model's seconds for the chosen step as it will be timed: the catch-up column its
+    # idle rows add is priced in, but paid by a later step, so it is not in these.
+    predicted_seconds: float = 0.0
 
 
 def catchup_columns(behind: int) -> int:
@@ -107,9 +110,21 @@ def catchup_columns(behind: int) -> int:
 
 
 def step_rate(rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only: int = 0) -> float:
-    """Expected emitted tokens per second of one step with these per-row γ."""
+    """Expected emitted tokens per second of one step with these per-row γ, as the policy prices
+    it (the catch-up its idle rows add included)."""
+    tokens, timed, deferred = step_cost(rows, gammas, costs, draft_only)
+    seconds = timed + deferred
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def step_cost(
+    rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only: int = 0
+) -> tuple[float, float, float]:
+    """(expected tokens, seconds the step takes, seconds it defers): speculative rows that skip
+    drafting fall one more token behind, and the catch-up column they will need when they draft
+    again is part of this step's price, but paid by a later step."""
     if not rows and not draft_only:
-        return 0.0
+        return 0.0, 0.0, 0.0
     drafting = [i for i, (r, g) in enumerate(zip(rows, gammas)) if g > 0 and r.model_drafts]
     idle = [i for i, (r, g) in enumerate(zip(rows, gammas)) if g == 0 and r.model_drafts]
     passes = max((gammas[i] for i in drafting), default=0)
@@ -125,12 +140,9 @@ def step_rate(rows: Seq[RowView], gammas: Seq[int], costs: CostModel, draft_only
     debt = max((catchup_columns(rows[i].behind) for i in drafting), default=0)
     if debt:
         seconds += costs.catchup_cost(len(drafting)) * debt
-    if idle:
-        # Speculative rows that skip drafting fall one more token behind: the catch-up column
-        # they will need when they draft again is part of this step's price.
-        seconds += costs.catchup_cost(len(idle))
+    deferred = costs.catchup_cost(len(idle)) if idle else 0.0
     tokens = sum(expected_tokens(r.alpha, g) for r, g in zip(rows, gammas)) + draft_only * passes
-    return tokens / seconds if seconds > 0 else 0.0
+    return tokens, seconds, deferred
 
 
 def choose_gammas(
@@ -166,11 +178,15 @@ def choose_gammas(
         # Steps longer than γmax (a long external draft beside) are not corrected.
         return correction[longest] if correction is not None and longest < len(correction) else 1.0
 
-    target_predicted = step_rate(rows, base, costs, draft_only)
-    target_rate = target_predicted * factor(fixed_width)
-    # (corrected rate, G, k, predicted rate, longest) of the best option so far: no free row drafting.
-    best = (target_rate, 0, 0, target_predicted, fixed_width)
-    probing = probe is not None and probe > 0 and free
+    t_tokens, t_timed, t_deferred = step_cost(rows, base, costs, draft_only)
+    target_rate = (t_tokens / (t_timed + t_deferred) if t_timed + t_deferred > 0 else 0.0) * factor(
+        fixed_width
+    )
+    # (corrected rate, G, k, seconds the step will take, longest) of the best option so far: no
+    # free row drafting.
+    target = (target_rate, 0, 0, t_timed, fixed_width)
+    best = target
+    probing = probe is not None and probe > 0 and bool(free)
     if probing:
         best = (0.0, 0, 0, 0.0, fixed_width)
     curve = [target_rate]
@@ -211,19 +227,18 @@ def choose_gammas(
             best_for_g = 0.0
             for k in choices:
                 tokens = tokens_at[k]
-                seconds = verify + passes * draft_at[k] + catchup_debt_at[k] + catchup_idle_at[k]
-                predicted = (tokens + draft_only * passes) / seconds
-                rate = predicted * factor(longest)
+                timed = verify + passes * draft_at[k] + catchup_debt_at[k]
+                rate = (tokens + draft_only * passes) / (timed + catchup_idle_at[k]) * factor(longest)
                 best_for_g = max(best_for_g, rate)
                 if (not probing or g == probe) and rate > best[0] * (1 + 1e-9):
-                    best = (rate, g, k, predicted, longest)
+                    best = (rate, g, k, timed, longest)
             curve.append(best_for_g)
     else:
         curve.extend([0.0] * max_gamma)
     if probe == 0 or (not probing and best[0] < target_rate * (1 + margin)):
-        best = (target_rate, 0, 0, target_predicted, fixed_width)
-    rate, best_g, best_k, predicted, longest = best
+        best = target
+    rate, best_g, best_k, timed, longest = best
     gammas = list(base)
     for i in free[:best_k]:
         gammas[i] = best_g
-    return Decision(tuple(gammas), rate, target_rate, tuple(curve), longest, predicted)
+    return Decision(tuple(gammas), rate, target_rate, tuple(curve), longest, best_g if best_k else 0, timed)

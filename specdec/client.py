@@ -6,11 +6,17 @@ with Client("localhost:50051") as client:
     print(reply.text, reply.stats.acceptance_rate)
     for chunk in client.stream("def quicksort(xs):", max_new_tokens=64):
         print(chunk.text, end="")
+
+A server with API keys takes `Client(address, api_key=...)` (default: $SPECDEC_API_KEY); one with
+TLS `tls_ca=` (the CA that signed its certificate; None with `tls=True`: the system's roots), and
+with mTLS also `tls_cert=` and `tls_key=`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -50,10 +56,28 @@ def build_request(
 
 
 class Client:
-    def __init__(self, address: str, timeout: float | None = None):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ):
+        if tls or tls_ca or tls_cert or tls_key:
+            from specdec.server.tls import channel_credentials
+
+            self.channel = grpc.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key))
+        else:
+            self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.SpecDecStub(self.channel)
         self.timeout = timeout
+        api_key = api_key if api_key is not None else os.environ.get("SPECDEC_API_KEY")
+        # Per-call metadata, on plaintext and TLS channels alike (gRPC's call credentials refuse
+        # plaintext ones, which a server on loopback legitimately is).
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     def __enter__(self) -> Client:
         return self
@@ -67,17 +91,19 @@ class Client:
     def generate(
         self, prompt: Any, mode: str | None = None, timeout: float | None = None, **fields: Any
     ) -> pb.GenerateResponse:
-        return self.stub.Generate(build_request(prompt, mode, **fields), timeout=timeout or self.timeout)
+        return self.stub.Generate(
+            build_request(prompt, mode, **fields), timeout=timeout or self.timeout, metadata=self.metadata
+        )
 
     def stream(
         self, prompt: Any, mode: str | None = None, timeout: float | None = None, **fields: Any
     ) -> Iterator[pb.GenerateResponse]:
         return self.stub.GenerateStream(
-            build_request(prompt, mode, **fields), timeout=timeout or self.timeout
+            build_request(prompt, mode, **fields), timeout=timeout or self.timeout, metadata=self.metadata
         )
 
     def model_info(self) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
 
 def response_dict(reply: pb.GenerateResponse) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class EngineConfig:
     adaptive: bool = True  # choose γ per step from measured costs and acceptance (else default_gamma)
     warmup: bool = True  # time the passes at start-up, so the first adaptive decisions are informed
     explore_every: int = 16  # a row kept at γ = 0 this many steps drafts γ = 1 once, to refresh its α
-    # Adaptive γ checks its predictions against realised throughput (costs.RateCorrection); every
+    # Adaptive γ checks its predictions against realised step times (costs.RateCorrection); every
     # this many decided steps it runs a neighbour of its choice (G - 1 or G + 1) to keep the
     # ratios of the options it is not choosing current. 0 = no correction and no probes.
     probe_every: int = 20

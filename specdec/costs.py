@@ -10,9 +10,9 @@ step then updates the estimates (an outlier-damped moving average), interpolated
 batch sizes.
 
 Correction. Pass timings can mislead: another process on the same cores, a cache that behaves
-differently under real traffic, costs outside the timed passes. So the planner also compares each
-step's realised tokens per second with what the policy predicted for it, per batch size and longest
-draft, and the policy scales its predictions by that ratio (`RateCorrection`). A choice that keeps
+differently under real traffic, costs outside the timed passes. So the planner also compares how
+long each step really took with what the policy predicted for it, per batch size and longest
+draft, and the policy scales its predicted rates by that ratio (`RateCorrection`). A choice that keeps
 disappointing is priced down until another wins; the planner probes the neighbours of its choice
 now and then so the ratios of options it stopped choosing stay current.
 """
@@ -126,8 +126,19 @@ class CostModel:
     def observe_catchup(self, batch: int, tokens: int, seconds: float) -> None:
         self._blend(self.catchup, batch, seconds / max(tokens, 1))
 
-    def observe_overhead(self, batch: int, seconds: float, speculative: bool = False) -> None:
-        self._blend(self.overhead_speculative if speculative else self.overhead, batch, max(seconds, 0.0))
+    def observe_overhead(
+        self, batch: int, seconds: float, speculative: bool = False, step_seconds: float | None = None
+    ) -> None:
+        """What a step took beyond its timed passes. It is a small difference of two big, noisy
+        numbers (a step with a long catch-up pass jitters by more than the whole overhead), so it
+        is learnt from zero, never taken whole from one step, and a sample beyond 2.5x the larger of
+        the estimate and 10% of its step moves it only a little."""
+        table = self.overhead_speculative if speculative else self.overhead
+        sample = max(seconds, 0.0)
+        old = table.get(batch, 0.0)
+        scale = max(old, 0.1 * (step_seconds or 0.0))
+        weight = self.outlier_weight if scale > 0 and sample > self.outlier * scale else self.smoothing
+        table[batch] = (1 - weight) * old + weight * sample
 
     @property
     def ready(self) -> bool:
@@ -173,30 +184,45 @@ def _line(points: dict[int, float], x: int) -> float:
 
 @dataclass
 class RateCorrection:
-    """realised / predicted tokens per second of steps, per (batch size, longest draft G), as an
-    outlier-damped moving average; 1 where nothing was observed yet. Clamped to [floor, ceiling]
-    so that one freak measurement cannot rule an option out for good."""
+    """How long steps really take against the cost model's prediction, per (batch size, longest
+    draft G): moving averages of the predicted and the realised seconds of the steps run there,
+    and their ratio, by which the policy scales its predicted rate there. Only time is corrected:
+    the tokens a step yields are the acceptance estimates' business, and their step-to-step
+    randomness (1..G+1) would drown the signal. A step far slower than its prediction (a GC pause)
+    moves the averages less; few observations count for little (shrunk towards 1); the factor is
+    clamped to [floor, ceiling] so that a run of freak steps cannot rule an option out for good."""
 
-    smoothing: float = 0.15
-    outlier: float = 2.5  # a ratio sample this far from the estimate (either way) moves it less
-    outlier_weight: float = 0.03
-    floor: float = 0.2
-    ceiling: float = 5.0
-    ratios: dict[tuple[int, int], float] = field(default_factory=dict)
+    smoothing: float = 0.05
+    outlier: float = 2.5  # a step this many times slower than the estimate counts less
+    outlier_weight: float = 0.01
+    prior_steps: float = 5.0  # observations before a factor is trusted halfway
+    floor: float = 0.25
+    ceiling: float = 4.0
+    # (batch, G) -> [predicted seconds, realised seconds, observations]
+    totals: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
-    def observe(self, batch: int, longest: int, predicted_rate: float, realised_rate: float) -> None:
-        if predicted_rate <= 0 or realised_rate <= 0:
+    def observe(self, batch: int, longest: int, predicted_seconds: float, seconds: float) -> None:
+        if predicted_seconds <= 0 or seconds <= 0:
             return
-        sample = min(max(realised_rate / predicted_rate, self.floor), self.ceiling)
         key = (batch, longest)
-        old = self.ratios.get(key)
+        old = self.totals.get(key)
         if old is None:
-            self.ratios[key] = sample
+            self.totals[key] = [predicted_seconds, seconds, 1.0]
             return
-        far = sample > self.outlier * old or sample * self.outlier < old
-        weight = self.outlier_weight if far else self.smoothing
-        self.ratios[key] = (1 - weight) * old + weight * sample
+        slow = seconds / predicted_seconds > self.outlier * old[1] / old[0]
+        weight = self.outlier_weight if slow else self.smoothing
+        old[0] = (1 - weight) * old[0] + weight * predicted_seconds
+        old[1] = (1 - weight) * old[1] + weight * seconds
+        old[2] += 1
+
+    def factor(self, batch: int, longest: int) -> float:
+        t = self.totals.get((batch, longest))
+        if t is None:
+            return 1.0
+        trust = t[2] / (t[2] + self.prior_steps)
+        ratio = 1.0 + trust * (t[0] / t[1] - 1.0)  # predicted / realised seconds: > 1 if faster
+        return min(max(ratio, self.floor), self.ceiling)
 
     def factors(self, batch: int, max_gamma: int) -> tuple[float, ...]:
         """The factor for each longest draft G in 0..max_gamma at this batch size."""
-        return tuple(self.ratios.get((batch, g), 1.0) for g in range(max_gamma + 1))
+        return tuple(self.factor(batch, g) for g in range(max_gamma + 1))

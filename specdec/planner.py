@@ -53,7 +53,7 @@ class GammaPlanner:
         # learn_costs=False: the cost model alone decides).
         self.correction = RateCorrection() if config.probe_every and learn_costs else None
         self._decided = 0  # steps the policy decided, for the probe schedule
-        self._last_longest = 0  # the longest draft the policy last chose itself
+        self._last_choice = 0  # the γ the policy last chose itself (not a probe)
 
     @property
     def adaptive(self) -> bool:
@@ -129,10 +129,10 @@ class GammaPlanner:
             return None
         # Alternately one above and one below the last choice (within 0..γmax).
         up = (self._decided // self.config.probe_every) % 2 == 0
-        g = self._last_longest + (1 if up else -1)
+        g = self._last_choice + (1 if up else -1)
         if not 0 <= g <= self.config.max_gamma:
-            g = self._last_longest - (1 if up else -1)
-        return g
+            g = self._last_choice - (1 if up else -1)
+        return min(max(g, 0), self.config.max_gamma)
 
     def _alpha(self, seq: Sequence) -> float:
         prior = self.global_acceptance.value(self.config.acceptance_prior, prior_weight=4.0)
@@ -152,22 +152,20 @@ class GammaPlanner:
         else:
             seq.steps_idle += 1
 
-    def observe_costs(
-        self, plan: StepPlan, timings: list[PassTiming], step_seconds: float, emitted: int
-    ) -> None:
+    def observe_costs(self, plan: StepPlan, timings: list[PassTiming], step_seconds: float) -> None:
         """A step's pass timings, and what the rest of the step (planning, batching, the sync,
         commit, detokenising) cost: part of every option's price, it favours amortising it over
-        longer drafts. And the step's realised throughput (`emitted` tokens in `step_seconds`)
-        against what the policy predicted for it."""
+        longer drafts. And how long the step took against what the policy predicted for it."""
         decision = plan.decision
         if decision is not None:
             if not plan.probe:
-                self._last_longest = decision.longest
-            if self.correction is not None and step_seconds > 0:
+                self._last_choice = decision.policy_gamma
+            # What ran is what was predicted unless rows near their end had γ cut to their room;
+            # only then, and within 0..γmax, does the step say something about its option.
+            ran = max((p.gamma for p in plan.rows), default=0)
+            if self.correction is not None and ran == decision.longest <= self.config.max_gamma:
                 batch = len(plan.rows) + len(plan.draft_only)
-                self.correction.observe(
-                    batch, decision.longest, decision.predicted_rate, emitted / step_seconds
-                )
+                self.correction.observe(batch, ran, decision.predicted_seconds, step_seconds)
         if not self.learn_costs:
             return
         for t in timings:
@@ -179,7 +177,7 @@ class GammaPlanner:
                 self.costs.observe_catchup(t.batch, t.width, t.seconds)
         passes = sum(t.seconds for t in timings)
         self.costs.observe_overhead(
-            len(plan.rows) + len(plan.draft_only), step_seconds - passes, speculative=plan.speculative
+            len(plan.rows) + len(plan.draft_only), step_seconds - passes, plan.speculative, step_seconds
         )
 
     def calibrate(self, timings: list[PassTiming]) -> None:

@@ -38,6 +38,9 @@ class Request:
     # target verifies them as drafts instead of the draft model's proposals.
     external_draft: list[int] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # Who sent it (an API key's name, a peer host; "" in-process): waiting requests are admitted
+    # fairly across clients, and the server caps what one client has in flight.
+    client: str = ""
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ import itertools
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from specdec.adaptive import Decision
@@ -81,6 +81,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._by_handle: dict[int, Sequence] = {}
         self._handles = itertools.count()
+        self._admissions = itertools.count()
+        self._last_admitted: dict[str, int] = {}  # client -> when it last got a slot (fairness)
         self._seeds = random.SystemRandom()
 
     # ----------------------------------------------------------------------------- requests
@@ -176,12 +178,27 @@ class Scheduler:
             outputs.append(self._finish(seq))
 
     def _admit(self) -> None:
+        """Free slots to waiting requests, fairly across clients: next is the longest-waiting
+        request of the client that holds the fewest slots, and among those the client served
+        longest ago (round robin). First come, first served within a client - and among
+        in-process requests, which all share one client."""
         now = time.monotonic()
+        held = Counter(s.request.client for s in itertools.chain(self.running, self.prefilling))
         while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
+            seq = min(
+                self.waiting,
+                key=lambda s: (held[s.request.client], self._last_admitted.get(s.request.client, -1)),
+            )
+            self.waiting.remove(seq)
+            client = seq.request.client
+            held[client] += 1
+            self._last_admitted[client] = next(self._admissions)
             seq.slot = heapq.heappop(self.free_slots)
             seq.timing.admitted = now
             self.prefilling.append(seq)
+        if len(self._last_admitted) > 4096:  # forget clients with nothing in flight (bounded memory)
+            present = {s.request.client for s in self._by_handle.values()}
+            self._last_admitted = {c: t for c, t in self._last_admitted.items() if c in present}
 
     def _prefill_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
         """The next prompt chunk of each prefilling row, in admission order, within `budget`
@@ -236,8 +253,7 @@ class Scheduler:
                 report.outputs.append(self._finish(seq))
             else:
                 report.outputs.append(self._delta(seq, final=False))
-        emitted = sum(len(o.tokens) for o in outcomes)
-        self.planner.observe_costs(plan, timings, time.perf_counter() - started, emitted)
+        self.planner.observe_costs(plan, timings, time.perf_counter() - started)
 
     # ----------------------------------------------------------------------------- finish
 
@@ -259,14 +275,23 @@ class Scheduler:
         )
 
     def _delta(self, seq: Sequence, final: bool) -> RequestOutput:
+        """The request's output since the last one. Never raises: a final output must always be
+        delivered, or its caller would wait for it forever."""
         new_ids = seq.output_ids[seq.reported :]
         seq.reported += len(new_ids)
         logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        try:
+            text = seq.stopper.take_text(final)
+        except Exception as e:  # the tokenizer cannot decode this row's tokens
+            log.exception("request %s: its text could not be decoded", seq.request_id)
+            text = ""
+            if final and seq.error is None:
+                self._fail(seq, f"internal error while decoding its text: {type(e).__name__}: {e}")
         return RequestOutput(
             request_id=seq.request_id,
             handle=seq.handle,
             new_token_ids=new_ids,
-            new_text=seq.stopper.take_text(final),
+            new_text=text,
             new_logprobs=logprobs,
             finished=final,
             finish_reason=seq.finish_reason if final else None,

@@ -122,7 +122,9 @@ class SpeculativeStep:
         model_drafted = [p for p in plans if p.gamma > 0 and p.external is None]
         drafting = [p.seq for p in model_drafted] + draft_only
         passes = max((p.gamma for p in model_drafted), default=1 if draft_only else 0)
-        drafts = self._draft(drafting, passes, draft_only_from=len(model_drafted)) if drafting else None
+        # Each row's own passes: a row's status counts only the proposals it uses.
+        needed = [p.gamma for p in model_drafted] + [passes] * len(draft_only)
+        drafts = self._draft(drafting, passes, len(model_drafted), needed) if drafting else None
         verified = self._verify(plans, drafts) if plans else None
         readback = _read_back(self.device, verified, drafts)
 
@@ -154,9 +156,10 @@ class SpeculativeStep:
 
     # ------------------------------------------------------------------------- draft
 
-    def _draft(self, seqs: list[Sequence], passes: int, draft_only_from: int) -> _Drafts:
+    def _draft(self, seqs: list[Sequence], passes: int, draft_only_from: int, needed: list[int]) -> _Drafts:
         """`passes` draft passes over `seqs`; pass j samples the token at index len(tokens) + j.
-        Rows from `draft_only_from` on are draft-only: their log-probabilities are the output's."""
+        Rows from `draft_only_from` on are draft-only: their log-probabilities are the output's.
+        needed[b]: the passes row b uses (a ragged batch runs every row to the longest)."""
         assert self.draft is not None and self.draft_cache is not None
         model, cache, device = self.draft.model, self.draft_cache, self.device
         # Catch-up: rows that ran plain target steps are several tokens behind; feed all but the
@@ -176,6 +179,7 @@ class SpeculativeStep:
         seeds = _device_ints([s.seed for s in seqs], device)
         lengths_host = [len(s.tokens) for s in seqs]
         lengths = _device_ints(lengths_host, device)
+        needed_t = _device_ints(needed, device)
         tokens = torch.empty((len(seqs), passes), dtype=torch.int64, device=device)
         status = torch.zeros(len(seqs), dtype=torch.int8, device=device)
         probs = None
@@ -206,7 +210,8 @@ class SpeculativeStep:
                 tokens[:, j], row_status = self.kernels.sample(
                     logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
                 )
-                torch.maximum(status, row_status, out=status)
+                # A pass past the row's own γ decides nothing for it, so cannot fail it.
+                torch.maximum(status, torch.where(needed_t > j, row_status, 0).to(status.dtype), out=status)
                 if want:
                     pass_logprobs.append(
                         Logprobs.of(logits[:, None], tokens[:, j : j + 1], top_n, self.vocab_size)

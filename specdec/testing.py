@@ -332,22 +332,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_in_thread(engine: Any, grace_period: float = 10.0) -> Any:
-    """A BackgroundServer on a free loopback port, with metrics on another (`.config.metrics_port`)."""
+def serve_in_thread(engine: Any, grace_period: float = 10.0, **config: Any) -> Any:
+    """A BackgroundServer on a free loopback port, with metrics on another (`.config.metrics_port`);
+    `config`: more ServerConfig fields (API keys, TLS, limits)."""
     from specdec.server.app import ServerConfig
     from specdec.server.background import BackgroundServer
 
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=free_port(), grace_period=grace_period)
-    return BackgroundServer(engine, config)
+    server_config = ServerConfig(
+        host="127.0.0.1", port=0, metrics_port=free_port(), grace_period=grace_period, **config
+    )
+    return BackgroundServer(engine, server_config)
 
 
-def grpc_stub(address: str) -> Any:
-    """A SpecDec stub on a plaintext channel to `address`."""
+def grpc_stub(address: str, credentials: Any = None) -> Any:
+    """A SpecDec stub on a channel to `address`: plaintext, or TLS with these channel credentials."""
     import grpc
 
     from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
-    return pb_grpc.SpecDecStub(grpc.insecure_channel(address))
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    return pb_grpc.SpecDecStub(channel)
 
 
 def copy_checkout(repo: Path, dest: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from specdec.assets import resolve_pair
 from specdec.cli.options import add_engine_flags, add_sampling_flags, engine_config, sampling_params
@@ -19,6 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--server", help="HOST:PORT of a running `specdec serve` (default: run the engine in-process)"
     )
     gen.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds (with --server)")
+    gen.add_argument(
+        "--api-key", default=None, help="with --server: the server's API key (default: $SPECDEC_API_KEY)"
+    )
+    gen.add_argument("--tls", action="store_true", help="with --server: TLS, verified with the system's CAs")
+    gen.add_argument(
+        "--tls-ca", type=Path, default=None, help="with --server: TLS, verified with this CA (PEM)"
+    )
+    gen.add_argument("--tls-cert", type=Path, default=None, help="with --server: a client certificate (mTLS)")
+    gen.add_argument("--tls-key", type=Path, default=None, help="with --server: the client certificate's key")
     add_engine_flags(gen)
     add_sampling_flags(gen)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
@@ -71,7 +81,16 @@ def _generate_remote(args: argparse.Namespace) -> int:
         "num_speculative_tokens": args.num_speculative_tokens,
     }
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        client = Client(
+            args.server,
+            timeout=args.timeout,
+            api_key=args.api_key,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+        with client:
             if args.stream:
                 last = None
                 if not args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from specdec.assets import resolve_pair
 from specdec.cli.options import add_engine_flags, engine_config
@@ -13,9 +14,32 @@ from specdec.errors import SpecdecError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve the models over gRPC (default: the embedded demo pair)")
     add_engine_flags(srv)
-    srv.add_argument("--host", default="0.0.0.0")
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default loopback only; 0.0.0.0 exposes it)"
+    )
     srv.add_argument("--port", type=int, default=50051)
     srv.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 = off")
+    srv.add_argument("--metrics-host", default=None, help="address of the metrics endpoint (default: --host)")
+    srv.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="API keys, one per line (# comments); clients send 'authorization: Bearer KEY'; SIGHUP re-reads it",
+    )
+    srv.add_argument("--tls-cert", type=Path, default=None, help="serve TLS with this certificate (PEM)")
+    srv.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key (PEM)")
+    srv.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="require client certificates signed by this CA (mTLS)",
+    )
+    srv.add_argument(
+        "--max-client-requests",
+        type=int,
+        default=0,
+        help="requests one client (API key, or peer host) may have in flight; 0 = half of batch + queue",
+    )
     srv.add_argument(
         "--grace-period", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
     )
@@ -28,6 +52,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.set_defaults(func=run)
 
 
+def server_config(args: argparse.Namespace):
+    """The ServerConfig the serve flags ask for (checks that need no files, before models load)."""
+    from specdec.server.app import ServerConfig
+
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        grace_period=args.grace_period,
+        api_key_file=args.api_key_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        max_client_requests=args.max_client_requests,
+    )
+
+
 def _status(message: str) -> None:
     print(f"specdec: {message}", file=sys.stderr, flush=True)
 
@@ -36,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from specdec.engine import Engine, resolve_device
-    from specdec.server.app import ServerConfig, configure_cpu_threads, serve
+    from specdec.server.app import Security, configure_cpu_threads, serve
 
+    server = server_config(args)
+    security = Security.load(server)  # a bad key or certificate file fails before the models load
     target, draft = resolve_pair(args.target, args.draft)
     if args.cpu_threads < 0:
         raise SpecdecError(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
@@ -48,12 +92,9 @@ def run(args: argparse.Namespace) -> int:
         _status(f"{threads} torch compute thread(s)")
     _status(f"loading target {target}" + (f" and draft {draft}" if draft else ""))
     engine = Engine(target=target, draft=draft, config=config)  # logs the KV cache's size
-    server = ServerConfig(
-        host=args.host, port=args.port, metrics_port=args.metrics_port, grace_period=args.grace_period
-    )
 
     def ready(port: int) -> None:
         _status(f"serving on {args.host}:{port} (metrics on :{args.metrics_port or 'off'}); Ctrl-C to stop")
 
-    asyncio.run(serve(engine, server, on_ready=ready))
+    asyncio.run(serve(engine, server, on_ready=ready, security=security))
     return 0

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -24,11 +26,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specdec.engine import Engine
+from specdec.errors import SpecdecError
 from specdec.request import Mode, RequestOutput
 from specdec.scheduler import StepReport
+from specdec.server.auth import ApiKeyInterceptor, ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
 from specdec.server.metrics import Metrics, log_request, status_of
 from specdec.server.servicer import SpecDecServicer, add_to_server
+from specdec.server.tls import server_credentials
 from specdec.v1 import specdec_pb2 as pb
 
 log = logging.getLogger("specdec.server")
@@ -60,14 +65,69 @@ def configure_cpu_threads(device: torch.device, requested: int = 0, available: i
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless told otherwise; "0.0.0.0" exposes the server
     port: int = 50051  # 0: any free port (the bound port is reported through `on_ready`)
     metrics_port: int = 9090  # 0: no metrics endpoint
+    metrics_host: str | None = None  # None: the same as `host`
     grace_period: float = 30.0  # seconds in-flight requests get to finish on shutdown
     max_message_bytes: int = 16 * 1024 * 1024
+    api_key_file: Path | None = None  # None: no authentication (refused, with a warning, when exposed)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mTLS)
+    # Requests one client (an API key, or a peer host without keys) may have in flight; 0: half of
+    # max_batch_size + max_queue, so one client can never hold every slot and the whole queue.
+    max_client_requests: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SpecdecError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SpecdecError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS first)")
+        if self.max_client_requests < 0:
+            raise SpecdecError(
+                f"--max-client-requests must be >= 0 (0 = the default), got {self.max_client_requests}"
+            )
+
+    @property
+    def exposed(self) -> bool:
+        """Listening beyond this machine."""
+        return not _is_loopback(self.host) or not _is_loopback(self.metrics_host or self.host)
 
 
-def _instrumented_loop(engine: Engine, metrics: Metrics, on_fatal) -> EngineLoop:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Security:
+    """The loaded API keys and TLS credentials of a ServerConfig (None: not configured)."""
+
+    keys: ApiKeys | None
+    credentials: grpc.ServerCredentials | None
+
+    @staticmethod
+    def load(config: ServerConfig) -> Security:
+        """Read and check the key file and the PEM files; SpecdecError naming the file on a problem
+        (call it before loading the models, so a typo fails in a second, not a minute)."""
+        keys = ApiKeys(config.api_key_file) if config.api_key_file else None
+        credentials = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return Security(keys, credentials)
+
+
+def client_cap(config: ServerConfig, engine: Engine) -> int:
+    engine_config = engine.config
+    return config.max_client_requests or max(1, (engine_config.max_batch_size + engine_config.max_queue) // 2)
+
+
+def _instrumented_loop(engine: Engine, metrics: Metrics, on_fatal, max_client_requests: int) -> EngineLoop:
     scheduler = engine.scheduler
 
     def on_step(report: StepReport) -> None:
@@ -87,7 +147,14 @@ def _instrumented_loop(engine: Engine, metrics: Metrics, on_fatal) -> EngineLoop
             metrics.observe_finish(out, mode, status)
             log_request(out, mode, status)
 
-    return EngineLoop(scheduler, engine.limits, on_step=on_step, on_output=on_output, on_fatal=on_fatal)
+    return EngineLoop(
+        scheduler,
+        engine.limits,
+        on_step=on_step,
+        on_output=on_output,
+        on_fatal=on_fatal,
+        max_client_requests=max_client_requests,
+    )
 
 
 async def serve(
@@ -95,10 +162,23 @@ async def serve(
     config: ServerConfig,
     on_ready=None,  # callable(bound_port) once SERVING
     stop_event: asyncio.Event | None = None,  # set it to shut down (signals set it too)
+    security: Security | None = None,  # loaded already (Security.load(config)); None: load it here
 ) -> None:
+    # Everything that can refuse to start does so before anything listens.
+    security = security or Security.load(config)
+    keys, credentials = security.keys, security.credentials
+    if config.exposed and (keys is None or credentials is None):
+        missing = " and ".join(
+            w for w, absent in (("API keys", keys is None), ("TLS", credentials is None)) if absent
+        )
+        log.warning(
+            "listening beyond this machine (%s, metrics %s) without %s: anyone who can reach the port can "
+            "use the models%s", config.host, config.metrics_host or config.host, missing,
+            " and read the traffic" if credentials is None else "",
+        )  # fmt: skip
     metrics = Metrics()
     if config.metrics_port:
-        metrics.serve(config.metrics_port, config.host)
+        metrics.serve(config.metrics_port, config.metrics_host or config.host)
     loop = asyncio.get_running_loop()
     health_servicer = health.aio.HealthServicer()
     stop = stop_event or asyncio.Event()
@@ -113,34 +193,42 @@ async def serve(
         with contextlib.suppress(RuntimeError):  # the event loop may be gone already
             loop.call_soon_threadsafe(lambda: loop.create_task(not_serving()))
 
-    engine_loop = _instrumented_loop(engine, metrics, engine_died)
+    engine_loop = _instrumented_loop(engine, metrics, engine_died, client_cap(config, engine))
     server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(keys)] if keys else None,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
+        ],
     )
-    add_to_server(SpecDecServicer(engine, engine_loop), server)
+    add_to_server(SpecDecServicer(engine, engine_loop, keys), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
     engine_loop.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("specdec serving on %s:%d (metrics on :%s)", config.host, port, config.metrics_port or "off")
+    log.info(
+        "specdec serving on %s:%d (%s, %s; metrics on :%s)", config.host, port,
+        "mTLS" if config.tls_client_ca else "TLS" if credentials else "plaintext",
+        f"{keys.count} API key(s)" if keys else "no API keys", config.metrics_port or "off",
+    )  # fmt: skip
     if on_ready is not None:
         on_ready(port)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Not possible off the main thread (tests run servers in threads); they use stop_event.
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+    # Not possible off the main thread (tests run servers in threads; they use stop_event).
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if keys is not None:
+            loop.add_signal_handler(signal.SIGHUP, keys.reload)
     await stop.wait()
 
     log.info("draining: NOT_SERVING, new requests get UNAVAILABLE, %d in flight", engine_loop.in_flight)

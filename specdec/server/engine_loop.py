@@ -10,8 +10,9 @@ can cancel, block or probe another's request by naming it.
 
 Admission control is synchronous: a request is validated in the caller's thread against the
 engine's frozen `RequestLimits` (the caller never touches the scheduler) and refused at once with
-QueueFullError when the server already holds `max_batch_size + max_queue` requests; draining
-refuses everything with ShuttingDownError.
+QueueFullError when the server already holds `max_batch_size + max_queue` requests, or when its
+client (`Request.client`) already has `max_client_requests` in flight; draining refuses everything
+with ShuttingDownError.
 
 If anything escapes the loop, the thread does not die silently: it logs the error, fails every
 request in flight with an error (INTERNAL), refuses new ones and calls `on_fatal` (the server turns
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,6 +62,7 @@ class EngineLoop:
         on_step: Callable[[StepReport], None] | None = None,
         on_output: Callable[[Subscription, RequestOutput, float], None] | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        max_client_requests: int | None = None,
     ):
         self.scheduler = scheduler  # touched only by the loop thread
         self.limits = limits
@@ -67,6 +70,8 @@ class EngineLoop:
         self.on_output = on_output  # metrics and logs: each output, with seconds since the previous one
         self.on_fatal = on_fatal  # the loop thread is gone (called on that thread, once)
         self.capacity = scheduler.config.max_batch_size + scheduler.config.max_queue
+        self.max_client_requests = max_client_requests or self.capacity
+        self._per_client: Counter[str] = Counter()  # in flight per Request.client
         self._inbox: list[Subscription] = []
         self._cancels: list[Subscription] = []
         self._subs: set[Subscription] = set()  # in flight: submitted and not yet finished
@@ -100,8 +105,14 @@ class EngineLoop:
                     f"the server is full ({self.scheduler.config.max_batch_size} running + "
                     f"{self.scheduler.config.max_queue} queued requests); retry later"
                 )
+            if self._per_client[request.client] >= self.max_client_requests:
+                raise QueueFullError(
+                    f"this client already has {self.max_client_requests} requests in flight, the most one "
+                    "client may have (--max-client-requests); retry when one has finished"
+                )
             sub = Subscription(request, asyncio.Queue(), loop)
             self._subs.add(sub)
+            self._per_client[request.client] += 1
             self._inbox.append(sub)
             self._cond.notify()
         return sub
@@ -198,13 +209,23 @@ class EngineLoop:
 
     def _finish(self, sub: Subscription, out: RequestOutput) -> None:
         with self._cond:
-            self._subs.discard(sub)
+            self._release(sub)
         sub.deliver(out)
+
+    def _release(self, sub: Subscription) -> None:
+        """With the lock held: `sub` is no longer in flight."""
+        if sub in self._subs:
+            self._subs.discard(sub)
+            client = sub.request.client
+            self._per_client[client] -= 1
+            if self._per_client[client] <= 0:
+                del self._per_client[client]
 
     def _fail_all(self, message: str, reason: FinishReason) -> None:
         with self._cond:
             left = list(self._subs)
-            self._subs.clear()
+            for sub in left:
+                self._release(sub)
             self._inbox.clear()
         self._by_handle.clear()
         for sub in left:

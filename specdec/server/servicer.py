@@ -25,6 +25,7 @@ from specdec.engine import Engine
 from specdec.errors import SpecdecError
 from specdec.request import FinishReason, RequestOutput
 from specdec.server import convert
+from specdec.server.auth import ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
 from specdec.server.status import status_for
 from specdec.v1 import specdec_pb2 as pb
@@ -95,10 +96,29 @@ def add_to_server(servicer: SpecDecServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
+def peer_host(peer: str) -> str:
+    """The host part of grpc's peer string: "ipv4:10.0.0.7:53120" -> "ipv4:10.0.0.7",
+    "ipv6:[::1]:53120" -> "ipv6:[::1]" (the port is per connection, not per client)."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in address:
+        address = address.rsplit(":", 1)[0]
+    return f"{kind}:{address}"
+
+
 class SpecDecServicer(pb_grpc.SpecDecServicer):
-    def __init__(self, engine: Engine, loop: EngineLoop):
+    def __init__(self, engine: Engine, loop: EngineLoop, keys: ApiKeys | None = None):
         self.engine = engine
         self.engine_loop = loop
+        self.keys = keys
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """Who is calling, for per-client limits and fair admission: the API key (the interceptor
+        let only valid ones through), or without keys the peer's host."""
+        if self.keys is not None:
+            client = self.keys.client_of(context.invocation_metadata())
+            if client is not None:
+                return client
+        return peer_host(context.peer() or "unknown")
 
     async def _submit(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Subscription:
         try:
@@ -107,6 +127,7 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
             convert.check_text_fits(self.engine, msg)
             ids = await asyncio.to_thread(convert.prompt_ids, self.engine, msg)
             request = convert.request_from_proto(self.engine, msg, ids)
+            request.client = self._client(context)
             return self.engine_loop.submit(request, asyncio.get_running_loop())
         except SpecdecError as e:
             await context.abort(status_for(e), str(e))

@@ -180,13 +180,15 @@ def test_speculative_steps_own_overhead_is_priced_apart():
     commit); measured apart, a dear enough speculative overhead turns speculation off."""
     rows = [RowView(alpha=0.6) for _ in range(4)]
     machine = costs(draft=0.3, verify_base=1.0, verify_per_token=0.1)
-    for b in (1, 2, 4):
-        machine.observe_overhead(b, 0.1)
-    assert machine.overhead_cost(4, speculative=True) == pytest.approx(0.1)  # falls back on plain
+    for _ in range(80):  # learnt from zero, as a moving average (steps of about 10 s)
+        for b in (1, 2, 4):
+            machine.observe_overhead(b, 0.1, step_seconds=10.0)
+    assert machine.overhead_cost(4, speculative=True) == pytest.approx(0.1, rel=1e-3)  # falls back on plain
     assert choose_gammas(rows, machine, 8).gammas[0] > 0
-    for b in (1, 2, 4):
-        machine.observe_overhead(b, 5.0, speculative=True)
-    assert machine.overhead_cost(4) == pytest.approx(0.1)
+    for _ in range(80):
+        for b in (1, 2, 4):
+            machine.observe_overhead(b, 5.0, speculative=True, step_seconds=10.0)
+    assert machine.overhead_cost(4) == pytest.approx(0.1, rel=1e-3)
     decision = choose_gammas(rows, machine, 8)
     assert decision.gammas == (0,) * 4
     assert step_rate(rows, (2,) * 4, machine) < decision.target_rate

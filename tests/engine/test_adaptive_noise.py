@@ -3,8 +3,9 @@ sees - only timings scaled by a bias (another process on the cores, a pass that 
 than in traffic) and multiplicative noise - while the realised step times follow the truth.
 
 The planner must still run at least as fast as target alone and within 10% of the best fixed γ at
-batch 1, 4 and 16, by correcting its predictions from realised throughput; with that correction
-switched off, the same biases make it miss (the negative control: the test can fail)."""
+batch 1, 4 and 16, by correcting its predictions from realised step times; with that correction
+switched off, the same biases make it miss (the negative control: the test can fail). A sweep of
+honest machines checks the same bounds; where no γ pays it still misses them (marked, strict)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from specdec.adaptive import RowView, expected_tokens, step_rate
+from specdec.adaptive import RowView, catchup_columns, step_cost
 from specdec.config import EngineConfig
 from specdec.planner import GammaPlanner
 from specdec.request import Mode, Request
@@ -39,6 +40,16 @@ class Machine:
         return seconds * bias * self.rng.lognormvariate(0.0, self.noise)
 
     def warm_up(self) -> list[PassTiming]:
+        """As ModelRunner.warm_up reports: the fastest of three runs of every pass."""
+        best: dict[tuple, PassTiming] = {}
+        for _ in range(3):
+            for t in self._warm_up_once():
+                key = (t.kind, t.batch, t.width)
+                if key not in best or t.seconds < best[key].seconds:
+                    best[key] = t
+        return list(best.values())
+
+    def _warm_up_once(self) -> list[PassTiming]:
         out = []
         for b in (1, 2, 4, 8, 16):
             out.append(
@@ -63,8 +74,7 @@ class Machine:
                 RowView(a, behind=len(s.tokens) - s.draft_len, model_drafts=g > 0)
                 for a, s, g in zip(self.alphas, seqs, gammas)
             ]
-            expected = sum(expected_tokens(r.alpha, g) for r, g in zip(truth, gammas))
-            step_seconds = expected / step_rate(truth, gammas, self.costs)
+            _tokens, step_seconds, _deferred = step_cost(truth, gammas, self.costs)  # as the step takes
             longest, drafting = max(gammas), sum(g > 0 for g in gammas)
             timings = [
                 PassTiming(
@@ -79,6 +89,10 @@ class Machine:
                     PassKind.DRAFT, drafting, 1, self._shown(self.costs.draft_cost(drafting), self.draft_bias)
                 )
             ] * longest
+            debt = max((catchup_columns(r.behind) for r, g in zip(truth, gammas) if g), default=0)
+            if debt:  # the catch-up pass, timed as the engine times it
+                shown = self._shown(self.costs.catchup_cost(drafting) * debt, self.draft_bias)
+                timings.append(PassTiming(PassKind.CATCHUP, drafting, debt, shown))
             emitted = 0
             for seq, alpha, g in zip(seqs, self.alphas, gammas):
                 accepted = 0
@@ -89,7 +103,7 @@ class Machine:
                 if g:  # the draft has all but the last one or two tokens (see speculative.py)
                     seq.draft_len = len(seq.tokens) - (2 if accepted == g else 1)
                 planner.observe_acceptance(seq, g, accepted, external=False)
-            planner.observe_costs(plan, timings, step_seconds * self.rng.lognormvariate(0.0, 0.05), emitted)
+            planner.observe_costs(plan, timings, step_seconds * self.rng.lognormvariate(0.0, 0.05))
             tokens += emitted
             seconds += step_seconds
         return tokens / seconds
@@ -116,12 +130,12 @@ def _rows(batch: int) -> list[Sequence]:
     ]
 
 
-def _throughput(machine_args: dict, batch: int, gamma: int | None, config=CONFIG) -> float:
+def _throughput(machine_args: dict, batch: int, gamma: int | None, config=CONFIG, steps=STEPS) -> float:
     machine = Machine(**machine_args)
     fixed = None if gamma is None else (lambda seq: gamma)
     planner = GammaPlanner(config, gamma_override=fixed)
     planner.calibrate(machine.warm_up())
-    return machine.run(planner, _rows(batch))
+    return machine.run(planner, _rows(batch), steps)
 
 
 # name -> (batch, true machine and what the planner is shown of it)
@@ -161,3 +175,30 @@ def test_without_the_correction_the_same_biases_mislead_it():
         best = max(_throughput(machine, batch, g) for g in range(CONFIG.max_gamma + 1))
         missed.append(_throughput(machine, batch, None, uncorrected) < 0.9 * best)
     assert all(missed)
+
+
+# A known gap, kept visible: where the draft costs half a target pass and accepts half its
+# tokens, no γ pays, and adaptive γ still runs 3-12% below the target alone here - its rows explore
+# (γ = 1) every explore_every idle steps, paying a catch-up of all the tokens they missed, and the
+# idle price it charges γ = 0 for that catch-up keeps it speculating at times. Strict: when a fix
+# closes the gap, these start passing and must be unmarked.
+KNOWN_GAP = pytest.mark.xfail(strict=True, reason="adaptive γ below target alone where no γ pays (see above)")
+SWEEP = [
+    pytest.param(batch, draft, per_token, alpha, marks=[KNOWN_GAP] if (draft, alpha) == (0.5, 0.5) else [])
+    for batch in (1, 4)
+    for draft in (0.05, 0.2, 0.5)
+    for per_token in (0.01, 0.05)
+    for alpha in (0.5, 0.8)
+]
+
+
+@pytest.mark.parametrize("batch,draft,per_token,alpha", SWEEP)
+def test_with_honest_timings_adaptive_is_never_below_target_alone(batch, draft, per_token, alpha):
+    """No bias, mild noise, machines from where speculation pays well to where it cannot pay
+    (the reviewer's counter-example to the scenarios above: honest timings, expensive draft)."""
+    machine = dict(noise=0.1, costs=synthetic_costs(draft=draft, verify_base=1.0, verify_per_token=per_token),
+                   alphas=[alpha] * batch)  # fmt: skip
+    fixed = {g: _throughput(machine, batch, g, steps=600) for g in range(CONFIG.max_gamma + 1)}
+    adaptive = _throughput(machine, batch, None, steps=600)
+    report = f"adaptive {adaptive:.3f}, fixed " + ", ".join(f"{g}: {r:.3f}" for g, r in fixed.items())
+    assert adaptive >= fixed[0] and adaptive >= 0.9 * max(fixed.values()), report

@@ -196,3 +196,25 @@ def test_a_position_with_no_possible_token_fails_the_request_with_a_message(engi
         assert "no token is possible" in result.error and "-inf" in result.error
     monkeypatch.undo()
     assert engine.generate([[5, 6, 7]], GREEDY, mode=Mode.TARGET)[0].error is None
+
+
+@pytest.mark.timeout(60)  # the bug this pins made generate() loop forever
+def test_text_the_tokenizer_cannot_decode_fails_that_request_only(engine, monkeypatch):
+    """The row's final output is still delivered (generate returns), the other row finishes."""
+    prompts = [[5, 6, 7], [40, 41]]
+    bad_out, good_out = _baseline(engine, prompts)
+    poison = next(t for t in bad_out[2:] if t not in good_out)
+    decode = engine.tokenizer.decode
+
+    def failing(ids, *args, **kwargs):
+        if poison in list(ids):
+            raise ValueError("undecodable")
+        return decode(ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "decode", failing)
+    bad, good = engine.generate(prompts, GREEDY, mode=Mode.TARGET)
+    assert bad.finish_reason is FinishReason.ERROR and "ValueError: undecodable" in bad.error
+    assert good.finish_reason is FinishReason.LENGTH and good.token_ids == good_out
+    assert not engine.scheduler.has_unfinished()
+    monkeypatch.undo()
+    assert [r.token_ids for r in engine.generate(prompts, GREEDY, mode=Mode.TARGET)] == [bad_out, good_out]

@@ -323,7 +323,7 @@ def test_queue_overflow_is_resource_exhausted(pairs):
         return StepReport(outputs=[], in_flight=engine.scheduler.num_running + engine.scheduler.num_waiting)
 
     engine.scheduler.step = gated_step
-    srv = serve_in_thread(engine)
+    srv = serve_in_thread(engine, max_client_requests=2)  # this test's one client may fill it all
     try:
         stub = grpc_stub(srv.address)
         long_calls = [stub.GenerateStream(_req([5, 6], "target", max_new_tokens=200)) for _ in range(2)]

@@ -1,7 +1,10 @@
 #include "specdec/client.h"
 
 #include <algorithm>
+#include <fstream>
 #include <mutex>
+#include <optional>
+#include <sstream>
 
 #include <grpcpp/grpcpp.h>
 
@@ -175,7 +178,9 @@ Status FromGrpc(const grpc::Status& status) {
   return Status(status.error_code(), status.error_message());
 }
 
-void ApplyOptions(const GenerateOptions& options, grpc::ClientContext* context) {
+void ApplyOptions(const GenerateOptions& options, const std::string& api_key,
+                  grpc::ClientContext* context) {
+  if (!api_key.empty()) context->AddMetadata("authorization", "Bearer " + api_key);
   if (options.timeout) {
     context->set_deadline(std::chrono::system_clock::now() +
                           std::chrono::duration_cast<std::chrono::system_clock::duration>(
@@ -188,18 +193,60 @@ void ApplyOptions(const GenerateOptions& options, grpc::ClientContext* context) 
 // ---- Client ----------------------------------------------------------------------------------
 
 struct Client::Impl {
-  explicit Impl(std::shared_ptr<grpc::Channel> channel)
-      : channel(std::move(channel)), stub(pb::SpecDec::NewStub(this->channel)) {}
+  Impl(std::shared_ptr<grpc::Channel> channel, std::string api_key)
+      : channel(std::move(channel)),
+        stub(pb::SpecDec::NewStub(this->channel)),
+        api_key(std::move(api_key)) {}
 
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<pb::SpecDec::Stub> stub;  // thread-safe; one per client
+  std::string api_key;
 };
 
 Client::Client(const std::string& address)
     : Client(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())) {}
 
-Client::Client(std::shared_ptr<grpc::Channel> channel)
-    : impl_(std::make_unique<Impl>(std::move(channel))) {}
+Client::Client(std::shared_ptr<grpc::Channel> channel, std::string api_key)
+    : impl_(std::make_unique<Impl>(std::move(channel), std::move(api_key))) {}
+
+namespace {
+
+// The whole file, or nullopt if it cannot be read.
+std::optional<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::ostringstream contents;
+  contents << in.rdbuf();
+  if (in.bad()) return std::nullopt;
+  return contents.str();
+}
+
+}  // namespace
+
+StatusOr<Client> Client::Connect(const std::string& address, const ConnectOptions& options) {
+  const bool tls = options.tls || !options.tls_ca_file.empty() || !options.tls_cert_file.empty() ||
+                   !options.tls_key_file.empty();
+  if (!tls) {
+    return Client(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()), options.api_key);
+  }
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return Status(grpc::StatusCode::INVALID_ARGUMENT,
+                  "--tls-cert and --tls-key go together (a client certificate and its key)");
+  }
+  grpc::SslCredentialsOptions ssl;
+  const std::pair<const std::string*, std::string*> files[] = {
+      {&options.tls_ca_file, &ssl.pem_root_certs},
+      {&options.tls_cert_file, &ssl.pem_cert_chain},
+      {&options.tls_key_file, &ssl.pem_private_key},
+  };
+  for (const auto& [path, into] : files) {
+    if (path->empty()) continue;
+    std::optional<std::string> pem = ReadFile(*path);
+    if (!pem) return Status(grpc::StatusCode::INVALID_ARGUMENT, "cannot read " + *path);
+    *into = std::move(*pem);
+  }
+  return Client(grpc::CreateChannel(address, grpc::SslCredentials(ssl)), options.api_key);
+}
 
 Client::~Client() = default;
 Client::Client(Client&&) noexcept = default;
@@ -208,7 +255,7 @@ Client& Client::operator=(Client&&) noexcept = default;
 StatusOr<Result> Client::Generate(const std::string& prompt, const GenerateOptions& options,
                                   const CancelToken* cancel) const {
   grpc::ClientContext context;
-  ApplyOptions(options, &context);
+  ApplyOptions(options, impl_->api_key, &context);
   CancelScope scope(cancel ? cancel->state_ : nullptr, &context);
 
   pb::GenerateResponse response;
@@ -221,7 +268,7 @@ StatusOr<Result> Client::GenerateStream(const std::string& prompt, const Generat
                                         const ChunkCallback& on_chunk,
                                         const CancelToken* cancel) const {
   grpc::ClientContext context;
-  ApplyOptions(options, &context);
+  ApplyOptions(options, impl_->api_key, &context);
   CancelScope scope(cancel ? cancel->state_ : nullptr, &context);
 
   std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader =

@@ -3,8 +3,9 @@
 Starts `specdec serve` on tiny random checkpoints (loopback, a port the kernel picks), then checks
 that specdec-cpp, unary and streaming, returns exactly the Python client's greedy tokens; that bad
 arguments come back as INVALID_ARGUMENT with the server's message; that a short deadline gives
-DEADLINE_EXCEEDED; runs the library's own tests (specdec_client_test); and that the server still
-exits 0 on SIGTERM afterwards. Run by CMake with the Python of `make setup`:
+DEADLINE_EXCEEDED; runs the library's own tests (specdec_client_test); that the server still
+exits 0 on SIGTERM afterwards; and, against a second server with API keys and mTLS, that the key
+and certificates are sent as the flags say. Run by CMake with the Python of `make setup`:
 
     python test_against_server.py --cli PATH/specdec-cpp --client-test PATH/specdec_client_test
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -41,11 +43,13 @@ def write_checkpoints(root: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def running_server(target: Path, draft: Path, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def running_server(
+    target: Path, draft: Path, log_path: Path, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yields (address, process) once the server is serving; kills it if it is still running when
-    the block ends (the graceful-stop check stops it itself)."""
+    the block ends (the graceful-stop check stops it itself). `extra`: more serve flags."""
     command = [*SPECDEC, "serve", "--target", str(target), "--draft", str(draft)]
-    command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -158,6 +162,53 @@ def library_tests(client_test: str, address: str) -> None:
     assert result.returncode == 0, f"specdec_client_test exited with {result.returncode}"
 
 
+def write_pki(root: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (trustme, a test extra)."""
+    import trustme
+
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("client@example.com")
+    files = {
+        "ca": ca.cert_pem, "server.crt": server.cert_chain_pems[0], "server.key": server.private_key_pem,
+        "client.crt": client.cert_chain_pems[0], "client.key": client.private_key_pem,
+    }  # fmt: skip
+    paths = {}
+    for name, blob in files.items():
+        blob.write_to_path(str(root / name))
+        paths[name] = root / name
+    return paths
+
+
+def keys_and_mtls(cli: str, address: str, pki: dict[str, Path]) -> None:
+    """Against a server with API keys and mTLS: the key from --api-key or $SPECDEC_API_KEY, the
+    CA and the client certificate from the TLS flags; a missing key is UNAUTHENTICATED."""
+    tls = [
+        "--tls-ca",
+        str(pki["ca"]),
+        "--tls-cert",
+        str(pki["client.crt"]),
+        "--tls-key",
+        str(pki["client.key"]),
+    ]
+    base = [cli, "--server", address, "--max-new-tokens", "4", "--json", *tls]
+    for command, env in (([*base, "--api-key", "cpp-key"], None), (base, {"SPECDEC_API_KEY": "cpp-key"})):
+        result = subprocess.run(
+            [*command, "def f():"], capture_output=True, text=True, timeout=CALL_TIMEOUT_S,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert len(json.loads(result.stdout)["token_ids"]) == 4
+    expect_call_error([*base, "def f():"], "UNAUTHENTICATED", "missing or invalid API key")
+    expect_call_error([*base, "--api-key", "wrong", "--stream", "def f():"], "UNAUTHENTICATED", "")
+    result = run([cli, "--server", address, "--api-key", "cpp-key", "--tls-ca", str(pki["ca"]), "def f():"])
+    assert result.returncode == EXIT_CALL_FAILED and "UNAVAILABLE" in result.stderr, result.stderr  # no cert
+    expect_call_error(
+        [cli, "--server", address, "--tls-cert", str(pki["client.crt"]), "def f():"],
+        "INVALID_ARGUMENT",
+        "--tls-cert and --tls-key go together",
+    )
+
+
 def graceful_stop(process: subprocess.Popen, log_path: Path) -> None:
     process.send_signal(signal.SIGTERM)
     code = process.wait(timeout=SERVER_STOP_TIMEOUT_S)
@@ -187,6 +238,18 @@ def main() -> int:
             checks.run("graceful_stop", lambda: graceful_stop(process, log_path))
         if checks.failed:
             print(f"server log (last 4000 characters):\n{log_path.read_text()[-4000:]}")
+        pki = write_pki(root)
+        keys = root / "keys"
+        keys.write_text("cpp-key\n")
+        secure = (
+            "--api-key-file", str(keys), "--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"]),
+            "--tls-client-ca", str(pki["ca"]),
+        )  # fmt: skip
+        secure_log = root / "secure-server.log"
+        with running_server(target, draft, secure_log, secure) as (address, _process):
+            checks.run("api_keys_and_mtls", lambda: keys_and_mtls(args.cli, address, pki))
+            if "api_keys_and_mtls" in checks.failed:
+                print(f"server log (last 4000 characters):\n{secure_log.read_text()[-4000:]}")
     if checks.failed:
         print(f"{len(checks.failed)} check(s) failed: {', '.join(checks.failed)}")
         return 1

@@ -17,6 +17,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -31,12 +32,18 @@ constexpr const char* kUsage =
     "usage: specdec-cpp --server HOST:PORT [--stream] [--json] [--max-new-tokens N]\n"
     "                   [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
     "                   [--mode speculative|target|draft] [--stop STRING]...\n"
-    "                   [--num-speculative-tokens N] [--timeout-ms MS] PROMPT\n"
+    "                   [--num-speculative-tokens N] [--timeout-ms MS]\n"
+    "                   [--api-key KEY] [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]\n"
+    "                   PROMPT\n"
     "\n"
     "Sampling flags left out are not sent, so the server's defaults apply (greedy, 128 tokens).\n"
     "  --stream          print the text as it is generated (GenerateStream)\n"
     "  --json            print one JSON object: text, token_ids, finish_reason, stats, ...\n"
-    "  --timeout-ms MS   deadline for the whole call; DEADLINE_EXCEEDED when it passes\n";
+    "  --timeout-ms MS   deadline for the whole call; DEADLINE_EXCEEDED when it passes\n"
+    "  --api-key KEY     the server's API key (default: $SPECDEC_API_KEY)\n"
+    "  --tls             TLS, verifying the server with the system's CAs\n"
+    "  --tls-ca FILE     TLS, verifying the server with this CA (PEM)\n"
+    "  --tls-cert FILE   a client certificate (PEM), for mTLS; with --tls-key FILE\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -49,6 +56,7 @@ struct CliArgs {
   bool json = false;
   bool help = false;
   specdec::GenerateOptions options;
+  specdec::ConnectOptions connect;
 };
 
 // ---- Command line ----------------------------------------------------------------------------
@@ -94,6 +102,14 @@ void ApplyValueFlag(std::string_view flag, std::string_view value, CliArgs* args
     o.num_speculative_tokens = ParseNumber<int32_t>(flag, value);
   } else if (flag == "--timeout-ms") {
     o.timeout = std::chrono::milliseconds(ParseNumber<int64_t>(flag, value));
+  } else if (flag == "--api-key") {
+    args->connect.api_key = value;
+  } else if (flag == "--tls-ca") {
+    args->connect.tls_ca_file = value;
+  } else if (flag == "--tls-cert") {
+    args->connect.tls_cert_file = value;
+  } else if (flag == "--tls-key") {
+    args->connect.tls_key_file = value;
   } else {
     throw UsageError("unknown option " + std::string(flag));
   }
@@ -102,6 +118,7 @@ void ApplyValueFlag(std::string_view flag, std::string_view value, CliArgs* args
 bool ApplySwitch(std::string_view flag, CliArgs* args) {
   if (flag == "--stream") return args->stream = true;
   if (flag == "--json") return args->json = true;
+  if (flag == "--tls") return args->connect.tls = true;
   if (flag == "--help" || flag == "-h") return args->help = true;
   return false;
 }
@@ -211,8 +228,13 @@ void PrintSummary(const specdec::Result& r) {
 
 // ---- Main ------------------------------------------------------------------------------------
 
-specdec::StatusOr<specdec::Result> Run(const CliArgs& args) {
-  specdec::Client client(args.server);
+specdec::StatusOr<specdec::Result> Run(CliArgs args) {
+  if (args.connect.api_key.empty()) {
+    if (const char* key = std::getenv("SPECDEC_API_KEY")) args.connect.api_key = key;
+  }
+  specdec::StatusOr<specdec::Client> connected = specdec::Client::Connect(args.server, args.connect);
+  if (!connected.ok()) return connected.status();
+  const specdec::Client& client = *connected;
   if (!args.stream) return client.Generate(args.prompt, args.options);
   if (args.json) return client.GenerateStream(args.prompt, args.options, nullptr);
   std::cout << args.prompt << std::flush;

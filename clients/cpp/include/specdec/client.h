@@ -179,6 +179,20 @@ class CancelToken {
 // is cancelled and GenerateStream returns CANCELLED.
 using ChunkCallback = std::function<bool(const Chunk&)>;
 
+// How to reach a server that wants more than plaintext and no key.
+struct ConnectOptions {
+  // Sent on every call as "authorization: Bearer <api_key>" (per-call metadata, so it also works
+  // over plaintext to a server on loopback). Empty: no key.
+  std::string api_key;
+  // TLS, verifying the server with the CA certificates in tls_ca_file (PEM); with an empty
+  // tls_ca_file, the system's roots. Set tls_ca_file alone and tls is implied.
+  bool tls = false;
+  std::string tls_ca_file;
+  // mTLS: the client's certificate chain and private key (PEM), both or neither.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+};
+
 // A connection to one specdec server. Movable, not copyable; thread-safe (see the top of the file).
 // Construction does not connect: the channel connects on the first call, and a server that cannot
 // be reached gives UNAVAILABLE from that call.
@@ -187,7 +201,11 @@ class Client {
   // An insecure (plaintext) channel to "host:port".
   explicit Client(const std::string& address);
   // Any channel you built (TLS, custom arguments, interceptors); the client shares ownership.
-  explicit Client(std::shared_ptr<grpc::Channel> channel);
+  // `api_key`, if not empty, goes with every call.
+  explicit Client(std::shared_ptr<grpc::Channel> channel, std::string api_key = "");
+  // A channel as `options` say; INVALID_ARGUMENT naming the file when a PEM file cannot be read,
+  // or when only one of tls_cert_file and tls_key_file is given.
+  static StatusOr<Client> Connect(const std::string& address, const ConnectOptions& options);
   ~Client();
   Client(Client&&) noexcept;
   Client& operator=(Client&&) noexcept;

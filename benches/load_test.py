@@ -146,7 +146,13 @@ def run_in_process(engine, prompts: list[list[int]], args, concurrency: int) -> 
         while todo and len(active) < concurrency:
             request = engine.make_request(todo.popleft(), params, mode)
             handle = scheduler.add_request(request, check_queue=False)
-            active[handle] = {"start": time.perf_counter(), "ttft": None, "tokens": 0, "itl": [], "last": None}
+            active[handle] = {
+                "start": time.perf_counter(),
+                "ttft": None,
+                "tokens": 0,
+                "itl": [],
+                "last": None,
+            }
         for out in scheduler.step().outputs:
             state = active.get(out.handle)
             if state is None:

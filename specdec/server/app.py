@@ -145,7 +145,7 @@ def _instrumented_loop(engine: Engine, metrics: Metrics, on_fatal, max_client_re
             mode = out.mode or Mode.SPECULATIVE
             status = status_of(out)
             metrics.observe_finish(out, mode, status)
-            log_request(out, mode, status)
+            log_request(out, mode, status, sub.request.client)
 
     return EngineLoop(
         scheduler,

@@ -128,12 +128,14 @@ def status_of(out: RequestOutput) -> str:
     return "OK"
 
 
-def log_request(out: RequestOutput, mode: Mode, status: str) -> None:
-    """One structured line per finished request."""
+def log_request(out: RequestOutput, mode: Mode, status: str, client: str = "") -> None:
+    """One structured line per finished request (`client`: an API key's digest prefix or a peer
+    host, never a key)."""
     stats, timing = out.stats, out.timing
     record = {
         "event": "request",
         "request_id": out.request_id,
+        "client": client,
         "mode": mode.value,
         "status": status,
         "finish_reason": out.finish_reason.value if out.finish_reason else None,

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import grpc
 
 from specdec.client import build_request
-from specdec.testing import free_port
+from specdec.testing import free_port, scrape_metrics
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
@@ -136,16 +135,6 @@ def _checked(kind: str, finish: int, ids: int, usage: int) -> Outcome:
     return Outcome(kind, "OK", complete, "" if complete else f"finish {finish}, {ids} ids, usage {usage}")
 
 
-def metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
@@ -224,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in threads:
                 t.join()
             time.sleep(1.0)  # the last cancellations are reaped at the next engine step
-            gauges = metrics(metrics_port)
+            gauges = scrape_metrics(metrics_port)
             rss_end = rss_mib(proc.pid)
             alive = proc.poll() is None
         finally:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
 from specdec.scheduler import StepReport
-from specdec.testing import free_port, grpc_stub, hf_reference, serve_in_thread
+from specdec.testing import free_port, grpc_stub, hf_reference, scrape_metrics, serve_in_thread
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
@@ -262,17 +261,7 @@ def test_health_and_reflection(server):
 
 
 def _metrics(server) -> dict[str, float]:
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{server.config.metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    return scrape_metrics(server.config.metrics_port)
 
 
 def test_metrics_are_plausible_after_traffic(server):

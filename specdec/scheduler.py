@@ -76,7 +76,8 @@ class Scheduler:
         # A min-heap: the lowest free slot first, so the running rows tend to hold one contiguous
         # range of slots, which the forward pass reads as a view instead of a gather.
         self.free_slots: list[int] = list(range(config.max_batch_size))
-        self.waiting: deque[Sequence] = deque()
+        # Waiting requests, first come first served within each client (insertion-ordered).
+        self.waiting: dict[str, deque[Sequence]] = {}
         self.prefilling: list[Sequence] = []  # hold a slot; prompt not yet all in the caches
         self.running: list[Sequence] = []
         self._by_handle: dict[int, Sequence] = {}
@@ -92,7 +93,7 @@ class Scheduler:
         QueueFullError (in-process callers and the server, which do their own admission control,
         pass check_queue=False)."""
         mode = validate(request, self.limits)
-        if check_queue and len(self.waiting) >= self.config.max_queue:
+        if check_queue and self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
         handle = next(self._handles)
         params = request.params
@@ -119,7 +120,7 @@ class Scheduler:
             timing=Timing(arrival=request.arrival_time),
             external_pending=list(request.external_draft or []),
         )
-        self.waiting.append(seq)
+        self.waiting.setdefault(request.client, deque()).append(seq)
         self._by_handle[handle] = seq
         return handle
 
@@ -145,7 +146,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return sum(len(queue) for queue in self.waiting.values())
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -185,12 +186,15 @@ class Scheduler:
         now = time.monotonic()
         held = Counter(s.request.client for s in itertools.chain(self.running, self.prefilling))
         while self.waiting and self.free_slots:
-            seq = min(
+            # Only each client's longest-waiting request is a candidate (handles grow with arrival).
+            client = min(
                 self.waiting,
-                key=lambda s: (held[s.request.client], self._last_admitted.get(s.request.client, -1)),
+                key=lambda c: (held[c], self._last_admitted.get(c, -1), self.waiting[c][0].handle),
             )
-            self.waiting.remove(seq)
-            client = seq.request.client
+            queue = self.waiting[client]
+            seq = queue.popleft()
+            if not queue:
+                del self.waiting[client]
             held[client] += 1
             self._last_admitted[client] = next(self._admissions)
             seq.slot = heapq.heappop(self.free_slots)
@@ -306,12 +310,17 @@ class Scheduler:
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         seq.timing.finished = time.monotonic()
-        for queue in (self.running, self.prefilling, self.waiting):
-            if seq in queue:
-                queue.remove(seq)
-                if queue is not self.waiting:
+        waiting = self.waiting.get(seq.request.client, ())
+        if seq in waiting:
+            waiting.remove(seq)
+            if not waiting:
+                del self.waiting[seq.request.client]
+        else:
+            for queue in (self.running, self.prefilling):
+                if seq in queue:
+                    queue.remove(seq)
                     heapq.heappush(self.free_slots, seq.slot)
-                break
+                    break
         self._by_handle.pop(seq.handle, None)
         return self._delta(seq, final=True)
 

@@ -92,6 +92,9 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "jsonschema>=4",
+        # GGUF checkpoints (the default target is one): transformers reads them with these two.
+        "gguf>=0.10",
+        "accelerate>=0.26",
     ],
     extras_require={
         # triton is only needed for the kernels themselves: on CUDA it comes with torch; on CPU

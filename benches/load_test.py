@@ -176,8 +176,9 @@ def run_in_process(engine, prompts: list[list[int]], args, concurrency: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", type=Path)
-    parser.add_argument("--draft", type=Path)
+    parser.add_argument("--target", help="directory, .gguf file or hub id (default: the default pair)")
+    parser.add_argument("--draft")
+    parser.add_argument("--demo", action="store_true", help="the tiny embedded demo pair")
     parser.add_argument("--server", help="load an already running server (no in-process comparison)")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts")
     parser.add_argument("--rate", type=float, default=None, help="open loop: requests per second (Poisson)")
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from specdec.server.app import ServerConfig, configure_cpu_threads
     from specdec.server.background import BackgroundServer
 
-    target, draft = resolve_pair(args.target, args.draft)
+    target, draft = resolve_pair(args.target, args.draft, args.demo)
     engine = server = None
     threads = 0
     if args.server:

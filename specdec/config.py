@@ -14,9 +14,14 @@ MAX_GAMMA_LIMIT = 16
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    max_batch_size: int = 16  # running sequences = KV cache slots
+    # Running sequences (= KV cache slots) and prompt + output tokens per sequence. None: sized
+    # from the KV memory budget (models.cache_plan): up to 16 slots of min(model limit, 4096).
+    max_batch_size: int | None = None
     max_queue: int = 256  # waiting requests beyond the running ones; more is RESOURCE_EXHAUSTED
-    max_context: int | None = None  # prompt + output tokens per sequence; None: min(model limit, 4096)
+    max_context: int | None = None
+    # Of the memory available at start-up, what the KV caches may take when they are sized from a
+    # budget (None: 0.1 on CPU, where RAM is shared with everything else; 0.9 on CUDA).
+    kv_memory_fraction: float | None = None
     max_gamma: int = 8  # γmax: the most drafts per row per step
     default_gamma: int = 4  # γ for speculative rows that do not force one, until adaptive γ decides
     max_external_draft: int = 64  # external draft tokens verified per row per step (the rest wait)
@@ -42,10 +47,10 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bf16 on cuda, fp32 on cpu; or float32 / bfloat16 / float16
     attention: str = "auto"  # attention backend: auto | sdpa | math
-    memory_fraction: float = 0.9  # of free memory the KV caches may take
+    memory_fraction: float = 0.9  # of free memory the KV caches may never exceed, however sized
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
             raise SpecdecError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue < 0:
             raise SpecdecError(f"max_queue must be >= 0, got {self.max_queue}")
@@ -71,6 +76,8 @@ class EngineConfig:
             raise SpecdecError("acceptance_decay must be in (0, 1] and acceptance_prior in [0, 1]")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise SpecdecError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
+            raise SpecdecError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if not 0 < self.memory_fraction <= 1:
             raise SpecdecError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 

@@ -12,11 +12,11 @@ the same scheduler loop in a thread of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ import torch
 from specdec.chat import encode_chat
 from specdec.config import EngineConfig
 from specdec.errors import InvalidRequestError
+from specdec.models.cache_plan import plan_cache
 from specdec.models.loader import LoadedModel, load_checkpoint
 from specdec.models.pair import check_pair
 from specdec.planner import GammaPlanner
@@ -67,9 +68,29 @@ class Engine:
         device = resolve_device(self.config.device)
         dtype = resolve_dtype(self.config.dtype, device)
         self.target = _load(target, device, dtype, self.config.attention)
-        self.draft = _load(draft, device, dtype, self.config.attention) if draft is not None else None
+        self.draft = (
+            _load(draft, device, dtype, self.config.attention, embeddings_from=self.target)
+            if draft is not None
+            else None
+        )
         if self.draft is not None:
             check_pair(self.target, self.draft)
+        # What the config leaves open (slots, context) is sized from the KV memory budget now that
+        # the weights are loaded; from here on the config holds the sizes chosen.
+        models = [self.target] if self.draft is None else [self.target, self.draft]
+        self.cache_plan = plan_cache(
+            [m.config for m in models],
+            self.target.dtype,
+            self.target.device,
+            self.config.lookahead,
+            min(m.config.max_position_embeddings for m in models),
+            self.config.max_batch_size,
+            self.config.max_context,
+            self.config.kv_memory_fraction,
+        )
+        self.config = dataclasses.replace(
+            self.config, max_batch_size=self.cache_plan.slots, max_context=self.cache_plan.max_context
+        )
         self.limits = RequestLimits.for_pair(self.target, self.draft, self.config)
         self.runner = ModelRunner(self.target, self.draft, self.config, self.limits, kernels)
         self.planner = planner or GammaPlanner(self.config)
@@ -77,12 +98,12 @@ class Engine:
         if self.config.warmup and self.config.adaptive:
             self.planner.calibrate(self.runner.warm_up())
         log.info(
-            "target %s (%s, %d layers), draft %s; KV cache per model: %s",
+            "target %s (%s, %d layers), draft %s; %s",
             self.target.name,
             self.target.config.model_type,
             self.target.config.num_layers,
             self.draft.name if self.draft else "none",
-            self.runner.target_cache.describe(),
+            self.cache_plan.describe(),
         )
 
     @property
@@ -230,10 +251,18 @@ class Engine:
                 self._drop([handle])
 
 
-def _load(spec: Any, device: torch.device, dtype: torch.dtype, attention: str) -> LoadedModel:
+def _load(
+    spec: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    embeddings_from: LoadedModel | None = None,
+) -> LoadedModel:
     if isinstance(spec, LoadedModel):
         return spec
-    return load_checkpoint(Path(spec), device=device, dtype=dtype, attention=attention)
+    return load_checkpoint(
+        spec, device=device, dtype=dtype, attention=attention, embeddings_from=embeddings_from
+    )
 
 
 def _merge(outputs: list[RequestOutput]) -> GenerationResult:

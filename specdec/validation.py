@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from specdec.config import EngineConfig
 from specdec.errors import InvalidRequestError
+from specdec.models.cache_plan import DEFAULT_MAX_CONTEXT
 from specdec.models.loader import LoadedModel
 from specdec.request import Mode, Request
 from specdec.tokenization import emittable_vocab_size
 
-DEFAULT_MAX_CONTEXT = 4096
 MAX_PROMPT_CHARS = 1_000_000  # whatever the context, text longer than this is refused untokenized
 
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -14,12 +16,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF conversions go to a cache of this run's own, not the user's ~/.cache/specdec.
+# (Removed by pytest_sessionfinish.)
+os.environ["SPECDEC_CACHE"] = tempfile.mkdtemp(prefix="specdec-test-cache-")
 
 import pytest
 
 from specdec.testing import LLAMA3_ROPE, PADDED_VOCAB, PAIRS, write_tiny_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["SPECDEC_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

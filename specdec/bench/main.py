@@ -91,7 +91,7 @@ def run(args: Any) -> dict[str, Any]:
             hf_draft = hf_model(draft_shape, device, dtype, seed=2)
         source = {"random_weights": {"target_shape": args.shape, "draft_shape": draft_shape}}
     else:
-        target_dir, draft_dir = resolve_pair(args.target, args.draft)
+        target_dir, draft_dir = resolve_pair(args.target, args.draft, args.demo)
         if draft_dir is None:
             raise SpecdecError("bench needs a draft: give --draft with --target")
         target = load_checkpoint(target_dir, device=device, dtype=dtype)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from specdec.cli import bench, distill, generate, serve
+from specdec.cli import bench, convert, distill, generate, serve
 from specdec.errors import SpecdecError
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     bench.add_parser(sub)
     distill.add_parsers(sub)
+    convert.add_parser(sub)
     return parser
 
 

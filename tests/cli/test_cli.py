@@ -123,3 +123,43 @@ def test_generate_over_grpc_streaming_json_has_every_token_id(pairs):
     s, u = json.loads(streamed.stdout), json.loads(unary.stdout)
     assert len(s["token_ids"]) == s["usage"]["completion_tokens"] == len(u["token_ids"])
     assert s["token_ids"] == u["token_ids"] and s["text"] == u["text"]
+
+
+def test_generate_chat_renders_the_template_in_process_and_over_grpc(pairs):
+    from specdec import Engine, SamplingParams
+    from specdec.config import EngineConfig
+    from specdec.testing import serve_in_thread
+
+    target, draft = pairs("llama-close")
+    engine = Engine(
+        target=target, draft=draft, config=EngineConfig(max_batch_size=2, max_context=128, warmup=False)
+    )
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
+    [expected] = engine.generate([engine.render_chat(messages)], SamplingParams(max_new_tokens=10))
+    chat = (
+        "generate",
+        "--chat",
+        "def add(a, b):",
+        "--system",
+        "Be brief.",
+        "--max-new-tokens",
+        "10",
+        "--json",
+    )
+    local = run(*chat, "--target", str(target), "--draft", str(draft))
+    assert local.returncode == 0, local.stderr
+    assert json.loads(local.stdout)["token_ids"] == expected.token_ids
+    server = serve_in_thread(engine)
+    try:
+        remote = run(*chat, "--server", server.address)
+        plain = run("generate", "--chat", "def add(a, b):", "--system", "Be brief.", "--max-new-tokens", "10",
+                    "--server", server.address)  # fmt: skip
+    finally:
+        server.stop()
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["token_ids"] == expected.token_ids
+    assert plain.returncode == 0 and plain.stdout == expected.text + "\n"  # an answer, no prompt echoed
+    both = run("generate", "x", "--chat", "y", "--target", str(target))
+    assert both.returncode == 2 and "give a prompt or --chat, not both" in both.stderr
+    lone = run("generate", "--system", "y", "--target", str(target))
+    assert lone.returncode == 2 and "--system goes with --chat" in lone.stderr

@@ -57,6 +57,13 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] = ()  # per layer: window length, None = full attention
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # A draft's small output head (FR-Spec): logits for only these many tokens, a frequency-ranked
+    # subset of the vocabulary whose ids the checkpoint stores (lm_head.token_ids); the forward
+    # pass scatters them into the full vocabulary at -inf elsewhere, so q is 0 outside the subset.
+    # None: the head covers the whole vocabulary.
+    head_tokens: int | None = None
+    # The input embedding is the target's, borrowed at load rather than stored (a draft only).
+    shared_embeddings: bool = False
 
     @property
     def q_size(self) -> int:
@@ -76,7 +83,9 @@ class ModelConfig:
             + self.q_size * self.hidden_size
             + 3 * self.hidden_size * self.intermediate_size
         )
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        embed = 0 if self.shared_embeddings else self.vocab_size * self.hidden_size
+        if not self.tie_word_embeddings:
+            embed += (self.head_tokens or self.vocab_size) * self.hidden_size
         return embed + self.num_layers * per_layer
 
 
@@ -226,6 +235,8 @@ def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
         sliding_windows=_sliding_windows(hf, model_type, num_layers),
         eos_token_ids=_eos_ids(hf, generation_eos),
         bos_token_id=getattr(hf, "bos_token_id", None),
+        head_tokens=getattr(hf, "specdec_head_tokens", None),
+        shared_embeddings=bool(getattr(hf, "specdec_shared_embeddings", False)),
         **flags,
     )
 
@@ -242,5 +253,14 @@ def check_config(cfg: ModelConfig) -> None:
         )
     if len(cfg.sliding_windows) != cfg.num_layers:
         raise CheckpointError("sliding_windows must list one entry per layer")
+    if cfg.head_tokens is not None:
+        if not 0 < cfg.head_tokens <= cfg.vocab_size:
+            raise CheckpointError(
+                f"specdec_head_tokens must be in [1, vocab_size {cfg.vocab_size}], got {cfg.head_tokens}"
+            )
+        if cfg.tie_word_embeddings:
+            raise CheckpointError(
+                "a subset output head (specdec_head_tokens) cannot be tied to the embeddings"
+            )
     if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
         raise CheckpointError(f"rms_norm_eps must be positive, got {cfg.rms_norm_eps}")

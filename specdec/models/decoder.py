@@ -142,7 +142,13 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_fn) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.head_tokens or cfg.vocab_size, bias=False)
+        # The vocabulary ids of a subset head's rows (see ModelConfig.head_tokens).
+        subset = cfg.head_tokens is not None
+        self.head_token_ids: torch.Tensor | None
+        self.register_buffer(
+            "head_token_ids", torch.zeros(cfg.head_tokens, dtype=torch.long) if subset else None
+        )
         self.tie_weights()
         self.num_positions = 0
 
@@ -209,4 +215,9 @@ class Decoder(nn.Module):
         logits = self.lm_head(self.norm(x)).float()
         if self.cfg.final_softcap is not None:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        if self.head_token_ids is not None:
+            # A subset head: every other token gets -inf (probability 0), so the rest of the engine
+            # sees full-vocabulary logits and the acceptance rule stays exact.
+            full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
+            logits = full.index_copy_(-1, self.head_token_ids, logits)
         return logits

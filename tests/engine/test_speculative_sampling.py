@@ -152,3 +152,45 @@ def test_seeded_requests_reproduce_and_seeds_differ(engine):
         for s in range(8, 14)
     }
     assert len(different) > 3
+
+
+# A draft with a small output head (10 of the 16 tokens) that borrows the target's embeddings:
+# q is 0 on the other 6, which the target still emits through the residual.
+SUBSET = [0, 1, 2, 3, 5, 7, 8, 11, 12, 14]
+
+
+@pytest.fixture(scope="module")
+def subset_engine(pair, engine, tmp_path_factory):
+    from specdec.models.subset_head import restrict_checkpoint
+
+    draft = restrict_checkpoint(
+        pair[1], tmp_path_factory.mktemp("subset-draft"), SUBSET, share_embeddings=True
+    )
+    subset = Engine(
+        target=engine.target, draft=draft, config=dataclasses.replace(engine.config, warmup=False)
+    )
+    assert subset.draft.config.head_tokens == len(SUBSET) and subset.vocab_size == V
+    assert subset.draft.model.embed_tokens.weight is subset.target.model.embed_tokens.weight
+    return subset
+
+
+def test_a_subset_head_draft_keeps_the_targets_joint(subset_engine, pair):
+    params = SamplingParams(temperature=1.0)
+    observed = sampled_joint(subset_engine, params, 2, seed_base=20_000)
+    outside = [t for t in range(V) if t not in SUBSET]
+    first_tokens = observed.reshape(V, V * V).sum(1)
+    assert first_tokens[outside].sum() > 0, "the target never emitted a token the draft cannot propose"
+    assert chi_square_pvalue(observed, exact_joint(pair[0], params)) > ALPHA
+
+
+def test_a_wrong_rule_with_a_subset_head_draft_fails(subset_engine, pair):
+    """The negative control for the subset path: the same χ² test rejects a wrong residual."""
+    kernels = dataclasses.replace(
+        AcceptKernels.for_device(subset_engine.runner.device),
+        rejection_sample=_with_rule(residual_rule=lambda p, q: p),
+    )
+    wrong = Engine(
+        target=subset_engine.target, draft=subset_engine.draft, config=subset_engine.config, kernels=kernels
+    )
+    observed = sampled_joint(wrong, SamplingParams(temperature=1.0), 2, seed_base=30_000)
+    assert chi_square_pvalue(observed, exact_joint(pair[0], SamplingParams(temperature=1.0))) < ALPHA

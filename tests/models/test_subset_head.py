@@ -1,0 +1,108 @@
+"""Drafts with a small output head and borrowed embeddings (models.subset_head): the logits are
+the full head's on the subset and -inf elsewhere; greedy speculation with such a draft is the target
+alone token for token, tokens outside the subset included; bad files are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdec import Engine, SamplingParams
+from specdec.batching import Row, make_batch
+from specdec.config import EngineConfig
+from specdec.errors import CheckpointError
+from specdec.models.kv_cache import CacheLayout, KVCache
+from specdec.models.loader import load_checkpoint
+from specdec.models.subset_head import frequency_ranked, restrict_checkpoint
+from specdec.request import Mode
+from specdec.testing import random_prompt
+
+SUBSET = sorted(range(0, 300, 3))  # 100 of the 300 tokens
+
+
+def _logits(loaded, tokens):
+    cache = KVCache(loaded.config, CacheLayout(1, 64, 4), torch.float32, "cpu")
+    loaded.model.init_rope(cache.layout.capacity)
+    batch = make_batch([Row(0, 0, tokens)], torch.device("cpu"), cache.layout.capacity)
+    with torch.no_grad():
+        return loaded.model(batch, cache)[0]
+
+
+@pytest.fixture(scope="module")
+def close_pair(pairs):
+    return pairs("llama-close")
+
+
+def test_subset_logits_are_the_full_heads_on_the_subset_and_minus_inf_elsewhere(close_pair, tmp_path):
+    _target, draft = close_pair
+    full = load_checkpoint(draft)
+    cut = load_checkpoint(restrict_checkpoint(draft, tmp_path / "cut", SUBSET))
+    assert cut.config.head_tokens == len(SUBSET) and cut.model.lm_head.weight.shape[0] == len(SUBSET)
+    assert cut.config.num_parameters() < full.config.num_parameters()
+    tokens = random_prompt(torch.Generator().manual_seed(1), 12)
+    ours, reference = _logits(cut, tokens), _logits(full, tokens)
+    assert ours.shape == reference.shape
+    inside = torch.tensor(SUBSET)
+    torch.testing.assert_close(ours[:, inside], reference[:, inside])
+    outside = torch.ones(ours.shape[-1], dtype=torch.bool)
+    outside[inside] = False
+    assert torch.isneginf(ours[:, outside]).all()
+
+
+def test_shared_embeddings_are_the_targets_tensor_and_required(close_pair, tmp_path):
+    target_dir, draft = close_pair
+    shared = restrict_checkpoint(draft, tmp_path / "shared", SUBSET, share_embeddings=True)
+    target = load_checkpoint(target_dir)
+    loaded = load_checkpoint(shared, embeddings_from=target)
+    assert loaded.model.embed_tokens.weight is target.model.embed_tokens.weight
+    with pytest.raises(
+        CheckpointError, match=r"shared: this draft borrows its input embeddings from its target"
+    ):
+        load_checkpoint(shared)
+    narrow = load_checkpoint(draft)  # given an embedding of another shape below
+    narrow.model.embed_tokens = torch.nn.Embedding(320, 8)
+    with pytest.raises(CheckpointError, match=r"whose embedding is \(320, 8\)"):
+        load_checkpoint(shared, embeddings_from=narrow)
+
+
+def test_corrupt_subset_ids_are_refused(close_pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = restrict_checkpoint(close_pair[1], tmp_path / "bad", SUBSET)
+    state = load_file(str(path / "model.safetensors"))
+    state["lm_head.token_ids"][0] = 10_000
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lm_head.token_ids has ids outside \[0, "):
+        load_checkpoint(path)
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="cannot be tied"):
+        load_checkpoint(path)
+
+
+def test_greedy_with_a_subset_draft_is_the_target_alone_and_emits_tokens_outside_it(close_pair, tmp_path):
+    target_dir, draft = close_pair
+    config = EngineConfig(max_batch_size=4, max_context=96, warmup=False)
+    alone = Engine(target_dir, config=config)
+    prompts = [random_prompt(torch.Generator().manual_seed(s), 8) for s in range(4)]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    expected = alone.generate(prompts, params, mode=Mode.TARGET)
+    # The subset: the tokens the target emits most, but not all of them.
+    emitted = [t for r in expected for t in r.token_ids]
+    subset = frequency_ranked(emitted, size=len(set(emitted)) // 2)
+    shared = restrict_checkpoint(draft, tmp_path / "subset", subset, share_embeddings=True)
+    engine = Engine(target_dir, shared, config=config)
+    assert engine.vocab_size == alone.vocab_size  # the head's width is not the vocabulary
+    got = engine.generate(prompts, params, mode=Mode.SPECULATIVE, num_speculative_tokens=3)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert any(t not in subset for r in got for t in r.token_ids)
+    assert sum(r.stats.accepted_tokens for r in got) > 0
+
+
+def test_frequency_ranking_keeps_the_always_tokens_and_fills_up():
+    assert frequency_ranked([5, 5, 5, 7, 7, 9], size=2) == [5, 7]
+    assert frequency_ranked([5, 5, 5, 7, 7, 9], size=3, always=[2]) == [2, 5, 7]
+    assert frequency_ranked([4], size=3) == [0, 1, 4]

@@ -31,7 +31,11 @@ the catch-up pass that feeds the draft its missing tokens when speculation resum
 must beat it by a small margin (EngineConfig.speculation_margin): where the expected gain is
 within the estimates' error, the plain step is the safe choice. Forced rows
 (num_speculative_tokens) always draft their own γ. Exploration: a row that has not drafted for
-`explore_every` steps drafts γ = 1 once, so its α does not go stale while the policy keeps it out.
+`explore_every` steps drafts γ = 1 once, so its α does not go stale while the policy keeps it out -
+unless speculating could not pay even at an optimistic α (the estimate plus two standard errors,
+its evidence discounted by how long the row has been idle; `GammaPlanner._hopeless`): then the
+exploration, and a probe of a longer draft, would only cost (at batch 16 on a CPU, where
+verification grows with its width, they cost 5-15%: the catch-up of every row's missed tokens).
 """
 
 from __future__ import annotations
@@ -72,6 +76,14 @@ class AcceptanceEstimate:
 
     def value(self, prior: float, prior_weight: float) -> float:
         return (self.successes + prior_weight * prior) / (self.trials + prior_weight)
+
+    def upper(self, prior: float, prior_weight: float, staleness: float = 1.0, z: float = 2.0) -> float:
+        """An optimistic α: the estimate plus z standard errors of a ratio, over the evidence
+        discounted by `staleness` (in (0, 1]): old evidence says less, so the estimate of a row kept
+        idle relaxes to `prior` and its spread widens, and in time it looks worth a look again."""
+        trials = self.trials * staleness + prior_weight
+        alpha = (self.successes * staleness + prior_weight * prior) / trials
+        return min(1.0, alpha + z * (alpha * (1.0 - alpha) / trials) ** 0.5)
 
 
 # ----------------------------------------------------------------------------------------- policy

@@ -9,9 +9,9 @@ pass (`adaptive.CostModel`). It never touches a model or a cache.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from specdec.adaptive import AcceptanceEstimate, Decision, RowView, choose_gammas
+from specdec.adaptive import AcceptanceEstimate, Decision, RowView, choose_gammas, step_cost
 from specdec.config import EngineConfig
 from specdec.costs import CostModel, RateCorrection
 from specdec.request import Mode
@@ -100,7 +100,15 @@ class GammaPlanner:
         decision, probe = None, None
         if any(v.fixed is None for v in views):
             batch = len(rows) + len(draft_only)
+            correction = self.correction.factors(batch, config.max_gamma) if self.correction else None
             probe = self._probe()
+            if (probe or any(v.explore for v in views)) and self._hopeless(
+                views, rows, draft_only, correction
+            ):
+                # Exploring and probing keep the option of speculating open; where it could not pay
+                # even at optimistic acceptance, they only cost, so this step runs without them.
+                views = [replace(v, explore=False) for v in views]
+                probe = None
             decision = choose_gammas(
                 views,
                 self.costs,
@@ -108,7 +116,7 @@ class GammaPlanner:
                 len(draft_only),
                 config.speculation_margin,
                 config.per_row_gamma,
-                self.correction.factors(batch, config.max_gamma) if self.correction else None,
+                correction,
                 probe,
             )
             gammas = decision.gammas
@@ -119,6 +127,49 @@ class GammaPlanner:
             room = max(seq.remaining - 1, 0)
             plans.append(RowPlan(seq, len(chunk), chunk) if chunk else RowPlan(seq, min(gamma, room)))
         return StepPlan(plans, draft_only, decision, probe is not None)
+
+    def _hopeless(
+        self, views: list[RowView], rows: list[Sequence], draft_only: list[Sequence], correction
+    ) -> bool:
+        """Whether the policy would keep every free row from drafting even if each accepted at its
+        optimistic α (`AcceptanceEstimate.upper`): then nothing exploration or a probe could learn
+        would change the choice at this batch size."""
+        # Relaxing to the engine-wide estimate, or the configured prior where that is higher: a
+        # draft found useless everywhere is still looked at again now and then (text changes).
+        prior = max(
+            self.config.acceptance_prior, self.global_acceptance.value(self.config.acceptance_prior, 4.0)
+        )
+        optimistic = [
+            # The catch-up debt stays in the price: exploring pays it, so a row idle for long needs
+            # ever better prospects to be looked at again (a row that never drafts owes nothing).
+            replace(
+                v,
+                explore=False,
+                alpha=seq.acceptance.upper(prior, 4.0, self.config.acceptance_decay**seq.steps_idle),
+            )
+            if v.fixed is None and v.model_drafts
+            else v
+            for v, seq in zip(views, rows)
+        ]
+        decision = choose_gammas(
+            optimistic,
+            self.costs,
+            self.config.max_gamma,
+            len(draft_only),
+            self.config.speculation_margin,
+            self.config.per_row_gamma,
+            correction,
+        )
+        if decision.policy_gamma == 0:
+            return True
+        # The policy prices a plain step with the catch-up its idle rows would owe on drafting
+        # again; were the gate shut they never would, so here the plain step costs what it takes.
+        base = [v.fixed or 0 for v in optimistic]
+        tokens, seconds, _deferred = step_cost(optimistic, base, self.costs, len(draft_only))
+        longest = max(base, default=0)
+        factor = correction[longest] if correction is not None and longest < len(correction) else 1.0
+        plain = tokens / seconds * factor if seconds > 0 else 0.0
+        return decision.expected_rate <= plain * (1 + self.config.speculation_margin)
 
     def _probe(self) -> int | None:
         """The longest draft to measure this step instead of choosing, or None (most steps)."""

@@ -56,21 +56,20 @@ def test_a_perfect_cheap_draft_gets_long_drafts_and_stays_exact(twin_pair):
     assert drafted.count(CONFIG.max_gamma) >= len(drafted) - 3, drafted
 
 
-def test_a_useless_draft_is_turned_off_but_still_explored(pairs):
+def test_a_useless_draft_is_turned_off_explored_then_left_alone(pairs):
     target, draft = pairs("llama")  # an unrelated random draft: acceptance near 0
     engine = _engine(target, draft, costs(draft=0.3, verify_base=1.0, verify_per_token=0.2))
     log = GammaLog()
     [result] = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=100, ignore_eos=True), on_step=log)
     gammas = [next(iter(step.values())) for step in log.gammas][:-1]  # the last step has no room to draft
     late = gammas[len(gammas) // 3 :]
-    assert late.count(0) > 0.75 * len(late), gammas
-    # Exploration: it drafts γ = 1 at least every `explore_every` + 1 steps.
-    runs, current = [], 0
-    for g in late:
-        current = current + 1 if g == 0 else 0
-        runs.append(current)
-    assert max(runs) <= CONFIG.explore_every, str(gammas)
-    assert result.stats.drafted_tokens > 0
+    assert late.count(0) > 0.9 * len(late), gammas
+    # Exploration: once kept out, it drafts γ = 1 after every `explore_every` idle steps while its
+    # optimistic acceptance could still pay for that; then the gate (GammaPlanner._hopeless) stops.
+    explorations = [i for i, g in enumerate(gammas) if g == 1]
+    assert len(explorations) >= 2 and result.stats.drafted_tokens > 0, gammas
+    gaps = [b - a for a, b in zip(explorations, explorations[1:])]
+    assert all(gap == CONFIG.explore_every + 1 for gap in gaps[1:]), gammas
 
 
 def test_forced_rows_keep_their_gamma_while_the_policy_turns_others_off(pairs):

@@ -5,7 +5,7 @@ than in traffic) and multiplicative noise - while the realised step times follow
 The planner must still run at least as fast as target alone and within 10% of the best fixed γ at
 batch 1, 4 and 16, by correcting its predictions from realised step times; with that correction
 switched off, the same biases make it miss (the negative control: the test can fail). A sweep of
-honest machines checks the same bounds; where no γ pays it still misses them (marked, strict)."""
+honest machines checks the same bounds, up to the one-off cost of learning that no γ pays."""
 
 from __future__ import annotations
 
@@ -177,28 +177,41 @@ def test_without_the_correction_the_same_biases_mislead_it():
     assert all(missed)
 
 
-# A known gap, kept visible: where the draft costs half a target pass and accepts half its
-# tokens, no γ pays, and adaptive γ still runs 3-12% below the target alone here - its rows explore
-# (γ = 1) every explore_every idle steps, paying a catch-up of all the tokens they missed, and the
-# idle price it charges γ = 0 for that catch-up keeps it speculating at times. Strict: when a fix
-# closes the gap, these start passing and must be unmarked.
-KNOWN_GAP = pytest.mark.xfail(strict=True, reason="adaptive γ below target alone where no γ pays (see above)")
+# Machines from where speculation pays well to where no γ can (a draft that costs half a target
+# pass and accepts half its tokens; any draft at batch 16 when verification grows with width).
 SWEEP = [
-    pytest.param(batch, draft, per_token, alpha, marks=[KNOWN_GAP] if (draft, alpha) == (0.5, 0.5) else [])
-    for batch in (1, 4)
+    (batch, draft, per_token, alpha)
+    for batch in (1, 4, 16)
     for draft in (0.05, 0.2, 0.5)
-    for per_token in (0.01, 0.05)
+    for per_token in ((0.01, 0.05) if batch < 16 else (0.05,))
     for alpha in (0.5, 0.8)
 ]
+# Where no γ pays, adaptive γ still explores at first, to learn so (the prior says α = 0.5); over
+# 600 steps that costs up to 1.5% of target alone (0.996 after 2000 steps: it does not recur).
+LEARNING = 0.985
+
+
+def _honest(batch, draft, per_token, alpha):
+    return dict(noise=0.1, costs=synthetic_costs(draft=draft, verify_base=1.0, verify_per_token=per_token),
+                alphas=[alpha] * batch)  # fmt: skip
 
 
 @pytest.mark.parametrize("batch,draft,per_token,alpha", SWEEP)
 def test_with_honest_timings_adaptive_is_never_below_target_alone(batch, draft, per_token, alpha):
-    """No bias, mild noise, machines from where speculation pays well to where it cannot pay
-    (the reviewer's counter-example to the scenarios above: honest timings, expensive draft)."""
-    machine = dict(noise=0.1, costs=synthetic_costs(draft=draft, verify_base=1.0, verify_per_token=per_token),
-                   alphas=[alpha] * batch)  # fmt: skip
+    """No bias, mild noise (the reviewer's counter-example to the scenarios above: honest timings,
+    expensive draft)."""
+    machine = _honest(batch, draft, per_token, alpha)
     fixed = {g: _throughput(machine, batch, g, steps=600) for g in range(CONFIG.max_gamma + 1)}
     adaptive = _throughput(machine, batch, None, steps=600)
     report = f"adaptive {adaptive:.3f}, fixed " + ", ".join(f"{g}: {r:.3f}" for g, r in fixed.items())
-    assert adaptive >= fixed[0] and adaptive >= 0.9 * max(fixed.values()), report
+    assert adaptive >= LEARNING * fixed[0] and adaptive >= 0.9 * max(fixed.values()), report
+
+
+def test_without_the_hopeless_gate_exploration_costs_where_no_gamma_pays(monkeypatch):
+    """The negative control of the gate (GammaPlanner._hopeless): rows that explore and probes that
+    measure where speculation cannot pay, even at optimistic acceptance, cost 5-15% here."""
+    machine = _honest(16, 0.5, 0.05, 0.5)
+    target_alone = _throughput(machine, 16, 0, steps=600)
+    assert _throughput(machine, 16, None, steps=600) >= LEARNING * target_alone
+    monkeypatch.setattr(GammaPlanner, "_hopeless", lambda self, *args: False)
+    assert _throughput(machine, 16, None, steps=600) < 0.95 * target_alone

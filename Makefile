@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make serve   set everything up, then start the gRPC server on the embedded default models
+#   make serve   set everything up, then start the gRPC server on the default models
 #   make test    set everything up, then run the whole test suite
 # Both are idempotent: the first run creates .venv and installs what that command needs
 # (scripts/setup.sh says what); later runs only reinstall the package itself (a few seconds), so
@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 
 .PHONY: serve test lint bench clean
 
-# The main job: the gRPC server on the embedded demo pair (or SERVE_ARGS="--target DIR --draft DIR").
+# The main job: the gRPC server on the default pair - SmolLM2-135M-Instruct and the draft distilled
+# for it - or SERVE_ARGS="--demo" (the tiny embedded pair) or SERVE_ARGS="--target X --draft Y".
 serve:
 	@bash scripts/setup.sh serve
 	$(BIN)/specdec serve $(SERVE_ARGS)

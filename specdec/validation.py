@@ -25,6 +25,9 @@ class RequestLimits:
     max_context: int  # prompt + output tokens per sequence
     max_gamma: int  # the most drafts a request may force per step
     has_draft: bool
+    # Whether the draft can answer alone (draft mode): not with a subset output head, which can
+    # never emit most of the vocabulary; such a draft only speculates.
+    draft_answers: bool = True
     # Text longer than this cannot fit the context (no token spells more than the vocabulary's
     # longest token string), so it is refused before paying for its tokenization.
     max_prompt_chars: int = MAX_PROMPT_CHARS
@@ -46,6 +49,7 @@ class RequestLimits:
             max_context=max_context,
             max_gamma=config.max_gamma,
             has_draft=draft is not None,
+            draft_answers=draft is not None and draft.config.head_tokens is None,
             max_prompt_chars=min(MAX_PROMPT_CHARS, max_context * max(longest_token, 1)),
         )
 
@@ -71,6 +75,12 @@ def validate(request: Request, limits: RequestLimits) -> Mode:
     if mode in (Mode.SPECULATIVE, Mode.DRAFT) and not limits.has_draft:
         raise InvalidRequestError(
             "mode", f"mode {mode.value} needs a draft model; this engine has only a target"
+        )
+    if mode is Mode.DRAFT and not limits.draft_answers:
+        raise InvalidRequestError(
+            "mode",
+            "mode draft needs a draft that can answer alone; this one has a small output head (a subset "
+            "of the vocabulary) and only speculates: use speculative or target",
         )
     ids = request.prompt_ids
     if not ids:

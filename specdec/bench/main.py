@@ -46,6 +46,38 @@ def prompts_from_text(tokenizer: Any, texts: list[str], length: int, count: int)
     return [ids[i * step : i * step + length] for i in range(count)]
 
 
+def chat_prompts(tokenizer: Any, instructions: list[str], count: int) -> list[list[int]]:
+    """`count` chat prompts (the instructions as user turns, rendered by the chat template), all cut
+    from the left to the shortest one's length: the batches of the Hugging Face baselines need equal
+    lengths, and what the answer depends on most - the user turn and the assistant marker - stays."""
+    from specdec.chat import encode_chat
+
+    rendered = [encode_chat(tokenizer, [{"role": "user", "content": i}]) for i in instructions[:count]]
+    if not rendered:
+        raise SpecdecError("no held-out chat instructions to make prompts from")
+    while len(rendered) < count:
+        rendered.extend(rendered[: count - len(rendered)])
+    shortest = min(len(r) for r in rendered)
+    return [r[len(r) - shortest :] for r in rendered]
+
+
+def _held_out_prompts(target_dir: Path, draft_dir: Path) -> Any:
+    """A shipped pair's held-out prompts (beside the draft, or the demo pair's beside its target):
+    a list of texts, or {"chat": [instructions]}; None if there are none."""
+    for candidate in (
+        Path(draft_dir) / "heldout_prompts.json",
+        Path(target_dir).parent / "heldout_prompts.json",
+    ):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def _hf_loadable(model: Any) -> bool:
+    """Whether transformers can load the checkpoint (not a subset head or borrowed embeddings)."""
+    return model.config.head_tokens is None and not model.config.shared_embeddings
+
+
 def _random_prompts(vocab: int, length: int, count: int, seed: int) -> list[list[int]]:
     rnd = random.Random(seed)
     return [[rnd.randrange(1, vocab) for _ in range(length)] for _ in range(count)]
@@ -95,14 +127,20 @@ def run(args: Any) -> dict[str, Any]:
         if draft_dir is None:
             raise SpecdecError("bench needs a draft: give --draft with --target")
         target = load_checkpoint(target_dir, device=device, dtype=dtype)
-        draft = load_checkpoint(draft_dir, device=device, dtype=dtype)
-        texts = None
+        draft = load_checkpoint(draft_dir, device=device, dtype=dtype, embeddings_from=target)
+        texts = chat = None
         if args.prompts:
             texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        elif (Path(target_dir).parent / "heldout_prompts.json").exists():
-            texts = json.loads((Path(target_dir).parent / "heldout_prompts.json").read_text())
+        else:
+            held_out = _held_out_prompts(target.path, draft.path)
+            if isinstance(held_out, dict):
+                chat = held_out["chat"]
+            elif held_out:
+                texts = held_out
         prompts = (
-            prompts_from_text(target.tokenizer, texts, settings.prompt_len, count)
+            chat_prompts(target.tokenizer, chat, count)
+            if chat
+            else prompts_from_text(target.tokenizer, texts, settings.prompt_len, count)
             if texts
             else _random_prompts(
                 emittable_vocab_size(target, draft),
@@ -114,11 +152,14 @@ def run(args: Any) -> dict[str, Any]:
         if settings.hf:
             from transformers import AutoModelForCausalLM
 
-            hf_target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).to(device).eval()
-            hf_draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=dtype).to(device).eval()
+            hf_target = AutoModelForCausalLM.from_pretrained(str(target.path), dtype=dtype).to(device).eval()
+            if _hf_loadable(draft):
+                hf_draft = (
+                    AutoModelForCausalLM.from_pretrained(str(draft.path), dtype=dtype).to(device).eval()
+                )
         source = {
             "checkpoints": {"target": str(target_dir), "draft": str(draft_dir)},
-            "prompts": "text" if texts else "random ids",
+            "prompts": "chat (held-out instructions)" if chat else "text" if texts else "random ids",
         }
     assisted = (
         hf_draft is not None
@@ -131,7 +172,9 @@ def run(args: Any) -> dict[str, Any]:
             f"{target.config.vocab_size} vs {draft.config.vocab_size})",
             file=sys.stderr,
         )
-    configs: list[Config] = [("target", Mode.TARGET, 0), ("draft", Mode.DRAFT, 0)]
+    configs: list[Config] = [("target", Mode.TARGET, 0)]
+    if draft.config.head_tokens is None:  # a subset-head draft only speculates (validation)
+        configs.append(("draft", Mode.DRAFT, 0))
     for gamma in settings.gammas:
         if gamma != 0:  # γ = 0 is the target alone, measured above
             configs.append(("speculative", Mode.SPECULATIVE, gamma))

@@ -112,7 +112,7 @@ class Bench:
         base = EngineConfig(
             max_batch_size=max_batch,
             max_queue=max_batch,
-            max_context=settings.prompt_len + max(self.output_lengths) + 1,
+            max_context=max(len(p) for p in self.prompts) + max(self.output_lengths) + 1,
             max_gamma=max([8, *[g for g in settings.gammas if isinstance(g, int)]]),
             device=settings.device,
             dtype=settings.dtype,

@@ -12,7 +12,7 @@ from specdec.errors import SpecdecError
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     dist = sub.add_parser("distill", help="train a small draft to imitate a target (KL distillation)")
-    dist.add_argument("--target", type=Path, required=True, help="target checkpoint directory")
+    dist.add_argument("--target", required=True, help="target checkpoint: directory, .gguf file or hub id")
     dist.add_argument("--out", type=Path, required=True, help="where the draft checkpoint goes")
     dist.add_argument("--data", nargs="+", required=True, help="text files, .jsonl files or source trees")
     dist.add_argument("--layers", type=int, default=1)
@@ -23,6 +23,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     dist.add_argument("--kv-heads", type=int, default=None)
     dist.add_argument("--intermediate", type=int, default=None)
     dist.add_argument("--vocab-size", type=int, default=None, help="logits width; default: the target's")
+    dist.add_argument(
+        "--head-tokens",
+        type=int,
+        default=None,
+        help="a small output head over the N most frequent tokens of the training text (default: all)",
+    )
+    dist.add_argument(
+        "--share-embeddings",
+        action="store_true",
+        help="borrow the target's input embedding instead of storing one",
+    )
+    dist.add_argument(
+        "--teacher-top-k",
+        type=int,
+        default=0,
+        help="run the target once over the training text and keep its top K (default 0: every step)",
+    )
+    dist.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     dist.add_argument("--steps", type=int, default=1000)
     dist.add_argument("--batch-size", type=int, default=16)
     dist.add_argument("--seq-len", type=int, default=256)
@@ -30,6 +48,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     dist.add_argument("--warmup", type=int, default=50)
     dist.add_argument("--eval-every", type=int, default=200)
     dist.add_argument("--heldout-fraction", type=float, default=0.05)
+    dist.add_argument(
+        "--heldout-data",
+        nargs="+",
+        default=None,
+        help="held-out files (instead of every n-th document of --data)",
+    )
     dist.add_argument(
         "--self-generated",
         type=float,
@@ -45,6 +69,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     dist.add_argument("--device", default="auto", help="auto, cpu or cuda")
     dist.add_argument("--resume", action="store_true", help="continue the training state in --out")
     dist.set_defaults(func=run_distill_command)
+
+    data = sub.add_parser(
+        "distill-data",
+        help="self-distillation data: a chat target's own answers to the pinned instructions (JSONL)",
+    )
+    data.add_argument("--target", default=None, help="the chat target (default: the default target)")
+    data.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    data.add_argument("--count", type=int, default=400, help="instructions to answer")
+    data.add_argument(
+        "--heldout", action="store_true", help="the held-out instructions instead of the training ones"
+    )
+    data.add_argument("--max-new-tokens", type=int, default=160)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--max-batch-size", type=int, default=16)
+    data.set_defaults(func=run_distill_data)
 
     demo = sub.add_parser("train-demo", help="train the embedded demo pair from scratch on the Python stdlib")
     demo.add_argument("--out", type=Path, default=None, help="default: the package's assets/demo")
@@ -69,6 +108,8 @@ def _train_device(name: str) -> str:
 
 
 def run_distill_command(args: argparse.Namespace) -> int:
+    import torch
+
     from specdec.distill.distill import DraftShape, run_distill
     from specdec.distill.trainer import TrainConfig
 
@@ -89,7 +130,14 @@ def run_distill_command(args: argparse.Namespace) -> int:
         kv_heads=args.kv_heads,
         intermediate=args.intermediate,
         vocab_size=args.vocab_size,
+        head_tokens=args.head_tokens,
+        share_embeddings=args.share_embeddings,
     )
+    split = None
+    if args.heldout_data:
+        from specdec.distill.data import read_documents
+
+        split = (read_documents(args.data), read_documents(args.heldout_data))
     result = run_distill(
         args.target,
         args.out,
@@ -100,8 +148,35 @@ def run_distill_command(args: argparse.Namespace) -> int:
         self_generated=args.self_generated,
         init_from=not args.no_init_from_target,
         resume=args.resume,
+        teacher_top_k=args.teacher_top_k,
+        save_dtype=getattr(torch, args.save_dtype),
+        split=split,
     )
     print(json.dumps(result.final))
+    return 0
+
+
+def run_distill_data(args: argparse.Namespace) -> int:
+    import sys
+
+    from specdec.assets import default_target
+    from specdec.config import EngineConfig
+    from specdec.distill.chat_data import instructions, write_answers
+    from specdec.engine import Engine
+
+    try:
+        prompts = instructions(args.count, heldout=args.heldout)
+    except ValueError as e:
+        raise SpecdecError(f"--count: {e}") from None
+    engine = Engine(
+        args.target or default_target(),
+        config=EngineConfig(
+            max_batch_size=args.max_batch_size, max_context=512, warmup=False, dtype="float32"
+        ),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tokens = write_answers(engine, prompts, args.out, args.max_new_tokens, args.seed)
+    print(f"specdec: {len(prompts)} answers, {tokens} tokens, in {args.out}", file=sys.stderr)
     return 0
 
 

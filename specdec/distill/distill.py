@@ -33,6 +33,10 @@ class DraftShape:
     kv_heads: int | None = None
     intermediate: int | None = None
     vocab_size: int | None = None  # logits width; None: the target's
+    # A small output head: the `head_tokens` most frequent tokens of the training text
+    # (models.subset_head); None: the whole vocabulary.
+    head_tokens: int | None = None
+    share_embeddings: bool = False  # borrow the target's input embedding instead of storing one
 
 
 def draft_config(target_config: Any, shape: DraftShape, tokenizer: Any) -> Any:
@@ -75,6 +79,14 @@ def draft_config(target_config: Any, shape: DraftShape, tokenizer: Any) -> Any:
         or (target_config.intermediate_size * hidden // target_config.hidden_size),
         vocab_size=vocab,
     )
+    if shape.head_tokens is not None:
+        if not 0 < shape.head_tokens <= vocab:
+            raise SpecdecError(f"--head-tokens must be in [1, {vocab}], got {shape.head_tokens}")
+        values["tie_word_embeddings"] = False  # the head has its own (fewer) rows
+    if shape.share_embeddings and hidden != target_config.hidden_size:
+        raise SpecdecError(
+            f"--share-embeddings needs the target's hidden size {target_config.hidden_size}, not --hidden {hidden}"
+        )
     if shape.hidden is not None or "head_dim" in values:
         values["head_dim"] = hidden // heads if shape.hidden is not None else values.get("head_dim")
     return AutoConfig.for_model(
@@ -162,14 +174,25 @@ def run_distill(
     init_from: bool = True,
     resume: bool = False,
     split: tuple[list[Document], list[Document]] | None = None,
+    teacher_top_k: int = 0,
+    save_dtype: torch.dtype = torch.float32,
 ) -> TrainResult:
-    """Distil a draft for the checkpoint in `target_dir` into `out_dir` (a normal HF checkpoint).
+    """Distil a draft for the checkpoint `target_dir` (a directory, GGUF file or hub id) into
+    `out_dir`: a normal HF checkpoint, or specdec's own when the draft has a subset head or borrows
+    the target's embeddings (models.subset_head).
 
     `split` gives (train, held-out) documents directly; otherwise `data` is read and every
-    round(1 / heldout_fraction)-th document is held out."""
+    round(1 / heldout_fraction)-th document is held out. `teacher_top_k` > 0: the target runs once
+    over the training text and its top-k is kept (distill.teacher) instead of running every step.
+    `save_dtype`: what the checkpoint stores (training itself is fp32)."""
     from transformers import AutoModelForCausalLM
 
-    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    from specdec.distill.teacher import TeacherCache, topk_distill_loss
+    from specdec.models.sources import resolve_checkpoint
+    from specdec.models.subset_head import frequency_ranked, save_draft
+
+    out_dir = Path(out_dir)
+    target_dir = resolve_checkpoint(target_dir).path
     hf_config = read_hf_config(target_dir)  # our checks and messages first
     tokenizer = load_tokenizer(target_dir)
     if not 0 <= self_generated < 1:
@@ -189,6 +212,18 @@ def run_distill(
         draft_config(hf_config, shape, tokenizer), dtype=torch.float32
     ).to(device)
     copied = init_from_target(draft, target) if init_from else []
+    head_ids: list[int] | None = None
+    if shape.head_tokens is not None:
+        head_ids = frequency_ranked(train.ids.tolist(), shape.head_tokens, always=tokenizer.all_special_ids)
+        rows = target.get_output_embeddings().weight
+        head = torch.nn.Linear(draft.config.hidden_size, len(head_ids), bias=False).to(device)
+        if init_from and rows.shape[1] == draft.config.hidden_size:
+            with torch.no_grad():
+                head.weight.copy_(rows[torch.tensor(head_ids, device=rows.device)])
+        draft.set_output_embeddings(head)
+    if shape.share_embeddings:
+        draft.set_input_embeddings(target.get_input_embeddings())  # frozen: the target's, never trained
+    head = torch.tensor(head_ids if head_ids is not None else range(vocab), device=device)
     eval_batches = heldout.eval_batches(config.batch_size, config.seq_len, max_batches=4)
     prompts = heldout_prompts(heldout_docs, tokenizer, count=16, length=48)
 
@@ -204,22 +239,52 @@ def run_distill(
         return batch.to(device)
 
     def save(directory: Path) -> None:
-        draft.save_pretrained(directory)
+        if head_ids is None and not shape.share_embeddings:
+            draft.save_pretrained(
+                directory, state_dict={k: v.to(save_dtype) for k, v in draft.state_dict().items()}
+            )
+        else:
+            save_draft(
+                directory,
+                draft.config.to_dict(),
+                draft.state_dict(),
+                head_ids,
+                shape.share_embeddings,
+                save_dtype,
+            )
         tokenizer.save_pretrained(directory)
 
     def evaluate() -> dict[str, Any]:
-        metrics = heldout_agreement(target, draft, eval_batches, vocab, device)
+        metrics = heldout_agreement(
+            target, draft, eval_batches, vocab, device, head if head_ids is not None else None
+        )
         save(out_dir)
         metrics.update(
             measure_acceptance(target_dir, out_dir, prompts, max_new_tokens=32, gamma=4, device=device)
         )
         return metrics
 
+    if teacher_top_k:
+        if self_generated:
+            raise SpecdecError(
+                "--teacher-top-k caches the target over the given text; it excludes --self-generated"
+            )
+        cache = TeacherCache.build(target, train, config.seq_len, head, teacher_top_k, device)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            tokens, logp, index = cache.batch(config.seed, step, config.batch_size)
+            logits = draft(input_ids=tokens.to(device)).logits[..., : len(head)]
+            return topk_distill_loss(logits, logp.to(device), index.to(device))
+    else:
+
+        def loss_fn(step: int) -> torch.Tensor:
+            return distill_loss(target, draft, batch_for(step), head)
+
     result = train_loop(
         draft,
         config,
         out_dir,
-        lambda step: distill_loss(target, draft, batch_for(step), vocab),
+        loss_fn,
         evaluate,
         save,
         resume,
@@ -229,6 +294,8 @@ def run_distill(
         "target": str(target_dir),
         "draft_shape": asdict(shape),
         "initialised_from_target": len(copied),
+        "head_tokens": len(head_ids) if head_ids is not None else None,
+        "teacher_top_k": teacher_top_k,
         "train_tokens": len(train),
         "heldout_tokens": len(heldout),
         "final": result.final,

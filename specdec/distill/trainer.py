@@ -156,12 +156,13 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(
-    target: torch.nn.Module, draft: torch.nn.Module, batch: torch.Tensor, vocab: int
+    target: torch.nn.Module, draft: torch.nn.Module, batch: torch.Tensor, head: torch.Tensor
 ) -> torch.Tensor:
-    """KL(target || draft) per position over the real vocabulary, averaged."""
+    """KL(target || draft) per position over the draft head's tokens `head` (the real vocabulary,
+    or a subset head's tokens: the target renormalised over them), averaged."""
     with torch.no_grad():
-        t_logp = F.log_softmax(target(input_ids=batch).logits[..., :vocab].float(), dim=-1)
-    d_logp = F.log_softmax(draft(input_ids=batch).logits[..., :vocab].float(), dim=-1)
+        t_logp = F.log_softmax(target(input_ids=batch).logits[..., head].float(), dim=-1)
+    d_logp = F.log_softmax(draft(input_ids=batch).logits[..., : len(head)].float(), dim=-1)
     return (t_logp.exp() * (t_logp - d_logp)).sum(-1).mean()
 
 
@@ -173,17 +174,31 @@ def heldout_lm_loss(model: torch.nn.Module, batches: list[torch.Tensor], device:
 
 @torch.no_grad()
 def heldout_agreement(
-    target: torch.nn.Module, draft: torch.nn.Module, batches: list[torch.Tensor], vocab: int, device: str
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    batches: list[torch.Tensor],
+    vocab: int,
+    device: str,
+    head: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Held-out KL(target || draft), top-1 agreement, and Σ min(p, q) (the expected per-token
-    acceptance of sampling at temperature 1)."""
+    acceptance of sampling at temperature 1). `head`: a subset head's tokens (the draft's logits
+    are over them, q is 0 elsewhere); KL is then over the target renormalised to the subset (it is
+    infinite over the whole vocabulary), agreement and Σ min(p, q) over the whole vocabulary."""
     kl = agree = overlap = 0.0
     n = 0
     for batch in batches:
         batch = batch.to(device)
         t = F.log_softmax(target(input_ids=batch).logits[..., :vocab].float(), dim=-1)
-        d = F.log_softmax(draft(input_ids=batch).logits[..., :vocab].float(), dim=-1)
-        kl += (t.exp() * (t - d)).sum(-1).mean().item()
+        d_logits = draft(input_ids=batch).logits.float()
+        if head is None:
+            d = F.log_softmax(d_logits[..., :vocab], dim=-1)
+            kl += (t.exp() * (t - d)).sum(-1).mean().item()
+        else:
+            d_sub = F.log_softmax(d_logits, dim=-1)
+            t_sub = F.log_softmax(t[..., head], dim=-1)
+            kl += (t_sub.exp() * (t_sub - d_sub)).sum(-1).mean().item()
+            d = torch.full_like(t, float("-inf")).index_copy_(-1, head, d_sub)
         agree += (t.argmax(-1) == d.argmax(-1)).float().mean().item()
         overlap += torch.minimum(t.exp(), d.exp()).sum(-1).mean().item()
         n += 1

@@ -212,7 +212,9 @@ def model_info(engine: Engine) -> pb.GetModelInfoResponse:
         max_batch_size=config.max_batch_size,
         max_queue=config.max_queue,
         max_gamma=config.max_gamma,
-        modes=[pb.MODE_TARGET] + ([pb.MODE_SPECULATIVE, pb.MODE_DRAFT] if engine.draft else []),
+        modes=[pb.MODE_TARGET]
+        + ([pb.MODE_SPECULATIVE] if engine.limits.has_draft else [])
+        + ([pb.MODE_DRAFT] if engine.limits.draft_answers else []),
         version=__import__("specdec").__version__,
     )
     if engine.draft is not None:

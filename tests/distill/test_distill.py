@@ -110,3 +110,30 @@ def test_draft_incompatible_with_the_tokenizer_is_a_clear_error(tmp_path, target
 def test_bad_training_settings_are_clear_errors():
     with pytest.raises(SpecdecError, match="--steps must be positive"):
         TrainConfig(steps=0)
+
+
+def test_a_subset_head_draft_with_shared_embeddings_learns_from_a_cached_teacher(tmp_path, target, corpus):
+    """--head-tokens, --share-embeddings and --teacher-top-k together: the draft stores no embedding
+    and a head of 64 rows, learns (held-out KL over the subset falls), and serves with its target."""
+    import torch
+    from safetensors.torch import load_file
+
+    shape = DraftShape(layers=1, head_tokens=64, share_embeddings=True)
+    before = run_distill(
+        target, tmp_path / "untrained", [corpus], shape, _config(1), heldout_fraction=0.25, teacher_top_k=64
+    )
+    out = tmp_path / "subset"
+    after = run_distill(target, out, [corpus], shape, _config(80), heldout_fraction=0.25, teacher_top_k=64,
+                        save_dtype=torch.bfloat16)  # fmt: skip
+    assert after.final["heldout_kl"] < 0.8 * before.final["heldout_kl"]
+    assert after.final["top1_agreement"] > 1.5 * before.final["top1_agreement"]
+    assert after.final["acceptance_rate"] > 0
+    stored = load_file(str(out / "model.safetensors"))
+    assert "model.embed_tokens.weight" not in stored and stored["lm_head.weight"].shape[0] == 64
+    assert (
+        stored["lm_head.weight"].dtype == torch.bfloat16 and stored["lm_head.token_ids"].dtype == torch.int64
+    )
+    summary = json.loads((out / "distill_summary.json").read_text())
+    assert summary["head_tokens"] == 64 and summary["teacher_top_k"] == 64
+    with pytest.raises(CheckpointError, match="borrows its input embeddings"):
+        load_checkpoint(out)

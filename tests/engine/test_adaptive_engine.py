@@ -3,6 +3,7 @@ forced rows keep their γ, exploration keeps estimates fresh, and greedy output 
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -68,7 +69,7 @@ def test_a_useless_draft_is_turned_off_explored_then_left_alone(pairs):
     # optimistic acceptance could still pay for that; then the gate (GammaPlanner._hopeless) stops.
     explorations = [i for i, g in enumerate(gammas) if g == 1]
     assert len(explorations) >= 2 and result.stats.drafted_tokens > 0, gammas
-    gaps = [b - a for a, b in zip(explorations, explorations[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(explorations)]
     assert all(gap == CONFIG.explore_every + 1 for gap in gaps[1:]), gammas
 
 

@@ -12,7 +12,7 @@ import torch
 from specdec import Engine, SamplingParams
 from specdec.batching import Row, make_batch
 from specdec.config import EngineConfig
-from specdec.errors import CheckpointError
+from specdec.errors import CheckpointError, InvalidRequestError
 from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.loader import load_checkpoint
 from specdec.models.subset_head import frequency_ranked, restrict_checkpoint
@@ -100,6 +100,10 @@ def test_greedy_with_a_subset_draft_is_the_target_alone_and_emits_tokens_outside
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert any(t not in subset for r in got for t in r.token_ids)
     assert sum(r.stats.accepted_tokens for r in got) > 0
+    # It only speculates: it cannot answer alone (most of the vocabulary is out of its reach).
+    with pytest.raises(InvalidRequestError, match="mode draft needs a draft that can answer alone"):
+        engine.generate(prompts[:1], params, mode=Mode.DRAFT)
+    assert not engine.limits.draft_answers and alone.limits.default_mode is Mode.TARGET
 
 
 def test_frequency_ranking_keeps_the_always_tokens_and_fills_up():

@@ -77,6 +77,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--target", default=None, help="the chat target (default: the default target)")
     data.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
     data.add_argument("--count", type=int, default=400, help="instructions to answer")
+    data.add_argument("--start", type=int, default=0, help="skip this many first (to extend a data set)")
     data.add_argument(
         "--heldout", action="store_true", help="the held-out instructions instead of the training ones"
     )
@@ -165,7 +166,7 @@ def run_distill_data(args: argparse.Namespace) -> int:
     from specdec.engine import Engine
 
     try:
-        prompts = instructions(args.count, heldout=args.heldout)
+        prompts = instructions(args.start + args.count, heldout=args.heldout)[args.start :]
     except ValueError as e:
         raise SpecdecError(f"--count: {e}") from None
     engine = Engine(
@@ -175,7 +176,7 @@ def run_distill_data(args: argparse.Namespace) -> int:
         ),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tokens = write_answers(engine, prompts, args.out, args.max_new_tokens, args.seed)
+    tokens = write_answers(engine, prompts, args.out, args.max_new_tokens, args.seed, first=args.start)
     print(f"specdec: {len(prompts)} answers, {tokens} tokens, in {args.out}", file=sys.stderr)
     return 0
 

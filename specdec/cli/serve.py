@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         _status(f"{threads} torch compute thread(s)")
     _status(f"loading target {target}" + (f" and draft {draft}" if draft else ""))
-    engine = Engine(target=target, draft=draft, config=config)
-    _status(engine.cache_plan.describe())
+    engine = Engine(target=target, draft=draft, config=config)  # logs the models and the KV cache plan
 
     def ready(port: int) -> None:
         _status(f"serving on {args.host}:{port} (metrics on :{args.metrics_port or 'off'}); Ctrl-C to stop")

@@ -113,14 +113,17 @@ def instructions(count: int, heldout: bool = False) -> list[str]:
     return pool[:count]
 
 
-def write_answers(engine: Any, prompts: list[str], out: Path, max_new_tokens: int, seed: int = 0) -> int:
+def write_answers(
+    engine: Any, prompts: list[str], out: Path, max_new_tokens: int, seed: int = 0, first: int = 0
+) -> int:
     """Generate the target's answer to every instruction with `engine` (target alone) and write the
-    JSONL documents; returns the number of answer tokens."""
+    JSONL documents; returns the number of answer tokens. `first`: the index of prompts[0] in the
+    fixed order (which instructions are sampled, and their seeds, follow the index)."""
     from specdec.request import Mode
     from specdec.sampling import SamplingParams
 
     requests, sampled = [], []
-    for k, instruction in enumerate(prompts):
+    for k, instruction in enumerate(prompts, start=first):
         ids = engine.render_chat([{"role": "user", "content": instruction}])
         sample = k % 2 == 1
         params = SamplingParams(

@@ -252,7 +252,8 @@ def run_distill(
                 shape.share_embeddings,
                 save_dtype,
             )
-        tokenizer.save_pretrained(directory)
+        if not shape.share_embeddings:  # a draft that borrows the embeddings borrows the tokenizer too
+            tokenizer.save_pretrained(directory)
 
     def evaluate() -> dict[str, Any]:
         metrics = heldout_agreement(

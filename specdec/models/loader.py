@@ -63,7 +63,8 @@ def load_checkpoint(
     cache: `sources.resolve_checkpoint`) onto `device` in `dtype`.
 
     `embeddings_from`: the target a draft with `specdec_shared_embeddings` borrows its input
-    embedding from (the same tensor, not a copy); such a draft cannot load without one.
+    embedding from (the same tensor, not a copy) - and its tokenizer, when the draft's directory
+    has none; such a draft cannot load without one.
 
     The RoPE tables are not built here: their length is the KV cache's capacity, which the engine
     decides (``model.init_rope``).
@@ -75,7 +76,11 @@ def load_checkpoint(
     hf_config = read_hf_config(path)
     config = model_config_from_hf(hf_config, _generation_eos(path))
     check_config(config)
-    tokenizer = load_tokenizer(path)
+    if config.shared_embeddings and embeddings_from is not None and not _has_tokenizer(path):
+        # Borrowed embeddings mean the target's ids: its tokenizer is this draft's too.
+        tokenizer = embeddings_from.tokenizer
+    else:
+        tokenizer = load_tokenizer(path)
     with torch.device("meta"):
         model = Decoder(config, attention=attention)
     shared = _shared_embedding(path, config, embeddings_from, dtype, device)
@@ -133,8 +138,12 @@ def _generation_eos(path: Path) -> Any:
         return None
 
 
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def load_tokenizer(path: Path) -> Any:
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if not _has_tokenizer(path):
         raise CheckpointError(
             f"{path}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)}); "
             "draft and target are paired through their tokenizer, so the checkpoint must carry one"

@@ -61,6 +61,9 @@ def test_shared_embeddings_are_the_targets_tensor_and_required(close_pair, tmp_p
         CheckpointError, match=r"shared: this draft borrows its input embeddings from its target"
     ):
         load_checkpoint(shared)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (shared / name).unlink(missing_ok=True)  # then it borrows the tokenizer too
+    assert load_checkpoint(shared, embeddings_from=target).tokenizer is target.tokenizer
     narrow = load_checkpoint(draft)  # given an embedding of another shape below
     narrow.model.embed_tokens = torch.nn.Embedding(320, 8)
     with pytest.raises(CheckpointError, match=r"whose embedding is \(320, 8\)"):

@@ -129,19 +129,24 @@ class GammaPlanner:
         return StepPlan(plans, draft_only, decision, probe is not None)
 
     def _hopeless(
-        self, views: list[RowView], rows: list[Sequence], draft_only: list[Sequence], correction
+        self,
+        views: list[RowView],
+        rows: list[Sequence],
+        draft_only: list[Sequence],
+        correction: tuple[float, ...] | None,
     ) -> bool:
         """Whether the policy would keep every free row from drafting even if each accepted at its
         optimistic α (`AcceptanceEstimate.upper`): then nothing exploration or a probe could learn
         would change the choice at this batch size."""
-        # Relaxing to the engine-wide estimate, or the configured prior where that is higher: a
-        # draft found useless everywhere is still looked at again now and then (text changes).
+        # Old evidence relaxes toward the engine-wide estimate, or the configured prior where that
+        # is higher: a row of a draft found poor everywhere is not judged by that estimate alone.
         prior = max(
             self.config.acceptance_prior, self.global_acceptance.value(self.config.acceptance_prior, 4.0)
         )
         optimistic = [
-            # The catch-up debt stays in the price: exploring pays it, so a row idle for long needs
-            # ever better prospects to be looked at again (a row that never drafts owes nothing).
+            # The catch-up debt stays in the price: exploring pays it, so the longer a row has been
+            # idle the better its prospects must be to be looked at again - in a long request it
+            # may never be (the price of never paying catch-ups where speculation cannot pay).
             replace(
                 v,
                 explore=False,

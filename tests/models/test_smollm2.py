@@ -41,3 +41,35 @@ def test_smollm2_answers_the_chat_prompt_token_for_token_with_transformers():
             0, len(ids) :
         ].tolist()
     assert ours.token_ids == theirs
+
+
+def test_the_shipped_draft_speculates_exactly_for_smollm2():
+    """The default pair as `make serve` serves it: the draft distilled here (a subset head over the
+    target's embeddings, bf16, small enough to ship) gives the target's greedy tokens exactly."""
+    from safetensors import safe_open
+
+    from specdec.assets import default_draft
+    from specdec.request import Mode
+
+    draft = default_draft()
+    assert draft is not None, "the default draft is missing from specdec/assets/smollm2_draft"
+    size = sum(f.stat().st_size for f in draft.iterdir())
+    assert size <= 20 * 2**20, f"the shipped draft is {size / 2**20:.1f} MiB"
+    with safe_open(str(draft / "model.safetensors"), "pt") as f:
+        assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
+    engine = Engine(
+        default_target(),
+        draft,
+        config=EngineConfig(max_batch_size=2, max_context=256, warmup=False, dtype="float32"),
+    )
+    assert engine.draft.config.head_tokens == 8192 and engine.draft.config.shared_embeddings
+    assert engine.draft.model.embed_tokens.weight is engine.target.model.embed_tokens.weight
+    prompts = [
+        engine.render_chat([{"role": "user", "content": text}])
+        for text in ("Give me three facts about the moon.", "Write a Python function that reverses a string.")
+    ]
+    params = SamplingParams(max_new_tokens=48)
+    alone = engine.generate(prompts, params, mode=Mode.TARGET)
+    spec = engine.generate(prompts, params, mode=Mode.SPECULATIVE, num_speculative_tokens=4)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in alone]
+    assert sum(r.stats.accepted_tokens for r in spec) > 0.3 * sum(r.stats.drafted_tokens for r in spec)

@@ -178,7 +178,8 @@ def run(args: Any) -> dict[str, Any]:
     for gamma in settings.gammas:
         if gamma != 0:  # γ = 0 is the target alone, measured above
             configs.append(("speculative", Mode.SPECULATIVE, gamma))
-    with tqdm(total=plans(settings, hf_target is not None, assisted), desc="bench", unit="run") as bar:
+    runs = plans(settings, hf_target is not None, assisted, any(label == "draft" for label, _, _ in configs))
+    with tqdm(total=runs, desc="bench", unit="run") as bar:
         bench = Bench(target, draft, settings, prompts, configs, progress=bar)
         for batch in settings.batch_sizes:
             hf = [("hf-target", hf_target, None)] if hf_target is not None else []

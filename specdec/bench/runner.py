@@ -264,8 +264,11 @@ class Bench:
 
     def cost_ratio(self, batch: int) -> float:
         """c = one draft pass / one width-1 target pass at this batch size, each as measured live by
-        the configuration that runs that pass alone (draft alone, target alone)."""
-        draft = self.engines[config_key("draft", 0)].planner.costs
+        the configuration that runs that pass alone (draft alone, target alone). A draft that only
+        speculates (a subset head: no draft-alone configuration) is timed by the first speculative
+        configuration, whose draft passes are the same passes."""
+        keys = [config_key("draft", 0)] + [key for key in self.engines if key.startswith("speculative")]
+        draft = self.engines[next(key for key in keys if key in self.engines)].planner.costs
         target = self.engines[config_key("target", 0)].planner.costs
         return draft.draft_cost(batch) / target.verify_cost(batch, 1)
 
@@ -274,9 +277,9 @@ class Bench:
             self.progress.update(1)
 
 
-def plans(settings: BenchSettings, with_hf: bool, with_assisted: bool) -> int:
+def plans(settings: BenchSettings, with_hf: bool, with_assisted: bool, with_draft: bool = True) -> int:
     """Number of timed runs (for the progress bar)."""
-    per_batch = 2 + sum(1 for g in settings.gammas if g != 0) + (1 if with_hf else 0)
+    per_batch = 1 + int(with_draft) + sum(1 for g in settings.gammas if g != 0) + (1 if with_hf else 0)
     return (settings.repeats + 1) * (per_batch * len(settings.batch_sizes) + (1 if with_assisted else 0))
 
 

@@ -104,3 +104,22 @@ def test_output_lengths_spread_around_new_tokens_the_same_for_every_configuratio
     assert lengths == output_lengths(spread, 400)  # seeded: every configuration gets these
     assert min(lengths) >= 50 and max(lengths) <= 150 and len(set(lengths)) > 50
     assert 90 < sum(lengths) / len(lengths) < 110
+
+
+def test_bench_with_a_draft_that_only_speculates(pairs, tmp_path):
+    """A subset-head draft over the target's embeddings (the default pair's kind): no draft-alone
+    configuration and no Hugging Face draft, and the report still gives c from the live passes."""
+    from specdec.models.subset_head import restrict_checkpoint
+
+    target, draft = pairs("llama-close")
+    subset = restrict_checkpoint(draft, tmp_path / "subset", list(range(0, 300, 2)), share_embeddings=True)
+    out = tmp_path / "bench"
+    proc = _run(
+        "--target", str(target), "--draft", str(subset), "--batch-sizes", "1", "--gamma", "0,2,adaptive",
+        "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert {r["mode"] for r in result["rows"]} == {"target", "speculative", "hf-target"}
+    [entry] = result["summary"]
+    assert entry["cost_ratio_c"] > 0 and entry["modes"]["speculative-gamma2"]["acceptance"] > 0

@@ -76,14 +76,14 @@ def load_checkpoint(
     hf_config = read_hf_config(path)
     config = model_config_from_hf(hf_config, _generation_eos(path))
     check_config(config)
-    if config.shared_embeddings and embeddings_from is not None and not _has_tokenizer(path):
+    shared = _shared_embedding(path, config, embeddings_from, dtype, device)
+    if shared is not None and embeddings_from is not None and not _has_tokenizer(path):
         # Borrowed embeddings mean the target's ids: its tokenizer is this draft's too.
         tokenizer = embeddings_from.tokenizer
     else:
         tokenizer = load_tokenizer(path)
     with torch.device("meta"):
         model = Decoder(config, attention=attention)
-    shared = _shared_embedding(path, config, embeddings_from, dtype, device)
     state = _read_weights(path, config, model, dtype, device, shared)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()

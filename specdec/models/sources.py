@@ -50,8 +50,7 @@ def resolve_checkpoint(spec: str | os.PathLike[str], dtype: torch.dtype = torch.
         return Checkpoint(hub_snapshot(text), text)
     raise CheckpointError(
         f"{path}: checkpoint directory does not exist (a checkpoint is a Hugging Face directory, a .gguf "
-        "file, or a hub id "
-        "such as HuggingFaceTB/SmolLM2-135M-Instruct already in the local hub cache)"
+        "file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct already in the local hub cache)"
     )
 
 

@@ -236,6 +236,18 @@ def hf_reference(path):
     return model.eval().requires_grad_(False)
 
 
+def prompt_logits(loaded: Any, tokens: list[int]) -> torch.Tensor:
+    """Our logits [len(tokens), vocab] for one prompt through a loaded model, with a fresh cache."""
+    from specdec.batching import Row, make_batch
+    from specdec.models.kv_cache import CacheLayout, KVCache
+
+    cache = KVCache(loaded.config, CacheLayout(1, 64, 4), torch.float32, "cpu")
+    loaded.model.init_rope(cache.layout.capacity)
+    batch = make_batch([Row(0, 0, tokens)], torch.device("cpu"), cache.layout.capacity)
+    with torch.no_grad():
+        return loaded.model(batch, cache)[0]
+
+
 def random_prompt(generator: torch.Generator, length: int, vocab: int = TOKENIZER_VOCAB) -> list[int]:
     # Ids from 3 up: 0..2 are the special tokens (EOS would end generation at once).
     return torch.randint(3, vocab, (length,), generator=generator).tolist()

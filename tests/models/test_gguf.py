@@ -13,23 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec.batching import Row, make_batch
 from specdec.errors import CheckpointError
 from specdec.models import gguf_file
-from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.loader import load_checkpoint
-from specdec.testing import random_prompt, write_tiny_checkpoint
+from specdec.testing import prompt_logits, random_prompt, write_tiny_checkpoint
 from specdec.testing_gguf import gguf_logits, write_tiny_gguf
 
 VOCAB = 300  # GGUF token lists are the vocabulary: no padded logits rows here
-
-
-def _logits(loaded, tokens):
-    cache = KVCache(loaded.config, CacheLayout(1, 64, 4), torch.float32, "cpu")
-    loaded.model.init_rope(cache.layout.capacity)
-    batch = make_batch([Row(0, 0, tokens)], torch.device("cpu"), cache.layout.capacity)
-    with torch.no_grad():
-        return loaded.model(batch, cache)[0]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +60,12 @@ def test_gguf_logits_equal_transformers_on_the_same_file(hf, tmp_path, name, qty
     assert loaded.name == f"{name}.{qtype}"
     tokens = random_prompt(torch.Generator().manual_seed(3), 16, VOCAB)
     expected = gguf_logits(path, tokens)
-    torch.testing.assert_close(_logits(loaded, tokens), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(prompt_logits(loaded, tokens), expected, atol=2e-5, rtol=1e-4)
     if qtype == "F32":  # lossless: the permutation and the names round-trip to the original
         original = load_checkpoint(hf[name])
-        torch.testing.assert_close(_logits(loaded, tokens), _logits(original, tokens), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            prompt_logits(loaded, tokens), prompt_logits(original, tokens), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_tokenizer_and_chat_template_come_from_the_metadata(hf, tmp_path):
@@ -112,7 +104,10 @@ def test_convert_command_writes_a_checkpoint_that_loads_alike(hf, tmp_path):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     tokens = random_prompt(torch.Generator().manual_seed(4), 12, VOCAB)
     torch.testing.assert_close(
-        _logits(load_checkpoint(out), tokens), _logits(load_checkpoint(path), tokens), atol=0, rtol=0
+        prompt_logits(load_checkpoint(out), tokens),
+        prompt_logits(load_checkpoint(path), tokens),
+        atol=0,
+        rtol=0,
     )
     again = subprocess.run(
         [str(Path(sys.executable).parent / "specdec"), "convert", str(path), "--out", str(out)],
@@ -172,7 +167,9 @@ def test_a_hub_id_resolves_through_the_local_cache_only(hf, tmp_path, monkeypatc
     loaded = load_checkpoint("TinyOrg/tiny-llama")
     assert loaded.name == "TinyOrg/tiny-llama" and loaded.path.parent.name == "snapshots"
     tokens = random_prompt(torch.Generator().manual_seed(5), 10, VOCAB)
-    torch.testing.assert_close(_logits(loaded, tokens), _logits(load_checkpoint(hf["llama"]), tokens))
+    torch.testing.assert_close(
+        prompt_logits(loaded, tokens), prompt_logits(load_checkpoint(hf["llama"]), tokens)
+    )
     with pytest.raises(
         CheckpointError, match=r"TinyOrg/absent: not in the local Hugging Face hub cache .*hf-home"
     ):

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from specdec.batching import Row, make_batch
 from specdec.errors import CheckpointError
-from specdec.models import CacheLayout, KVCache, load_checkpoint
-from specdec.testing import hf_reference, random_prompt
+from specdec.models import load_checkpoint
+from specdec.testing import hf_reference, prompt_logits, random_prompt
 
 
 @pytest.fixture
@@ -31,13 +30,6 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def _logits(lm, tokens):
-    cache = KVCache(lm.config, CacheLayout(1, 64, 4), torch.float32, "cpu")
-    lm.model.init_rope(cache.layout.capacity)
-    batch = make_batch([Row(0, 0, tokens)], torch.device("cpu"), cache.layout.capacity)
-    return lm.model(batch, cache)[0]
-
-
 def test_sharded_checkpoint_loads_and_matches(tmp_path, checkpoints):
     from transformers import AutoModelForCausalLM
 
@@ -51,7 +43,9 @@ def test_sharded_checkpoint_loads_and_matches(tmp_path, checkpoints):
     tokens = random_prompt(torch.Generator().manual_seed(0), 10)
     with torch.no_grad():
         expected = ref(torch.tensor([tokens])).logits[0]
-    torch.testing.assert_close(_logits(load_checkpoint(sharded), tokens), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        prompt_logits(load_checkpoint(sharded), tokens), expected, atol=2e-5, rtol=1e-4
+    )
 
 
 def test_missing_directory(tmp_path):

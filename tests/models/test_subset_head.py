@@ -10,24 +10,14 @@ import pytest
 import torch
 
 from specdec import Engine, SamplingParams
-from specdec.batching import Row, make_batch
 from specdec.config import EngineConfig
 from specdec.errors import CheckpointError, InvalidRequestError
-from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.loader import load_checkpoint
 from specdec.models.subset_head import frequency_ranked, restrict_checkpoint
 from specdec.request import Mode
-from specdec.testing import random_prompt
+from specdec.testing import prompt_logits, random_prompt
 
 SUBSET = sorted(range(0, 300, 3))  # 100 of the 300 tokens
-
-
-def _logits(loaded, tokens):
-    cache = KVCache(loaded.config, CacheLayout(1, 64, 4), torch.float32, "cpu")
-    loaded.model.init_rope(cache.layout.capacity)
-    batch = make_batch([Row(0, 0, tokens)], torch.device("cpu"), cache.layout.capacity)
-    with torch.no_grad():
-        return loaded.model(batch, cache)[0]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def test_subset_logits_are_the_full_heads_on_the_subset_and_minus_inf_elsewhere(
     assert cut.config.head_tokens == len(SUBSET) and cut.model.lm_head.weight.shape[0] == len(SUBSET)
     assert cut.config.num_parameters() < full.config.num_parameters()
     tokens = random_prompt(torch.Generator().manual_seed(1), 12)
-    ours, reference = _logits(cut, tokens), _logits(full, tokens)
+    ours, reference = prompt_logits(cut, tokens), prompt_logits(full, tokens)
     assert ours.shape == reference.shape
     inside = torch.tensor(SUBSET)
     torch.testing.assert_close(ours[:, inside], reference[:, inside])

@@ -109,12 +109,17 @@ def _string_field(reader, key: str) -> str | None:
 
 
 def convert_gguf(
-    path: Path, out: Path, dtype: torch.dtype = torch.float32, log: Callable[[str], None] | None = None
+    path: Path,
+    out: Path,
+    dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] | None = None,
+    info: GgufInfo | None = None,
 ) -> Path:
     """Write the Hugging Face checkpoint of GGUF file `path` to directory `out` (created; it must
-    not exist or be empty), weights dequantized to `dtype`."""
+    not exist or be empty), weights dequantized to `dtype`. `info`: the file's `inspect_gguf`,
+    when the caller has it already."""
     path, out = Path(path), Path(out)
-    info = inspect_gguf(path)
+    info = info or inspect_gguf(path)
     if dtype not in _STORED_DTYPES:
         raise CheckpointError(
             f"cannot store a conversion in {dtype}; choose one of {', '.join(_STORED_DTYPES.values())}"
@@ -170,11 +175,12 @@ def cached_conversion(
     target = cache_root() / "gguf" / f"{path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    info = inspect_gguf(path)  # a foreign or truncated file is refused before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
     (log or _stderr)(f"{path.name} is converted once, into {target}")
     work = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=target.parent))
     try:
-        convert_gguf(path, work / "checkpoint", dtype, log)
+        convert_gguf(path, work / "checkpoint", dtype, log, info)
         try:
             os.replace(work / "checkpoint", target)
         except OSError:

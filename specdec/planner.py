@@ -109,16 +109,7 @@ class GammaPlanner:
                 # even at optimistic acceptance, they only cost, so this step runs without them.
                 views = [replace(v, explore=False) for v in views]
                 probe = None
-            decision = choose_gammas(
-                views,
-                self.costs,
-                config.max_gamma,
-                len(draft_only),
-                config.speculation_margin,
-                config.per_row_gamma,
-                correction,
-                probe,
-            )
+            decision = self._choose(views, len(draft_only), correction, probe)
             gammas = decision.gammas
         else:
             gammas = tuple(v.fixed or 0 for v in views)
@@ -156,15 +147,7 @@ class GammaPlanner:
             else v
             for v, seq in zip(views, rows)
         ]
-        decision = choose_gammas(
-            optimistic,
-            self.costs,
-            self.config.max_gamma,
-            len(draft_only),
-            self.config.speculation_margin,
-            self.config.per_row_gamma,
-            correction,
-        )
+        decision = self._choose(optimistic, len(draft_only), correction)
         if decision.policy_gamma == 0:
             return True
         # The policy prices a plain step with the catch-up its idle rows would owe on drafting
@@ -175,6 +158,25 @@ class GammaPlanner:
         factor = correction[longest] if correction is not None and longest < len(correction) else 1.0
         plain = tokens / seconds * factor if seconds > 0 else 0.0
         return decision.expected_rate <= plain * (1 + self.config.speculation_margin)
+
+    def _choose(
+        self,
+        views: list[RowView],
+        draft_only: int,
+        correction: tuple[float, ...] | None,
+        probe: int | None = None,
+    ) -> Decision:
+        config = self.config
+        return choose_gammas(
+            views,
+            self.costs,
+            config.max_gamma,
+            draft_only,
+            config.speculation_margin,
+            config.per_row_gamma,
+            correction,
+            probe,
+        )
 
     def _probe(self) -> int | None:
         """The longest draft to measure this step instead of choosing, or None (most steps)."""

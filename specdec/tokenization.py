@@ -57,7 +57,8 @@ def real_vocab_size(tokenizer: Any) -> int:
 
 
 def emittable_vocab_size(target: Any, draft: Any = None) -> int:
-    """Ids an engine on these models takes and emits: the target tokenizer's, within the logits of
-    both models (added tokens the embedding does not cover can never be produced)."""
+    """Ids an engine on these models takes and emits: the target tokenizer's, within the target's
+    logits and the draft's embedding rows (every emitted token is fed to the draft). Not within the
+    draft's head: a subset head is narrower than the vocabulary, and the target still decides."""
     size = min(real_vocab_size(target.tokenizer), target.config.vocab_size)
     return size if draft is None else min(size, draft.config.vocab_size)

@@ -112,6 +112,9 @@ setup(
             "trustme>=1.1",  # certificates for the TLS / mTLS tests
         ],
         "bench": ["matplotlib>=3.7"],
+        # The llama.cpp anchor of `specdec bench` (specdec.bench.llama_cpp); builds from source,
+        # about 20 minutes on 2 cores. Nothing else uses it and no test needs it.
+        "llama-cpp": ["llama-cpp-python>=0.3"],
         # flash-attn cannot be built on CPU machines; nothing requires it.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from specdec.assets import resolve_pair
+from specdec.bench.llama_cpp import anchor_for
 from specdec.bench.report import report, save, theoretical_speedup
-from specdec.bench.runner import Bench, BenchSettings, Config, plans
+from specdec.bench.runner import Anchor, Bench, BenchSettings, Config, plans
 from specdec.bench.shapes import DEFAULT_DRAFT, SHAPES, hf_model, random_model, synthetic_tokenizer
 from specdec.engine import resolve_device, resolve_dtype
 from specdec.errors import SpecdecError
@@ -105,7 +108,7 @@ def run(args: Any) -> dict[str, Any]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     count = max(settings.batch_sizes) * settings.waves
-    hf_target = hf_draft = None
+    hf_target = hf_draft = llama_cpp = None
     if args.random_weights:
         if args.shape not in SHAPES:
             raise SpecdecError(f"--shape {args.shape!r} is not one of {', '.join(SHAPES)}")
@@ -161,6 +164,12 @@ def run(args: Any) -> dict[str, Any]:
             "checkpoints": {"target": str(target_dir), "draft": str(draft_dir)},
             "prompts": "chat (held-out instructions)" if chat else "text" if texts else "random ids",
         }
+        if not args.no_llama_cpp and 1 in settings.batch_sizes:
+            context = max(len(p) for p in prompts) + settings.new_tokens + 8
+            llama_cpp = anchor_for(target_dir, context, torch.get_num_threads())
+            if llama_cpp is not None:
+                source["llama_cpp"] = {"gguf": str(target_dir), "version": llama_cpp.version,
+                                       "threads": llama_cpp.threads, "batch_sizes": [1]}  # fmt: skip
     assisted = (
         hf_draft is not None
         and target.config.vocab_size == draft.config.vocab_size
@@ -178,14 +187,19 @@ def run(args: Any) -> dict[str, Any]:
     for gamma in settings.gammas:
         if gamma != 0:  # γ = 0 is the target alone, measured above
             configs.append(("speculative", Mode.SPECULATIVE, gamma))
-    runs = plans(settings, hf_target is not None, assisted, any(label == "draft" for label, _, _ in configs))
+    with_draft = any(label == "draft" for label, _, _ in configs)
+    runs = plans(settings, hf_target is not None, assisted, with_draft, llama_cpp is not None)
     with tqdm(total=runs, desc="bench", unit="run") as bar:
         bench = Bench(target, draft, settings, prompts, configs, progress=bar)
         for batch in settings.batch_sizes:
-            hf = [("hf-target", hf_target, None)] if hf_target is not None else []
+            anchors: list[Anchor] = []
+            if hf_target is not None:
+                anchors.append(("hf-target", lambda b: bench.hf_once(hf_target, None, b)))
             if assisted and batch == 1:
-                hf.append(("hf-assisted", hf_target, hf_draft))
-            bench.run_batch(batch, hf)
+                anchors.append(("hf-assisted", lambda b: bench.hf_once(hf_target, hf_draft, b)))
+            if llama_cpp is not None and batch == 1:
+                anchors.append((llama_cpp.label, lambda b: bench.llama_cpp_once(llama_cpp, b)))
+            bench.run_batch(batch, anchors)
     result = report(bench, target, draft, settings, source)
     if args.random_weights:
         # A random pair accepts almost nothing: give the speedup the measured costs would yield at

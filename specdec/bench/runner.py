@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,9 @@ from specdec.scheduler import StepReport
 
 # One engine configuration of the bench: (label, mode of its requests, γ: an int or "adaptive...").
 Config = tuple[str, Mode, "int | str"]
+# A baseline outside our engine (Hugging Face generate(), llama.cpp): its label, and one timed run
+# at a batch size returning tokens/s.
+Anchor = tuple[str, Callable[[int], float]]
 
 
 @dataclass
@@ -171,7 +175,7 @@ class Bench:
         whole = sum(len(r.token_ids) for r in out) / elapsed
         return (busy[1] / busy[0] if busy[0] > 0 else whole), whole, out, decisions
 
-    def _hf_once(self, hf_target: Any, hf_draft: Any | None, batch: int) -> float:
+    def hf_once(self, hf_target: Any, hf_draft: Any | None, batch: int) -> float:
         """One timed transformers generate(): the target alone, or (batch 1) assisted by the draft."""
         device = next(hf_target.parameters()).device
         n = self.settings.new_tokens
@@ -188,10 +192,15 @@ class Bench:
             torch.cuda.synchronize(device)
         return (out.shape[1] - ids.shape[1]) * batch / (time.perf_counter() - t0)
 
-    def run_batch(self, batch: int, hf: list[tuple[str, Any, Any]]) -> None:
-        """Every configuration at this batch size, repeats interleaved (one run of each, then the
-        next round), so a drift of the machine during the run hits all of them alike. Round 0 is
-        warm-up and excluded."""
+    def llama_cpp_once(self, anchor: Any, batch: int) -> float:
+        """One timed llama.cpp run (batch size 1 only; see bench.llama_cpp) on the first prompt."""
+        assert batch == 1, "llama-cpp-python decodes one sequence at a time"
+        return anchor.tokens_per_second(self.prompts[0], self.settings.new_tokens)
+
+    def run_batch(self, batch: int, anchors: list[Anchor]) -> None:
+        """Every configuration and anchor at this batch size, repeats interleaved (one run of each,
+        then the next round), so a drift of the machine during the run hits all of them alike.
+        Round 0 is warm-up and excluded."""
         rates: dict[str, list[float]] = {}
         whole_rates: dict[str, list[float]] = {}
         results: dict[str, list] = {}
@@ -207,8 +216,8 @@ class Bench:
                     for g, count in seen.items():
                         decisions.setdefault(key, {})[g] = decisions.setdefault(key, {}).get(g, 0) + count
                 self._tick()
-            for label, hf_target, hf_draft in hf:
-                rate = self._hf_once(hf_target, hf_draft, batch)
+            for label, run_once in anchors:
+                rate = run_once(batch)
                 if repeat:
                     rates.setdefault(label, []).append(rate)
                 self._tick()
@@ -216,7 +225,7 @@ class Bench:
             key = config_key(label, gamma)
             self._add_engine_row(batch, label, mode, gamma, rates[key], results[key], decisions.get(key, {}))
             self.rows[-1].extra["whole_run_tokens_per_second"] = round(statistics.median(whole_rates[key]), 2)
-        for label, _, _ in hf:
+        for label, _ in anchors:
             self.rows.append(
                 Row(mode=label, gamma=None, batch_size=batch, tokens_per_second=statistics.median(rates[label]),
                     samples=[round(r, 2) for r in rates[label]])
@@ -277,10 +286,18 @@ class Bench:
             self.progress.update(1)
 
 
-def plans(settings: BenchSettings, with_hf: bool, with_assisted: bool, with_draft: bool = True) -> int:
-    """Number of timed runs (for the progress bar)."""
+def plans(
+    settings: BenchSettings,
+    with_hf: bool,
+    with_assisted: bool,
+    with_draft: bool = True,
+    with_llama_cpp: bool = False,
+) -> int:
+    """Number of timed runs (for the progress bar). Assisted generation and llama.cpp run at batch
+    size 1 only."""
     per_batch = 1 + int(with_draft) + sum(1 for g in settings.gammas if g != 0) + (1 if with_hf else 0)
-    return (settings.repeats + 1) * (per_batch * len(settings.batch_sizes) + (1 if with_assisted else 0))
+    at_one = (int(with_assisted) + int(with_llama_cpp)) if 1 in settings.batch_sizes else 0
+    return (settings.repeats + 1) * (per_batch * len(settings.batch_sizes) + at_one)
 
 
 def _fields(config: EngineConfig) -> dict[str, Any]:

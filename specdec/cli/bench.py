@@ -52,6 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
+    bench.add_argument(
+        "--no-llama-cpp",
+        action="store_true",
+        help="skip the llama.cpp baseline (run at batch size 1 when llama-cpp-python is installed and "
+        "the target is a .gguf file)",
+    )
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     bench.add_argument("--out", default="out/bench", help="directory for bench.json and the PNG plots")

@@ -53,9 +53,17 @@ class CostModel:
     still comes through.
 
     A target pass costs level(B) × shape_B(w). The shape - how the cost grows with width, relative
-    to width 1 - is a least-squares line through the warm-up measurements; the level follows every
-    pass actually run, at whatever width. So widths the policy stops choosing do not keep stale
-    prices while the ones it uses get dearer as sequences grow: all stay comparable."""
+    to width 1 - is the warm-up's measurement of every width (a running median of three), taken
+    from the nearest measured batch size
+    (without a warm-up, a least-squares line through the widths seen live); the level follows
+    every pass actually run, at whatever width. So widths the policy stops choosing do not keep
+    stale prices while the ones it uses get dearer as sequences grow: all stay comparable.
+
+    The shape is the measured curve, not a line through it, because real curves are not straight:
+    on the CPU a pass of 2-8 rows takes another matmul kernel than one of 1 or of 12
+    (`models.linear`), so at batch size 1 widths 1-3 cost about the same and at batch size 4 width
+    3 costs nearly twice width 1. A line through such points prices width 1 too high, and
+    speculation too cheaply next to it."""
 
     smoothing: float = 0.2  # weight of a new measurement
     outlier: float = 2.5
@@ -63,6 +71,7 @@ class CostModel:
     draft: dict[int, float] = field(default_factory=dict)  # k -> one draft pass
     verify_level: dict[int, float] = field(default_factory=dict)  # B -> one target pass at width 1
     verify_shape: dict[int, tuple[float, float]] = field(default_factory=dict)  # B -> (1, slope) per width
+    verify_curve: dict[int, dict[int, float]] = field(default_factory=dict)  # B -> width -> cost / width 1
     catchup: dict[int, float] = field(default_factory=dict)  # k -> per column of a k-row catch-up pass
     # B -> per step, outside the timed passes; a step with drafts (more to batch, accept, commit)
     # measured apart from a plain one, since mixing them would price speculation too cheaply.
@@ -80,9 +89,19 @@ class CostModel:
         table[key] = (1 - weight) * old + weight * seconds
 
     def set_verify_baseline(self, batch: int, by_width: dict[int, float]) -> None:
-        """Warm-up: the shape in width (a line, relative to width 1) and the starting level."""
+        """Warm-up: the shape in width (the measured widths, relative to width 1) and the level."""
         self.warmed_up = True
-        self._fit_verify(batch, by_width)
+        at_one = by_width.get(1) or min(by_width.values())
+        if at_one <= 0:
+            self._fit_verify(batch, by_width)
+            return
+        widths = sorted(by_width)
+        raw = [by_width[w] for w in widths]
+        # A running median of three widths: one timing disturbed at warm-up cannot bend the curve,
+        # and a real step in it (the matmul kernel changing) survives.
+        smooth = [raw[0]] + [sorted(raw[i - 1 : i + 2])[1] for i in range(1, len(raw) - 1)] + raw[1:][-1:]
+        self.verify_level[batch] = at_one
+        self.verify_curve[batch] = {w: s / at_one for w, s in zip(widths, smooth)}
 
     def _fit_verify(self, batch: int, by_width: dict[int, float]) -> None:
         # Floored at the cheapest measurement: a convex set of points can put the line's value at
@@ -101,6 +120,17 @@ class CostModel:
             self.catchup[batch] = seconds / max(width, 1)
 
     def _shape(self, batch: int, width: int) -> float:
+        if self.verify_curve:
+            curve = self.verify_curve.get(batch)
+            if curve is None:
+                curve = self.verify_curve[min(self.verify_curve, key=lambda b: abs(b - batch))]
+            first, last = min(curve), max(curve)
+            if width <= last:
+                return _interpolate(curve, width)
+            # Wider than the warm-up measured (a long external draft): the curve's mean slope goes
+            # on - never down, and not the last step's, which one kernel change can make flat.
+            slope = max((curve[last] - curve[first]) / max(last - first, 1), 0.0)
+            return curve[last] + slope * (width - last)
         if not self.verify_shape:
             return 1.0
         shape = self.verify_shape.get(batch)

@@ -140,8 +140,9 @@ def _throughput(machine_args: dict, batch: int, gamma: int | None, config=CONFIG
 
 # name -> (batch, true machine and what the planner is shown of it)
 SCENARIOS = {
-    # Drafts look 3x cheaper than they are: the model overrates long drafts.
-    "b1-draft-looks-cheap": (1, dict(draft_bias=0.33, noise=0.3,
+    # Drafts look 5x cheaper than they are: the model overrates long drafts. (At 3x, the measured
+    # verify curve alone keeps the uncorrected model within 10% of the best γ: no negative control.)
+    "b1-draft-looks-cheap": (1, dict(draft_bias=0.2, noise=0.3,
         costs=synthetic_costs(draft=0.25, verify_base=1.0, verify_per_token=0.05), alphas=[0.7])),
     # Drafts look 3x dearer: the model keeps speculation off where γ = 1-2 pays (the B = 4).
     "b4-draft-looks-dear": (4, dict(draft_bias=3.0, noise=0.3,

@@ -95,6 +95,9 @@ setup(
         # GGUF checkpoints (the default target is one): transformers reads them with these two.
         "gguf>=0.10",
         "accelerate>=0.26",
+        # The OpenAI-compatible HTTP API (specdec.server.http).
+        "starlette>=0.37",
+        "uvicorn>=0.29",
     ],
     extras_require={
         # triton is only needed for the kernels themselves: on CUDA it comes with torch; on CPU
@@ -110,6 +113,7 @@ setup(
             "triton>=3.0",
             "grpcio-tools>=1.62",
             "trustme>=1.1",  # certificates for the TLS / mTLS tests
+            "openai>=1.40",  # the HTTP API's tests use the official client
         ],
         "bench": ["matplotlib>=3.7"],
         # The llama.cpp anchor of `specdec bench` (specdec.bench.llama_cpp); builds from source,

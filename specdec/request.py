@@ -41,6 +41,9 @@ class Request:
     # Who sent it (an API key's name, a peer host; "" in-process): waiting requests are admitted
     # fairly across clients, and the server caps what one client has in flight.
     client: str = ""
+    # The end user the client says this is for (OpenAI's `user`): a label for the request log only;
+    # limits and fairness go by `client`, which the caller cannot choose.
+    user: str = ""
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""`specdec serve`: the models over gRPC (default: the embedded demo pair)."""
+"""`specdec serve`: the models over gRPC and the OpenAI-compatible HTTP API (default: the default pair)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,26 @@ from specdec.errors import SpecdecError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    srv = sub.add_parser("serve", help="serve the models over gRPC (default: the embedded demo pair)")
+    srv = sub.add_parser(
+        "serve", help="serve the models over gRPC and the OpenAI HTTP API (default: the default pair)"
+    )
     add_engine_flags(srv)
     srv.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default loopback only; 0.0.0.0 exposes it)"
     )
     srv.add_argument("--port", type=int, default=50051)
+    srv.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /v1/models), on --host "
+        "like gRPC; 0 = off (default 8000)",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id HTTP clients name (default: the target's name)",
+    )
     srv.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 = off")
     srv.add_argument("--metrics-host", default=None, help="address of the metrics endpoint (default: --host)")
     srv.add_argument(
@@ -67,6 +81,8 @@ def server_config(args: argparse.Namespace):
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         max_client_requests=args.max_client_requests,
+        http_port=args.http_port,
+        served_model_name=args.served_model_name,
     )
 
 
@@ -94,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(target=target, draft=draft, config=config)  # logs the models and the KV cache plan
 
     def ready(port: int) -> None:
-        _status(f"serving on {args.host}:{port} (metrics on :{args.metrics_port or 'off'}); Ctrl-C to stop")
+        _status(
+            f"serving on {args.host}:{port} (gRPC; OpenAI HTTP API on :{args.http_port or 'off'}, metrics on "
+            f":{args.metrics_port or 'off'}); Ctrl-C to stop"
+        )
 
     asyncio.run(serve(engine, server, on_ready=ready, security=security))
     return 0

@@ -5,8 +5,10 @@
 Serves SpecDec, the standard grpc.health.v1 Health service (SERVING once the models are loaded
 and warmed up, NOT_SERVING while draining or once the engine thread has failed) and server
 reflection (grpcurl needs no proto file).
-Prometheus metrics go to their own HTTP port. SIGTERM or Ctrl-C: health goes NOT_SERVING, new
-requests get UNAVAILABLE, in-flight requests finish within the grace period, the process exits 0.
+The OpenAI-compatible HTTP API (`specdec.server.http`) listens on its own port in the same event
+loop, on the same engine loop. Prometheus metrics go to their own HTTP port. SIGTERM or Ctrl-C:
+health goes NOT_SERVING (HTTP /health 503), new requests get UNAVAILABLE (HTTP 503), in-flight
+requests of both protocols finish within the grace period, the process exits 0.
 """
 
 from __future__ import annotations
@@ -78,12 +80,22 @@ class ServerConfig:
     # Requests one client (an API key, or a peer host without keys) may have in flight; 0: half of
     # max_batch_size + max_queue, so one client can never hold every slot and the whole queue.
     max_client_requests: int = 0
+    # The OpenAI-compatible HTTP API (specdec.server.http), on `host` like gRPC; 0: off (the
+    # default for embedders; `specdec serve --http-port` defaults to 8000).
+    http_port: int = 0
+    served_model_name: str | None = None  # the `model` id HTTP clients name (default: the target's name)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SpecdecError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise SpecdecError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS first)")
+        if not 0 <= self.http_port <= 65535:
+            raise SpecdecError(f"--http-port must be in [0, 65535] (0 = off), got {self.http_port}")
+        if self.http_port and self.http_port == self.port:
+            raise SpecdecError(
+                f"--http-port {self.http_port} is also the gRPC --port; give them different ports"
+            )
         if self.max_client_requests < 0:
             raise SpecdecError(
                 f"--max-client-requests must be >= 0 (0 = the default), got {self.max_client_requests}"
@@ -145,7 +157,7 @@ def _instrumented_loop(engine: Engine, metrics: Metrics, on_fatal, max_client_re
             mode = out.mode or Mode.SPECULATIVE
             status = status_of(out)
             metrics.observe_finish(out, mode, status)
-            log_request(out, mode, status, sub.request.client)
+            log_request(out, mode, status, sub.request.client, sub.request.user)
 
     return EngineLoop(
         scheduler,
@@ -212,13 +224,27 @@ async def serve(
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
+    http = None
+    if config.http_port:
+        from specdec.server.http import HttpServer, OpenAIApp
+
+        app = OpenAIApp(engine, engine_loop, keys, config.max_message_bytes, config.served_model_name)
+        http = HttpServer(
+            app, config.host, config.http_port, config.tls_cert, config.tls_key, config.tls_client_ca
+        )
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop(grace=None)
+            raise
     engine_loop.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "specdec serving on %s:%d (%s, %s; metrics on :%s)", config.host, port,
+        "specdec serving on %s:%d (%s, %s; OpenAI HTTP API on :%s; metrics on :%s)", config.host, port,
         "mTLS" if config.tls_client_ca else "TLS" if credentials else "plaintext",
-        f"{keys.count} API key(s)" if keys else "no API keys", config.metrics_port or "off",
+        f"{keys.count} API key(s)" if keys else "no API keys", config.http_port or "off",
+        config.metrics_port or "off",
     )  # fmt: skip
     if on_ready is not None:
         on_ready(port)
@@ -241,6 +267,8 @@ async def serve(
         log.warning(
             "grace period over with %d requests still in flight; they are cancelled", engine_loop.in_flight
         )
+    if http is not None:
+        await http.stop()
     await server.stop(grace=1.0)
     engine_loop.stop()
     log.info("specdec stopped")

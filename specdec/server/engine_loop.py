@@ -92,8 +92,22 @@ class EngineLoop:
         with self._cond:
             return len(self._subs)
 
-    def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Subscription:
-        """Validate and enqueue; raises InvalidRequestError, QueueFullError or ShuttingDownError."""
+    @property
+    def state(self) -> str:
+        """serving | draining | failed | stopped (what health checks report)."""
+        with self._cond:
+            if self.fatal is not None:
+                return "failed"
+            if self._stopping:
+                return "stopped"
+            return "draining" if self._draining else "serving"
+
+    def submit(
+        self, request: Request, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None = None
+    ) -> Subscription:
+        """Validate and enqueue; raises InvalidRequestError, QueueFullError or ShuttingDownError.
+        `queue`: where the outputs go (default: a queue of its own); several requests may share
+        one (the HTTP API's n choices), their outputs told apart by request_id."""
         validate(request, self.limits)
         with self._cond:
             if self.fatal is not None:
@@ -110,7 +124,7 @@ class EngineLoop:
                     f"this client already has {self.max_client_requests} requests in flight, the most one "
                     "client may have (--max-client-requests); retry when one has finished"
                 )
-            sub = Subscription(request, asyncio.Queue(), loop)
+            sub = Subscription(request, queue if queue is not None else asyncio.Queue(), loop)
             self._subs.add(sub)
             self._per_client[request.client] += 1
             self._inbox.append(sub)

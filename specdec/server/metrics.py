@@ -128,14 +128,15 @@ def status_of(out: RequestOutput) -> str:
     return "OK"
 
 
-def log_request(out: RequestOutput, mode: Mode, status: str, client: str = "") -> None:
+def log_request(out: RequestOutput, mode: Mode, status: str, client: str = "", user: str = "") -> None:
     """One structured line per finished request (`client`: an API key's digest prefix or a peer
-    host, never a key)."""
+    host, never a key; `user`: the end user the client named, if it did)."""
     stats, timing = out.stats, out.timing
     record = {
         "event": "request",
         "request_id": out.request_id,
         "client": client,
+        **({"user": user} if user else {}),
         "mode": mode.value,
         "status": status,
         "finish_reason": out.finish_reason.value if out.finish_reason else None,

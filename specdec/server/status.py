@@ -1,4 +1,4 @@
-"""Exceptions -> gRPC status codes, in one place."""
+"""Exceptions -> gRPC status codes and HTTP statuses, in one place."""
 
 from __future__ import annotations
 
@@ -24,3 +24,18 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, (RequestFailedError, CapacityError, SpecdecError)):
         return grpc.StatusCode.INTERNAL
     return grpc.StatusCode.INTERNAL
+
+
+def http_error_for(error: BaseException) -> tuple[int, str, str | None]:
+    """(HTTP status, OpenAI error type, code) for an error of the OpenAI-compatible API."""
+    from specdec.server.openai_protocol import ModelNotFoundError
+
+    if isinstance(error, ModelNotFoundError):
+        return 404, "invalid_request_error", "model_not_found"
+    if isinstance(error, InvalidRequestError):
+        return 400, "invalid_request_error", None
+    if isinstance(error, QueueFullError):
+        return 429, "rate_limit_exceeded", None
+    if isinstance(error, ShuttingDownError):
+        return 503, "service_unavailable", None
+    return 500, "server_error", None

@@ -163,7 +163,9 @@ def test_verify_shape_follows_the_measured_widths():
     model = CostModel()
     model.set_verify_baseline(2, {1: 3.0, 2: 3.1, 3: 3.0, 4: 5.5, 5: 5.8, 6: 9.0, 7: 6.2})
     # A running median of three: the step between widths 3 and 4 stays, the one-off at 6 does not.
-    assert [model.verify_cost(2, w) for w in range(1, 8)] == pytest.approx([3.0, 3.0, 3.1, 5.5, 5.8, 6.2, 6.2])
+    assert [model.verify_cost(2, w) for w in range(1, 8)] == pytest.approx(
+        [3.0, 3.0, 3.1, 5.5, 5.8, 6.2, 6.2]
+    )
     # Past the last width (a long external draft): the curve's mean slope, (6.2 - 3.0) / 6, goes on.
     assert model.verify_cost(2, 13) == pytest.approx(6.2 + 6 * 3.2 / 6)
     # The level follows real passes at any width; the shape stays the measured one.

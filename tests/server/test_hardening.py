@@ -219,7 +219,7 @@ def test_bursts_of_huge_prompts_do_not_grow_the_servers_memory(llama_path):
     port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "specdec"), "serve", "--target", str(llama_path), "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "0", "--max-context", "128"],
+         "--port", str(port), "--metrics-port", "0", "--max-context", "128", "--http-port", "0"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -194,7 +194,8 @@ def test_the_cli_refuses_a_bad_certificate_before_loading_models(tmp_path):
     garbage.write_text("hello")
     started = time.monotonic()
     out = subprocess.run(
-        [SPECDEC, "serve", "--tls-cert", str(garbage), "--tls-key", str(garbage), "--port", str(free_port())],
+        [SPECDEC, "serve", "--tls-cert", str(garbage), "--tls-key", str(garbage), "--port", str(free_port()),
+         "--http-port", "0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2 and f"--tls-cert {garbage}: not a PEM certificate" in out.stderr
@@ -293,7 +294,7 @@ def test_sighup_reloads_the_keys_of_a_running_server(llama_path, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [SPECDEC, "serve", "--target", str(llama_path), "--port", str(port), "--metrics-port", "0",
-         "--max-context", "128", "--api-key-file", str(keys)],
+         "--max-context", "128", "--api-key-file", str(keys), "--http-port", "0"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:

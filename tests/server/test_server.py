@@ -334,16 +334,20 @@ def test_queue_overflow_is_resource_exhausted(pairs):
 
 def test_graceful_shutdown_finishes_in_flight_work_and_exits_0(tmp_path):
     """A real `specdec serve` process (the demo pair, so a long request takes seconds): SIGTERM ->
-    NOT_SERVING, new requests UNAVAILABLE, the in-flight request completes, exit code 0."""
+    NOT_SERVING, new requests UNAVAILABLE (HTTP 503), the in-flight requests of both protocols
+    complete, exit code 0 - uvicorn does not take SIGTERM from the server's own drain."""
+    import http.client
+
     import specdec
 
     demo = Path(specdec.__file__).parent / "assets" / "demo"
     target, draft = demo / "target", demo / "draft"
-    port = free_port()
+    port, http_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "specdec"), "serve", "--target", str(target), "--draft", str(draft),
-         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--grace-period", "60"],
+         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--grace-period", "60",
+         "--http-port", str(http_port)],
         stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
@@ -358,8 +362,25 @@ def test_graceful_shutdown_finishes_in_flight_work_and_exits_0(tmp_path):
         stub = pb_grpc.SpecDecStub(channel)
         call = stub.GenerateStream(_req([5, 6, 7], "target", max_new_tokens=600))
         received = [next(call)]
+        web = http.client.HTTPConnection("127.0.0.1", http_port, timeout=120)
+        body = {
+            "model": "target:target",
+            "prompt": [5, 6, 7],
+            "max_tokens": 300,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        web.request(
+            "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        stream = web.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data: ")
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
+        late = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+        late.request("POST", "/v1/completions", body=json.dumps({**body, "stream": False}),
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        assert late.getresponse().status == 503
         health = health_pb2_grpc.HealthStub(channel)
         assert (
             health.Check(health_pb2.HealthCheckRequest(service="")).status
@@ -371,6 +392,8 @@ def test_graceful_shutdown_finishes_in_flight_work_and_exits_0(tmp_path):
         received.extend(call)
         assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert sum(len(c.token_ids) for c in received) == 600
+        rest = stream.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest
         assert proc.wait(timeout=60) == 0
         log = proc.stderr.read()
         request_lines = [

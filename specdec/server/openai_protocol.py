@@ -1,0 +1,680 @@
+"""The OpenAI HTTP API's JSON bodies <-> specdec's core types: the HTTP twin of `convert`.
+
+`parse_completion` and `parse_chat` check everything only the wire format can get wrong - each
+field's type, which fields exist, the standard fields specdec does not implement - and return a
+`ParsedRequest`; the engine's own validation (`specdec.validation`: ranges, vocabulary, context)
+runs after it on the Requests built from it, and its field names are translated back to the ones
+this client sent (`wire_field`). The response builders write the standard objects of
+https://platform.openai.com/docs/api-reference (completions, chat completions and their stream
+chunks); specdec's own figures (mode, speculative stats, seed, timing) ride in one extra key,
+`specdec`, which stock clients keep as an extra attribute and otherwise ignore.
+
+Fields, in brief (docs/API.md has the whole table):
+- implemented: model, prompt / messages, max_tokens / max_completion_tokens, temperature, top_p,
+  seed, stop, n, logprobs / top_logprobs, stream / stream_options.include_usage, user, prediction
+  (OpenAI's Predicted Outputs: the predicted text is verified as an external draft, which is what
+  speculative decoding is for); vLLM's extras top_k, ignore_eos, stop_token_ids; specdec's own
+  mode and num_speculative_tokens.
+- accepted only at their no-op values (stock clients send them): frequency_penalty, presence_penalty
+  0; logit_bias null or {}; best_of 1; echo false; suffix null; response_format {type: text};
+  tools [], tool_choice none / auto without tools; and the like (`_NO_OP`). Any other value is
+  refused naming the field, never ignored.
+- refused by name until the router exists: route, json_schema.
+- anything else: refused as an unknown field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from specdec.errors import InvalidRequestError
+from specdec.request import FinishReason, Mode, RequestOutput, SpecStats, TokenLogprob
+from specdec.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+
+MAX_CHOICES = 16  # prompts x n per HTTP request: each choice is a row of its own
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+MAX_USER_CHARS = 256
+MAX_MESSAGES = 256
+CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """`model` names nothing this server serves (HTTP 404)."""
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    """What a client may name in `model`: the served name (the default mode: speculative with a
+    draft, else the target alone) and `NAME:MODE` for each mode the engine can run."""
+
+    name: str
+    modes: tuple[Mode, ...]
+    default: Mode
+
+    @staticmethod
+    def of(engine: Any, name: str | None = None) -> ServedModels:
+        limits = engine.limits
+        modes = (Mode.TARGET,) + ((Mode.SPECULATIVE,) if limits.has_draft else ())
+        modes += (Mode.DRAFT,) if limits.draft_answers else ()
+        return ServedModels(name or engine.target.name, modes, limits.default_mode)
+
+    def ids(self) -> list[str]:
+        return [self.name] + [f"{self.name}:{m.value}" for m in self.modes]
+
+    def mode_of(self, model: str) -> Mode:
+        if model == self.name:
+            return self.default
+        for mode in self.modes:
+            if model == f"{self.name}:{mode.value}":
+                return mode
+        raise ModelNotFoundError(
+            "model", f"the model {model!r} does not exist here; this server serves {', '.join(self.ids())}"
+        )
+
+    def listing(self, created: int) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": i, "object": "model", "created": created, "owned_by": "specdec"} for i in self.ids()
+            ],
+        }
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+@dataclass
+class ParsedRequest:
+    chat: bool
+    model: str
+    mode: Mode
+    prompts: list[str | list[int]]  # completions: one entry per prompt; chat: empty
+    messages: list[dict[str, str]]  # chat: the conversation; completions: empty
+    params: SamplingParams  # max_new_tokens is 0 when the client gave none (see `max_tokens_for`)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # None: none; else alternatives per token (0 = only the chosen one)
+    num_speculative_tokens: int = 0
+    prediction: str | None = None
+    user: str = ""
+    # Core field name -> the name this client used (for errors raised by the core's validation).
+    names: dict[str, str] = field(default_factory=dict)
+
+    def max_tokens_for(self, prompt_tokens: int, max_context: int) -> int:
+        """The client's max tokens, or the endpoint's default: 16 for completions (OpenAI's),
+        whatever room the context leaves for chat (vLLM's); either capped by that room."""
+        if self.params.max_new_tokens:
+            return self.params.max_new_tokens
+        room = max(1, max_context - prompt_tokens)
+        return room if self.chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)
+
+    def wire_field(self, error: InvalidRequestError) -> InvalidRequestError:
+        """The core's error, naming the field as this client sent it."""
+        name = self.names.get(error.field.split("[")[0].split(".")[0], None)
+        if name is None:
+            return error
+        message = str(error).removeprefix(f"{error.field}: ")
+        return InvalidRequestError(name, message.replace(error.field, name))
+
+
+# Standard fields specdec does not implement, and the values at which they change nothing.
+_NO_OP_COMMON: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "min_tokens": (None, 0),  # vLLM
+    "repetition_penalty": (None, 1, 1.0),  # vLLM
+}
+_NO_OP_COMPLETIONS = {**_NO_OP_COMMON, "best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
+_NO_OP_CHAT = {
+    **_NO_OP_COMMON,
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+# Why a refused no-op field is refused (what specdec would need to honour it).
+_NOT_YET = {
+    "response_format": 'structured output is not implemented yet (only {"type": "text"})',
+    "tools": "tool calling is not implemented yet (the router issue maps tools onto its format)",
+    "tool_choice": "tool calling is not implemented yet",
+    "functions": "function calling is not implemented yet",
+    "function_call": "function calling is not implemented yet",
+    "echo": "echoing the prompt is not implemented",
+    "best_of": "best_of is not implemented; use n",
+    "suffix": "insertion (suffix) is not implemented",
+}
+_ROUTER_FIELDS = {
+    "route": "routes are not served yet (the router tier); use model or mode",
+    "json_schema": "schema validation arrives with the router tier; not served yet",
+}
+_COMMON = {
+    "model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
+    "user", "logprobs", "top_k", "ignore_eos", "stop_token_ids", "mode", "num_speculative_tokens",
+}  # fmt: skip
+_COMPLETIONS = _COMMON | {"prompt"}
+_CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "prediction"}
+
+
+def parse_completion(body: Any, models: ServedModels) -> ParsedRequest:
+    """A /v1/completions body, checked (InvalidRequestError naming the field)."""
+    body = _object(body)
+    _check_fields(body, _COMPLETIONS, _NO_OP_COMPLETIONS)
+    prompts = _prompts(body.get("prompt"))
+    parsed = _common(body, models, chat=False, prompts=prompts, messages=[])
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        parsed.logprobs = _int(logprobs, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    return _finish(parsed, body, max_tokens_name="max_tokens")
+
+
+def parse_chat(body: Any, models: ServedModels) -> ParsedRequest:
+    """A /v1/chat/completions body, checked (InvalidRequestError naming the field)."""
+    body = _object(body)
+    _check_fields(body, _CHAT, _NO_OP_CHAT)
+    messages = _messages(body.get("messages"))
+    parsed = _common(body, models, chat=True, prompts=[], messages=messages)
+    want = body.get("logprobs")
+    top = body.get("top_logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise InvalidRequestError("logprobs", f"must be a boolean on chat completions, got {want!r}")
+    if top is not None:
+        top = _int(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top and not want:
+            raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+    if want:
+        parsed.logprobs = top or 0
+    prediction = body.get("prediction")
+    if prediction is not None:
+        parsed.prediction = _prediction(prediction)
+    both = body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None
+    if both and body["max_tokens"] != body["max_completion_tokens"]:
+        raise InvalidRequestError(
+            "max_completion_tokens", "give max_completion_tokens or max_tokens (its old name), not both"
+        )
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return _finish(parsed, body, max_tokens_name=name)
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", "must be a JSON object")
+    return body
+
+
+def _check_fields(body: dict[str, Any], known: set[str], no_op: dict[str, tuple[Any, ...]]) -> None:
+    for name, value in body.items():
+        if name in known:
+            continue
+        if name in _ROUTER_FIELDS:
+            raise InvalidRequestError(name, _ROUTER_FIELDS[name])
+        if name in no_op:
+            if value in no_op[name]:
+                continue
+            why = _NOT_YET.get(name, "specdec does not implement it")
+            allowed = " or ".join(json.dumps(v) for v in no_op[name])
+            raise InvalidRequestError(
+                name, f"{why}: only {allowed} is accepted, got {json.dumps(value)[:200]}"
+            )
+        raise InvalidRequestError(name, "unknown field (specdec refuses fields it would otherwise ignore)")
+
+
+def _common(
+    body: dict[str, Any], models: ServedModels, chat: bool, prompts: list, messages: list
+) -> ParsedRequest:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("model", f"required: one of {', '.join(models.ids())}")
+    mode = models.mode_of(model)
+    explicit = body.get("mode")
+    if explicit is not None:
+        try:
+            asked = Mode(explicit)
+        except ValueError:
+            raise InvalidRequestError(
+                "mode", f"unknown mode {explicit!r}; one of {', '.join(m.value for m in Mode)}"
+            ) from None
+        if model != models.name and asked is not mode:
+            raise InvalidRequestError("mode", f"{asked.value} contradicts the model {model!r}")
+        mode = asked
+    stream = _bool(body.get("stream", False), "stream")
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise InvalidRequestError("stream_options", "only with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+            raise InvalidRequestError("stream_options", "an object with include_usage (a boolean)")
+        include_usage = _bool(options.get("include_usage", False), "stream_options.include_usage")
+        if options.get("continuous_usage_stats"):
+            raise InvalidRequestError("stream_options.continuous_usage_stats", "not implemented; only false")
+    n = _int(body["n"], "n", 1, MAX_CHOICES) if body.get("n") is not None else 1
+    choices = n * max(1, len(prompts))
+    if choices > MAX_CHOICES:
+        raise InvalidRequestError(
+            "n", f"prompts x n must be at most {MAX_CHOICES} per request, got {len(prompts)} x {n}"
+        )
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
+        raise InvalidRequestError("user", f"a string of at most {MAX_USER_CHARS} characters")
+    seed = body.get("seed")
+    if seed is not None:
+        seed = _int(seed, "seed", 0, MAX_SEED)
+    params = SamplingParams(
+        max_new_tokens=0,
+        temperature=_number(body, "temperature", 1.0),  # OpenAI's default: sampling
+        top_p=_number(body, "top_p", 1.0),
+        top_k=_top_k(body.get("top_k")),
+        seed=seed,
+        stop=_stops(body.get("stop")),
+        stop_token_ids=tuple(_int_list(body.get("stop_token_ids"), "stop_token_ids")),
+        ignore_eos=_bool(body.get("ignore_eos", False), "ignore_eos"),
+    )
+    gamma = body.get("num_speculative_tokens")
+    return ParsedRequest(
+        chat=chat,
+        model=model,
+        mode=mode,
+        prompts=prompts,
+        messages=messages,
+        params=params,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        num_speculative_tokens=_int(gamma, "num_speculative_tokens", 0, None) if gamma is not None else 0,
+        user=user or "",
+    )
+
+
+def _finish(parsed: ParsedRequest, body: dict[str, Any], max_tokens_name: str) -> ParsedRequest:
+    value = body.get(max_tokens_name)
+    max_tokens = _int(value, max_tokens_name, 1, None) if value is not None else 0
+    logprobs = parsed.logprobs
+    parsed.params = dataclasses.replace(
+        parsed.params, max_new_tokens=max_tokens, logprobs=logprobs is not None, top_logprobs=logprobs or 0
+    )
+    parsed.names = {
+        "max_new_tokens": max_tokens_name,
+        "prompt_token_ids": "messages" if parsed.chat else "prompt",
+        "prompt": "messages" if parsed.chat else "prompt",
+        "top_logprobs": "top_logprobs" if parsed.chat else "logprobs",
+        "external_draft": "prediction",
+    }
+    return parsed
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(name, f"must be a finite number, got {json.dumps(value)}")
+    return float(value)
+
+
+def _int(value: Any, name: str, lo: int, hi: int | None) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(name, f"must be an integer, got {json.dumps(value)[:100]}")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InvalidRequestError(name, f"must be {bounds}, got {value}")
+    return value
+
+
+def _top_k(value: Any) -> int:
+    """vLLM's top_k: -1 (its "off", which clients written for it send) or None is 0, specdec's off."""
+    if value is None or value == -1:
+        return 0
+    return _int(value, "top_k", 0, None)
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be true or false, got {json.dumps(value)[:100]}")
+    return value
+
+
+def _int_list(value: Any, name: str) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequestError(name, "must be a list of integers")
+    return [_int(v, f"{name}[{i}]", 0, None) for i, v in enumerate(value)]
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InvalidRequestError("stop", "must be a string or a list of strings")
+    return tuple(value)
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [list(value)]
+        if all(isinstance(v, list) for v in value):
+            return [_int_list(v, f"prompt[{i}]") for i, v in enumerate(value)]
+    raise InvalidRequestError(
+        "prompt", "required: a string, a list of strings, a list of token ids or a list of token-id lists"
+    )
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError("messages", "required: a non-empty list of {role, content} objects")
+    if len(value) > MAX_MESSAGES:
+        raise InvalidRequestError("messages", f"at most {MAX_MESSAGES} messages, got {len(value)}")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequestError(where, "must be an object with role and content")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"{where}.role", f"unknown role {role!r}; one of {', '.join(CHAT_ROLES)}"
+            )
+        for key, v in m.items():
+            if key in ("role", "content"):
+                continue
+            if key in ("tool_calls", "function_call", "tool_call_id", "name", "refusal", "audio") and not v:
+                continue
+            raise InvalidRequestError(
+                f"{where}.{key}", "not supported (tool calls and names are not implemented)"
+            )
+        out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), f"{where}.content")})
+    return out
+
+
+def _content(value: Any, where: str) -> str:
+    """Message content: a string, or a list of text parts (joined); other part types are refused."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise InvalidRequestError(f"{where}[{j}]", f"only text parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequestError(where, "must be a string or a list of text parts")
+
+
+def _prediction(value: Any) -> str:
+    if not isinstance(value, dict) or value.get("type") != "content":
+        raise InvalidRequestError("prediction", 'must be {"type": "content", "content": ...}')
+    return _content(value.get("content"), "prediction.content")
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index` of a seeded request samples with seed + index: n choices differ, and each
+    is reproducible on its own."""
+    return None if seed is None else (seed + index) % (MAX_SEED + 1)
+
+
+# ------------------------------------------------------------------------------------ responses
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def finish_reason(reason: FinishReason | None) -> str | None:
+    if reason in (FinishReason.EOS, FinishReason.STOP):
+        return "stop"
+    if reason in (FinishReason.LENGTH, FinishReason.CONTEXT):
+        return "length"
+    return None
+
+
+@dataclass
+class Choice:
+    """One choice's accumulated output (the unary response, or the totals at the end of a stream)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.new_logprobs
+        if out.finished:
+            self.last = out
+
+
+def specdec_extra(index: int, out: RequestOutput) -> dict[str, Any]:
+    """specdec's figures for one finished choice (the `specdec` key's entries)."""
+    stats = out.stats or SpecStats()
+    timing = out.timing
+    return {
+        "index": index,
+        "mode": (out.mode or Mode.SPECULATIVE).value,
+        "seed": out.seed,
+        "stats": stats.as_dict(),
+        "timing": None
+        if timing is None
+        else {
+            "queue_seconds": round(timing.queue_seconds, 6),
+            "time_to_first_token_seconds": round(timing.time_to_first_token_seconds, 6),
+            "total_seconds": round(timing.total_seconds, 6),
+        },
+        "route": None,
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[Choice],
+    prompt_tokens: int,
+    pieces: TokenPieces,
+    logprobs: bool,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": completion_logprobs(pieces, c.logprobs, 0) if logprobs else None,
+                "finish_reason": finish_reason(c.last.finish_reason if c.last else None),
+            }
+            for c in choices
+        ],
+        "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices)),
+        "specdec": {"choices": [specdec_extra(c.index, c.last) for c in choices if c.last]},
+    }
+
+
+def chat_body(
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[Choice],
+    prompt_tokens: int,
+    pieces: TokenPieces,
+    logprobs: bool,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": chat_logprobs(pieces, c.logprobs)} if logprobs else None,
+                "finish_reason": finish_reason(c.last.finish_reason if c.last else None),
+            }
+            for c in choices
+        ],
+        "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices)),
+        "specdec": {"choices": [specdec_extra(c.index, c.last) for c in choices if c.last]},
+    }
+
+
+def stream_chunk(
+    chat: bool, rid: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ------------------------------------------------------------------------------------ logprobs
+
+
+class TokenPieces:
+    """Each token's text and exact bytes, as OpenAI's logprobs report them. A byte-level BPE token
+    may be part of a UTF-8 character: its bytes come from the tokenizer's byte alphabet, not from
+    decoding it alone (which would give U+FFFD)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.byte_level = _is_byte_level(tokenizer)
+        self.bytes = lru_cache(maxsize=65536)(self._bytes)
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        decoder = _byte_decoder()
+        if self.byte_level and all(c in decoder for c in piece):
+            return bytes(decoder[c] for c in piece)
+        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
+    def text(self, token_id: int) -> str:
+        return self.bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+    except (ValueError, AttributeError):
+        return False
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
+    return "ByteLevel" in kinds
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable alphabet for the 256 byte values, reversed."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a token the model rules out is reported as -9999.0 (vLLM's convention)."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def completion_logprobs(pieces: TokenPieces, items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy completions object; `offset`: the characters of this choice's text before these
+    tokens (text_offset counts from the start of the completion)."""
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for lp in items:
+        text = pieces.text(lp.token_id)
+        tokens.append(text)
+        logprobs.append(_finite(lp.logprob))
+        top: dict[str, float] = {}
+        for token_id, value in lp.top:
+            top.setdefault(pieces.text(token_id), _finite(value))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(pieces: TokenPieces, items: list[TokenLogprob]) -> list[dict[str, Any]]:
+    def entry(token_id: int, value: float) -> dict[str, Any]:
+        raw = pieces.bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(value), "bytes": list(raw)}
+
+    return [
+        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in items
+    ]

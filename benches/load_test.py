@@ -1,8 +1,9 @@
-"""gRPC load generator: what `vllm bench serve` prints, for specdec.
+"""gRPC (and OpenAI HTTP) load generator: what `vllm bench serve` prints, for specdec.
 
-    python benches/load_test.py                         # the demo pair, closed loop at 1, 4 and 16 clients
+    python benches/load_test.py                         # the default pair, closed loop at 1, 4 and 16 clients
     python benches/load_test.py --rate 20 --requests 200  # open loop: Poisson arrivals at 20 req/s
     python benches/load_test.py --server host:50051     # an already running server (no in-process comparison)
+    python benches/load_test.py --http                  # also the same requests over the OpenAI HTTP API
 
 Closed loop: N clients, each sending its next request when the previous one finishes. Open loop:
 requests arrive at the given rate whatever the server's state. Every request streams; per request
@@ -10,11 +11,16 @@ it records time to first token, inter-token latencies (a chunk's interval spread
 and end-to-end latency. It reports request throughput, output tokens/s and TTFT / ITL / E2E p50
 and p99. Then, in the same run, the same requests go through the in-process engine at the same
 concurrency, without gRPC, so the overhead of gRPC + the server's scheduling is a measured ratio.
+With --http the same requests also stream over the OpenAI-compatible HTTP API of the same server
+(`/v1/completions`, SSE, one keep-alive connection per client), so HTTP's cost against gRPC is a
+ratio measured in the same run too.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import itertools
 import json
 import random
 import sys
@@ -67,10 +73,58 @@ def one_request(stub, prompt: list[int], args) -> Result:
     return Result(ttft=ttft or 0.0, e2e=time.perf_counter() - start, tokens=tokens, itl=itl)
 
 
+def one_http_request(connection: http.client.HTTPConnection, model: str, prompt: list[int], args) -> Result:
+    """One streamed /v1/completions request (token-id prompt, as over gRPC). SSE chunks carry
+    text, not token counts, so the tokens come from the usage chunk and a request's inter-token
+    latencies are its chunk intervals spread evenly over the tokens after the first chunk."""
+    body = {"model": model, "prompt": prompt, "max_tokens": args.max_new_tokens, "ignore_eos": True,
+            "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    if args.mode:
+        body["mode"] = args.mode
+    start = time.perf_counter()
+    connection.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]!r}")
+    arrivals, tokens = [], 0
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk["choices"] and chunk["choices"][0].get("text"):
+            arrivals.append(time.perf_counter())
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    e2e = time.perf_counter() - start
+    itl = []
+    if len(arrivals) > 1 and tokens > 1:
+        per_chunk_tokens = (tokens - 1) / (len(arrivals) - 1)  # the first chunk counted as one token
+        for a, b in itertools.pairwise(arrivals):
+            itl.extend([(b - a) / per_chunk_tokens] * max(1, round(per_chunk_tokens)))
+    return Result(ttft=(arrivals[0] - start) if arrivals else 0.0, e2e=e2e, tokens=tokens, itl=itl)
+
+
 def run_grpc(
-    address: str, prompts: list[list[int]], args, concurrency: int | None, rate: float | None
+    address: str,
+    prompts: list[list[int]],
+    args,
+    concurrency: int | None,
+    rate: float | None,
+    http_target: tuple[str, int, str] | None = None,
 ) -> dict:
+    """The load over gRPC at `address`, or with `http_target` (host, port, model) over HTTP."""
     stub = pb_grpc.SpecDecStub(grpc.insecure_channel(address))
+    local = threading.local()
+
+    def send(prompt: list[int]) -> Result:
+        if http_target is None:
+            return one_request(stub, prompt, args)
+        if not hasattr(local, "connection"):
+            local.connection = http.client.HTTPConnection(http_target[0], http_target[1], timeout=600)
+        return one_http_request(local.connection, http_target[2], prompt, args)
+
     results: list[Result] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -85,7 +139,7 @@ def run_grpc(
             delay = arrivals[i] - (time.perf_counter() - start)
             if delay > 0:
                 time.sleep(delay)
-            r = one_request(stub, prompts[i], args)
+            r = send(prompts[i])
             with lock:
                 results.append(r)
 
@@ -100,7 +154,7 @@ def run_grpc(
                     if not todo:
                         return
                     prompt = todo.popleft()
-                r = one_request(stub, prompt, args)
+                r = send(prompt)
                 with lock:
                     results.append(r)
 
@@ -191,10 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-threads", type=int, default=0, help="as `specdec serve --cpu-threads` (0 = all cores but one)"
     )
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="also run every load over the server's OpenAI HTTP API (streamed /v1/completions)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/load_test.json"))
     args = parser.parse_args(argv)
     if args.cpu_threads < 0:
         parser.error(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
+    if args.http and args.server:
+        parser.error("--http drives the server this script starts; drop --server")
 
     from specdec.assets import resolve_pair
     from specdec.bench.main import prompts_from_text
@@ -202,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     from specdec.engine import Engine, resolve_device
     from specdec.server.app import ServerConfig, configure_cpu_threads
     from specdec.server.background import BackgroundServer
+    from specdec.testing import free_port
 
     target, draft = resolve_pair(args.target, args.draft, args.demo)
     engine = server = None
@@ -221,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                 max_context=args.prompt_len + args.max_new_tokens + 1,
             ),
         )
-        server = BackgroundServer(engine, ServerConfig(host="127.0.0.1", port=0, metrics_port=0))
+        server_config = ServerConfig(
+            host="127.0.0.1", port=0, metrics_port=0, http_port=free_port() if args.http else 0
+        )
+        server = BackgroundServer(engine, server_config)
         address = server.address
     from specdec.models.loader import load_tokenizer
 
@@ -246,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
             address, prompts, args, None if kind == "rate" else value, value if kind == "rate" else None
         )
         entry = {kind: value, "grpc": grpc_result}
+        if args.http:
+            http_target = ("127.0.0.1", server_config.http_port, engine.target.name)
+            http_result = run_grpc(
+                address, prompts, args, None if kind == "rate" else value, value if kind == "rate" else None,
+                http_target,
+            )  # fmt: skip
+            entry["http"] = http_result
+            entry["http_vs_grpc_tokens_per_second"] = round(
+                http_result["output_tokens_per_second"] / grpc_result["output_tokens_per_second"], 4
+            )
         if engine is not None and kind == "concurrency":
             # The server must be idle while the scheduler is driven directly from this thread.
             server.stop()
@@ -254,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["grpc_overhead"] = round(
                 1 - grpc_result["output_tokens_per_second"] / local["output_tokens_per_second"], 4
             )
-            server = BackgroundServer(engine, ServerConfig(host="127.0.0.1", port=0, metrics_port=0))
+            server = BackgroundServer(engine, server_config)
             address = server.address
         report["runs"].append(entry)
         print(json.dumps(entry))

@@ -163,7 +163,7 @@ _NO_OP_CHAT = {
 }
 # Why a refused no-op field is refused (what specdec would need to honour it).
 _NOT_YET = {
-    "response_format": 'structured output is not implemented yet (only {"type": "text"})',
+    "response_format": "structured output is not implemented yet",
     "tools": "tool calling is not implemented yet (the router issue maps tools onto its format)",
     "tool_choice": "tool calling is not implemented yet",
     "functions": "function calling is not implemented yet",
@@ -240,11 +240,22 @@ def _check_fields(body: dict[str, Any], known: set[str], no_op: dict[str, tuple[
             if value in no_op[name]:
                 continue
             why = _NOT_YET.get(name, "specdec does not implement it")
-            allowed = " or ".join(json.dumps(v) for v in no_op[name])
             raise InvalidRequestError(
-                name, f"{why}: only {allowed} is accepted, got {json.dumps(value)[:200]}"
+                name, f"{why}: accepted only as {_no_op_values(no_op[name])}, got {json.dumps(value)[:200]}"
             )
         raise InvalidRequestError(name, "unknown field (specdec refuses fields it would otherwise ignore)")
+
+
+def _no_op_values(values: tuple[Any, ...]) -> str:
+    """The accepted values as a client writes them: `0 (or null)`, `"none" or "auto" (or null)`."""
+    shown: list[str] = []
+    for v in values:
+        text = json.dumps(int(v) if isinstance(v, float) and v.is_integer() else v)
+        if v is not None and text not in shown:
+            shown.append(text)
+    if not shown:
+        return "null"
+    return " or ".join(shown) + (" (or null)" if None in values else "")
 
 
 def _common(

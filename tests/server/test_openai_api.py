@@ -312,11 +312,14 @@ def test_other_error_statuses(server, engine):
     assert _raw(server, "GET", "/v1/completions")[0] == 405
 
 
-def test_api_keys_guard_every_route_but_health(engine, tmp_path):
+def test_api_keys_guard_every_route_but_health_and_bodies_are_bounded(engine, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("sk-good\n")
-    srv = serve_in_thread(engine, http_port=free_port(), api_key_file=keys)
+    srv = serve_in_thread(engine, http_port=free_port(), api_key_file=keys, max_message_bytes=4096)
     try:
+        big = {"model": _model(engine), "prompt": "a" * 5000}
+        status, body = _raw(srv, "POST", "/v1/completions", big, {"Authorization": "Bearer sk-good"})
+        assert status == 413 and "4096" in body["error"]["message"]
         with pytest.raises(openai.AuthenticationError):
             _client(srv, "sk-bad").models.list()
         assert _raw(srv, "GET", "/v1/models")[0] == 401

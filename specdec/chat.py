@@ -21,6 +21,17 @@ _MARK = "\x00specdec-content-{}\x00"
 _MARK_RE = re.compile("\x00specdec-content-(\\d+)\x00")
 
 
+def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The template's text; a template that refuses the conversation (many raise on roles that do
+    not alternate, or on a system turn they do not support) is the request's fault, not the server's."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        raise InvalidRequestError("messages", f"this model's chat template refused them: {e}") from None
+
+
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of `messages` rendered by the tokenizer's chat template (generation prompt added)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -28,10 +39,10 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     specials = [t.content for t in tokenizer.added_tokens_decoder.values()]
     forged = [i for i, m in enumerate(messages) if any(s in m["content"] for s in specials)]
     if not forged:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = _render(tokenizer, messages)
         return list(tokenizer.encode(text, add_special_tokens=False))
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    text = _render(tokenizer, marked)
     pieces = _MARK_RE.split(text)  # template, index, template, index, ..., template
     indices = [int(i) for i in pieces[1::2]]
     if indices != list(range(len(messages))):

@@ -115,5 +115,9 @@ def run(args: argparse.Namespace) -> int:
             f":{args.metrics_port or 'off'}); Ctrl-C to stop"
         )
 
-    asyncio.run(serve(engine, server, on_ready=ready, security=security))
+    try:
+        asyncio.run(serve(engine, server, on_ready=ready, security=security))
+    except OSError as e:  # a port taken or an address not on this machine: nothing started
+        raise SpecdecError(f"{e}; choose other ports with --port / --http-port / --metrics-port "
+                           "(--http-port 0 turns the HTTP API off)") from None  # fmt: skip
     return 0

@@ -92,9 +92,9 @@ class ServerConfig:
             raise SpecdecError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS first)")
         if not 0 <= self.http_port <= 65535:
             raise SpecdecError(f"--http-port must be in [0, 65535] (0 = off), got {self.http_port}")
-        if self.http_port and self.http_port == self.port:
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
             raise SpecdecError(
-                f"--http-port {self.http_port} is also the gRPC --port; give them different ports"
+                f"--http-port {self.http_port} is also the gRPC --port or the --metrics-port; give each its own"
             )
         if self.max_client_requests < 0:
             raise SpecdecError(
@@ -261,14 +261,23 @@ async def serve(
     await health_servicer.enter_graceful_shutdown()
     engine_loop.drain()
     deadline = loop.time() + config.grace_period
-    while engine_loop.in_flight and loop.time() < deadline:
+
+    def busy() -> bool:  # rows running, or HTTP streams still writing what their rows produced
+        return bool(engine_loop.in_flight or (http is not None and http.app.open_streams))
+
+    while busy() and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if engine_loop.in_flight:
         log.warning(
             "grace period over with %d requests still in flight; they are cancelled", engine_loop.in_flight
         )
+    # The engine stops first: what is still running fails as cancelled, so its clients get an
+    # error (gRPC UNAVAILABLE, an SSE error event) rather than a connection cut mid-answer.
+    await asyncio.to_thread(engine_loop.stop)
     if http is not None:
+        flushed = loop.time() + 1.0
+        while http.app.open_streams and loop.time() < flushed:
+            await asyncio.sleep(0.02)
         await http.stop()
     await server.stop(grace=1.0)
-    engine_loop.stop()
     log.info("specdec stopped")

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,17 +35,18 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from specdec.engine import Engine
-from specdec.errors import InvalidRequestError, SpecdecError
+from specdec.errors import InvalidRequestError, ShuttingDownError, SpecdecError
 from specdec.request import FinishReason, Request, RequestOutput
 from specdec.server import openai_protocol as oa
 from specdec.server.auth import UNAUTHENTICATED_MESSAGE, ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
 from specdec.server.status import http_error_for
-from specdec.validation import check_prompt_chars
+from specdec.validation import check_prompt_chars, validate
 
 log = logging.getLogger("specdec.server")
 
@@ -79,6 +81,9 @@ class OpenAIApp:
         self.models = oa.ServedModels.of(engine, served_name)
         self.pieces = oa.TokenPieces(engine.tokenizer)
         self.created = oa.now()
+        # Streams whose response is still being written: their rows may have finished (the engine
+        # loop no longer counts them) while events wait to be sent; the drain waits for these too.
+        self.open_streams = 0
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
@@ -126,6 +131,8 @@ class OpenAIApp:
             status, kind, code = http_error_for(e)
             param = e.field if isinstance(e, InvalidRequestError) else None
             return _error_response(status, kind, str(e), param, code)
+        except ClientDisconnect:  # gone while sending its body: nobody reads an answer
+            return _error_response(499, "invalid_request_error", "client disconnected")
         except Exception:  # a bug: this request fails, the server goes on
             log.exception("HTTP %s %s failed", request.method, request.url.path)
             return _error_response(500, "server_error", "internal error (logged on the server)")
@@ -175,6 +182,8 @@ class OpenAIApp:
     # ------------------------------------------------------------------------- generation
 
     async def _generate(self, request: Any, client: str, chat: bool) -> Any:
+        if self.engine_loop.state != "serving":  # before reading and tokenizing what is refused anyway
+            raise ShuttingDownError(f"the server is {self.engine_loop.state} and takes no new requests")
         body = await self._body(request)
         parsed = oa.parse_chat(body, self.models) if chat else oa.parse_completion(body, self.models)
         rid, created = oa.new_id(chat), oa.now()
@@ -187,7 +196,13 @@ class OpenAIApp:
         prompt_tokens = sum(len(p) for p in prompts)
         if parsed.stream:
             events = self._events(parsed, subs, queue, index_of, rid, created, prompt_tokens)
-            return _EventStream(events, lambda: self._cancel(subs))
+            self.open_streams += 1
+
+            def closed() -> None:
+                self.open_streams -= 1
+                self._cancel(subs)
+
+            return _EventStream(events, closed)
         try:
             choices = await self._collect(request, subs, queue, index_of)
         except _ClientGone:
@@ -240,34 +255,44 @@ class OpenAIApp:
         client: str,
         rid: str,
     ) -> tuple[list[Subscription], asyncio.Queue, dict[str, int]]:
-        """One Request per choice (prompt x n), all submitted or none: a refusal of any cancels the
-        ones already in. Choice i's request_id is `rid-i` (the response id, in the request log)."""
+        """One Request per choice (prompt x n), all checked before any is submitted, and all
+        submitted or none (a full server refusing one cancels the ones already in). Choice i's
+        request_id is `rid-i`: the response's id, in the request log."""
         loop = asyncio.get_running_loop()
+        cap = min(self.engine_loop.capacity, self.engine_loop.max_client_requests)
+        if len(prompts) * parsed.n > cap:
+            # Never a 429: retrying could not help.
+            raise InvalidRequestError(
+                "n", f"{len(prompts)} prompt(s) x n = {parsed.n} is {len(prompts) * parsed.n} rows, more than "
+                f"the {cap} this server lets one client have in flight",
+            )  # fmt: skip
+        requests = []
+        for p, ids in enumerate(prompts):
+            params = dataclasses.replace(
+                parsed.params, max_new_tokens=parsed.max_tokens_for(len(ids), self.engine.max_context)
+            )
+            for j in range(parsed.n):
+                request = Request(
+                    prompt_ids=ids,
+                    params=dataclasses.replace(params, seed=oa.choice_seed(params.seed, j)),
+                    mode=parsed.mode,
+                    num_speculative_tokens=parsed.num_speculative_tokens,
+                    request_id=f"{rid}-{p * parsed.n + j}",
+                    external_draft=list(prediction) if prediction else None,
+                    client=client,
+                    user=parsed.user,
+                )
+                validate(request, self.engine.limits)
+                requests.append(request)
         queue: asyncio.Queue = asyncio.Queue()
         subs: list[Subscription] = []
-        index_of: dict[str, int] = {}
         try:
-            for p, ids in enumerate(prompts):
-                params = dataclasses.replace(
-                    parsed.params, max_new_tokens=parsed.max_tokens_for(len(ids), self.engine.max_context)
-                )
-                for j in range(parsed.n):
-                    index = p * parsed.n + j
-                    request = Request(
-                        prompt_ids=ids,
-                        params=dataclasses.replace(params, seed=oa.choice_seed(params.seed, j)),
-                        mode=parsed.mode,
-                        num_speculative_tokens=parsed.num_speculative_tokens,
-                        request_id=f"{rid}-{index}",
-                        external_draft=list(prediction) if prediction else None,
-                        client=client,
-                        user=parsed.user,
-                    )
-                    subs.append(self.engine_loop.submit(request, loop, queue))
-                    index_of[request.request_id] = index
+            for request in requests:
+                subs.append(self.engine_loop.submit(request, loop, queue))
         except BaseException:
             self._cancel(subs)
             raise
+        index_of = {request.request_id: i for i, request in enumerate(requests)}
         return subs, queue, index_of
 
     def _cancel(self, subs: list[Subscription]) -> None:
@@ -323,8 +348,9 @@ class OpenAIApp:
             left -= out.finished
             completion_tokens += len(out.new_token_ids)
             if out.finished and out.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-                status = 500 if out.finish_reason is FinishReason.ERROR else 503
-                yield _sse({"error": _error_object(status, out.error or "request failed", None, None)})
+                failed = out.finish_reason is FinishReason.ERROR
+                status, kind = (500, "server_error") if failed else (503, "service_unavailable")
+                yield _sse({"error": _error_object(status, out.error or "request failed", None, None, kind)})
                 break
             if out.new_token_ids or out.new_text:
                 yield _sse(
@@ -362,8 +388,11 @@ class OpenAIApp:
                 "logprobs": logprobs,
                 "finish_reason": None,
             }
-        logprobs = oa.completion_logprobs(self.pieces, out.new_logprobs, offsets[index]) if want else None
-        offsets[index] += len(out.new_text)
+        logprobs = None
+        if want:
+            logprobs = oa.completion_logprobs(self.pieces, out.new_logprobs, offsets[index])
+            # text_offset counts token texts, as the unary response's does.
+            offsets[index] += sum(len(t) for t in logprobs["tokens"])
         return {"index": index, "text": out.new_text, "logprobs": logprobs, "finish_reason": None}
 
 
@@ -410,7 +439,11 @@ def _error_object(
 def _error_response(
     status: int, kind: str, message: str, param: str | None = None, code: str | None = None
 ) -> Any:
-    return JSONResponse({"error": _error_object(status, message, param, code, kind)}, status_code=status)
+    # Full or draining: clients that honour Retry-After (the openai package does) back off a second.
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(
+        {"error": _error_object(status, message, param, code, kind)}, status_code=status, headers=headers
+    )
 
 
 # ----------------------------------------------------------------------------- the server
@@ -426,6 +459,20 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # uvicorn >= 0.29
         yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot bind the HTTP API to {host}:{port}: {e.strerror}") from None
+    return sock
 
 
 class HttpServer:
@@ -456,20 +503,22 @@ class HttpServer:
             timeout_graceful_shutdown=2,  # serve() has let in-flight requests finish already
             **options,
         )
+        self.app = app
         self.server = _Uvicorn(config)
         self.host, self.port = host, port
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        """Listen; return the bound port (OSError if it cannot bind)."""
-        self._task = asyncio.get_running_loop().create_task(self.server.serve())
+        """Listen; return the bound port. The socket is bound here, not by uvicorn, which exits the
+        process (SystemExit) when it cannot bind: a taken port must be an OSError naming it."""
+        sock = _bind(self.host, self.port)
+        self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
             if self._task.done():
-                with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind; we must not
-                    self._task.result()
-                raise OSError(f"cannot bind the HTTP port {self.port} on {self.host} (see the log above)")
+                self._task.result()  # raises what stopped it
+                raise OSError(f"the HTTP API on {self.host}:{self.port} stopped while starting")
             await asyncio.sleep(0.01)
-        return self.server.servers[0].sockets[0].getsockname()[1]
+        return sock.getsockname()[1]
 
     async def stop(self) -> None:
         if self._task is None:

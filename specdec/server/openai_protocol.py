@@ -144,8 +144,16 @@ _NO_OP_COMMON: dict[str, tuple[Any, ...]] = {
     "service_tier": (None, "auto", "default"),
     "store": (None, False),
     "metadata": (None, {}),
-    "min_tokens": (None, 0),  # vLLM
-    "repetition_penalty": (None, 1, 1.0),  # vLLM
+    # vLLM's sampling extras, at their defaults (clients written for vLLM send them).
+    "min_tokens": (None, 0),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "length_penalty": (None, 1, 1.0),
+    "use_beam_search": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "include_stop_str_in_output": (None, False),
+    "priority": (None, 0),
 }
 _NO_OP_COMPLETIONS = {**_NO_OP_COMMON, "best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
 _NO_OP_CHAT = {
@@ -160,6 +168,11 @@ _NO_OP_CHAT = {
     "audio": (None,),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
+    # vLLM's chat extras at their defaults.
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "echo": (None, False),
+    "chat_template_kwargs": (None, {}),
 }
 # Why a refused no-op field is refused (what specdec would need to honour it).
 _NOT_YET = {
@@ -237,13 +250,23 @@ def _check_fields(body: dict[str, Any], known: set[str], no_op: dict[str, tuple[
         if name in _ROUTER_FIELDS:
             raise InvalidRequestError(name, _ROUTER_FIELDS[name])
         if name in no_op:
-            if value in no_op[name]:
+            if any(_same_value(value, allowed) for allowed in no_op[name]):
                 continue
             why = _NOT_YET.get(name, "specdec does not implement it")
             raise InvalidRequestError(
                 name, f"{why}: accepted only as {_no_op_values(no_op[name])}, got {json.dumps(value)[:200]}"
             )
         raise InvalidRequestError(name, "unknown field (specdec refuses fields it would otherwise ignore)")
+
+
+def _same_value(value: Any, allowed: Any) -> bool:
+    """value == allowed with JSON's types: true is not 1, 0 is 0.0."""
+    if isinstance(value, bool) or isinstance(allowed, bool) or value is None or allowed is None:
+        return type(value) is type(allowed) and value == allowed
+    numeric = (int, float)
+    if isinstance(value, numeric) or isinstance(allowed, numeric):
+        return isinstance(value, numeric) and isinstance(allowed, numeric) and value == allowed
+    return type(value) is type(allowed) and value == allowed
 
 
 def _no_op_values(values: tuple[Any, ...]) -> str:
@@ -276,7 +299,7 @@ def _common(
         if model != models.name and asked is not mode:
             raise InvalidRequestError("mode", f"{asked.value} contradicts the model {model!r}")
         mode = asked
-    stream = _bool(body.get("stream", False), "stream")
+    stream = _bool(body.get("stream"), "stream")
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
@@ -284,7 +307,7 @@ def _common(
             raise InvalidRequestError("stream_options", "only with stream: true")
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
             raise InvalidRequestError("stream_options", "an object with include_usage (a boolean)")
-        include_usage = _bool(options.get("include_usage", False), "stream_options.include_usage")
+        include_usage = _bool(options.get("include_usage"), "stream_options.include_usage")
         if options.get("continuous_usage_stats"):
             raise InvalidRequestError("stream_options.continuous_usage_stats", "not implemented; only false")
     n = _int(body["n"], "n", 1, MAX_CHOICES) if body.get("n") is not None else 1
@@ -307,7 +330,7 @@ def _common(
         seed=seed,
         stop=_stops(body.get("stop")),
         stop_token_ids=tuple(_int_list(body.get("stop_token_ids"), "stop_token_ids")),
-        ignore_eos=_bool(body.get("ignore_eos", False), "ignore_eos"),
+        ignore_eos=_bool(body.get("ignore_eos"), "ignore_eos"),
     )
     gamma = body.get("num_speculative_tokens")
     return ParsedRequest(
@@ -346,9 +369,13 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequestError(name, f"must be a finite number, got {json.dumps(value)}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer of hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidRequestError(name, f"must be a finite number, got {json.dumps(value)[:100]}")
+    return number
 
 
 def _int(value: Any, name: str, lo: int, hi: int | None) -> int:
@@ -370,6 +397,9 @@ def _top_k(value: Any) -> int:
 
 
 def _bool(value: Any, name: str) -> bool:
+    """A boolean field; null (which some SDKs send for every unset field) is false."""
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise InvalidRequestError(name, f"must be true or false, got {json.dumps(value)[:100]}")
     return value
@@ -420,20 +450,34 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise InvalidRequestError(where, "must be an object with role and content")
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise InvalidRequestError(
                 f"{where}.role", f"unknown role {role!r}; one of {', '.join(CHAT_ROLES)}"
             )
+        message = {"role": CHAT_ROLES[role], "content": _content(m.get("content"), f"{where}.content")}
         for key, v in m.items():
-            if key in ("role", "content"):
+            if key in ("role", "content") or (key in _EMPTY_MESSAGE_FIELDS and not v):
                 continue
-            if key in ("tool_calls", "function_call", "tool_call_id", "name", "refusal", "audio") and not v:
+            if key in _PASSED_MESSAGE_FIELDS and isinstance(v, str):
+                message[key] = v  # for templates that use them (the rest ignore them, as vLLM's do)
                 continue
             raise InvalidRequestError(
-                f"{where}.{key}", "not supported (tool calls and names are not implemented)"
+                f"{where}.{key}", _MESSAGE_FIELD_PROBLEMS.get(key, "unknown message field")
             )
-        out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), f"{where}.content")})
+        out.append(message)
     return out
+
+
+# Message fields handed to the chat template as they are, fields accepted only when empty, and why
+# the others are refused.
+_PASSED_MESSAGE_FIELDS = ("name", "tool_call_id")
+_EMPTY_MESSAGE_FIELDS = ("tool_calls", "function_call", "refusal", "audio")
+_MESSAGE_FIELD_PROBLEMS = {
+    "tool_calls": "tool calling is not implemented yet (only an empty list)",
+    "function_call": "function calling is not implemented yet",
+    "name": "must be a string",
+    "tool_call_id": "must be a string",
+}
 
 
 def _content(value: Any, where: str) -> str:

@@ -368,16 +368,19 @@ def test_full_server_gets_429_and_draining_gets_503(pairs):
         target=target, draft=draft, config=EngineConfig(max_batch_size=1, max_queue=0, max_context=256)
     )
     srv = serve_in_thread(engine, http_port=free_port(), grace_period=30)
+    status, body = _raw(srv, "POST", "/v1/completions", {"model": _model(engine), "prompt": "b", "n": 2})
+    assert status == 400 and body["error"]["param"] == "n"  # more rows than it may ever hold: not a 429
     conn, response = _slow_stream(srv, engine)
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as e:
         _client(srv).completions.create(model=_model(engine), prompt="b", max_tokens=2)
+    assert e.value.response.headers["retry-after"] == "1"
     stopper = threading.Thread(target=srv.stop)
     stopper.start()
     assert _wait(lambda: _raw(srv, "GET", "/health")[0] == 503)
     status, body = _raw(
         srv, "POST", "/v1/completions", {"model": _model(engine), "prompt": "b", "max_tokens": 2}
     )
-    assert status == 503 and "shutting down" in body["error"]["message"]
+    assert status == 503 and "draining" in body["error"]["message"]
     # The stream in flight still finishes, whole, before the server stops.
     rest = response.read().decode()
     conn.close()
@@ -410,3 +413,12 @@ def test_a_client_that_leaves_frees_its_slot(server, engine):
     sock.close()
     assert _wait(lambda: scheduler.num_running == 0, timeout=5)
     assert _wait(lambda: cancelled() == before + 2)
+
+
+def test_a_taken_http_port_fails_start_up_naming_it(engine):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot bind the HTTP API to 127.0.0.1:{port}"):
+            serve_in_thread(engine, http_port=port)

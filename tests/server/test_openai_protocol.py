@@ -3,6 +3,8 @@ defaults, and the logprob pieces (exact bytes of byte-level tokens)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from specdec.errors import InvalidRequestError
@@ -52,6 +54,8 @@ def test_defaults_follow_openai():
         {"frequency_penalty": 0}, {"presence_penalty": 0.0}, {"logit_bias": None}, {"logit_bias": {}},
         {"best_of": 1}, {"echo": False}, {"n": 1}, {"user": "u"}, {"top_k": -1}, {"seed": 0},
         {"stop": "x"}, {"stop": ["a", "b"]}, {"stream": True, "stream_options": {"include_usage": True}},
+        {"stream": None, "ignore_eos": None}, {"skip_special_tokens": True}, {"min_p": 0},
+        {"include_stop_str_in_output": False}, {"use_beam_search": False}, {"priority": 0},
     ],
 )  # fmt: skip
 def test_no_op_and_implemented_values_are_accepted(fields):
@@ -78,6 +82,10 @@ def test_no_op_and_implemented_values_are_accepted(fields):
         ({"json_schema": {}}, "json_schema"),
         ({"user": "u" * 257}, "user"),
         ({"tempreature": 0}, "tempreature"),  # a typo is not silently ignored
+        ({"temperature": 10**400}, "temperature"),  # no OverflowError (a 500)
+        ({"best_of": True}, "best_of"),  # true is not 1
+        ({"frequency_penalty": False}, "frequency_penalty"),
+        ({"skip_special_tokens": False}, "skip_special_tokens"),
     ],
 )
 def test_bad_completion_fields_are_refused_by_name(fields, param):
@@ -100,10 +108,18 @@ def test_chat_messages_and_parts():
         {"role": "user", "content": "ab"},
         {"role": "assistant", "content": ""},
     ]
-    with pytest.raises(InvalidRequestError, match=r"messages\[0\].name"):
-        oa.parse_chat(
-            {"model": "tiny", "messages": [{"role": "user", "content": "a", "name": "bob"}]}, MODELS
-        )
+    named = oa.parse_chat(
+        {"model": "tiny", "messages": [{"role": "user", "content": "a", "name": "bob"}]}, MODELS
+    )
+    assert named.messages == [{"role": "user", "content": "a", "name": "bob"}]  # for templates that use it
+    for bad, where in (
+        ({"role": ["user"], "content": "a"}, "messages[0].role"),  # no TypeError (a 500)
+        ({"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}, "messages[0].tool_calls"),
+        ({"role": "user", "content": "a", "name": 3}, "messages[0].name"),
+    ):
+        with pytest.raises(InvalidRequestError) as e:
+            oa.parse_chat({"model": "tiny", "messages": [bad]}, MODELS)
+        assert e.value.field == where
     with pytest.raises(InvalidRequestError) as e:
         _chat(logprobs=True, top_logprobs=21)
     assert e.value.field == "top_logprobs"
@@ -144,3 +160,13 @@ def test_token_pieces_give_exact_bytes_of_partial_characters():
     assert chat[0]["top_logprobs"][1]["logprob"] == -9999.0  # JSON has no -inf
     legacy = oa.completion_logprobs(pieces, logprobs, offset=4)
     assert legacy["text_offset"][0] == 4 and legacy["text_offset"] == sorted(legacy["text_offset"])
+
+
+def test_a_chat_template_that_refuses_the_conversation_is_a_bad_request():
+    from specdec.chat import encode_chat
+
+    tokenizer = copy.deepcopy(tiny_tokenizer())  # the shared one must keep its template
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(InvalidRequestError) as e:
+        encode_chat(tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert e.value.field == "messages" and "alternate" in str(e.value)

@@ -18,6 +18,7 @@ LAYERS = {
     "specdec.testing": 7,  # helpers for the tests: may use anything
     "specdec.cli": 6,
     "specdec.server": 5,
+    "specdec.router": 5,
     "specdec.client": 5,
     "specdec.bench": 5,
     "specdec.distill": 5,

@@ -30,8 +30,9 @@ def test_the_serve_setup_installs_only_what_serving_needs_and_says_so_briefly(tm
     assert out.stderr == "", out.stderr[-2000:]
     python = clone / ".venv" / "bin" / "python"
     check = (
-        "import importlib.util as u, specdec.engine, specdec.server.app\n"
-        "print([m for m in ('pytest', 'hypothesis', 'ruff', 'scipy', 'matplotlib', 'triton') if u.find_spec(m)])\n"
+        "import importlib.util as u, specdec.engine, specdec.server.app, specdec.server.http\n"
+        "tools = ('pytest', 'hypothesis', 'ruff', 'scipy', 'matplotlib', 'triton', 'openai')\n"
+        "print([m for m in tools if u.find_spec(m)])\n"
     )
     dev = subprocess.run([str(python), "-I", "-c", check], capture_output=True, text=True)
     assert dev.returncode == 0, dev.stderr

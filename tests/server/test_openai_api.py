@@ -422,3 +422,38 @@ def test_a_taken_http_port_fails_start_up_naming_it(engine):
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"cannot bind the HTTP API to 127.0.0.1:{port}"):
             serve_in_thread(engine, http_port=port)
+
+
+def test_a_request_whose_numbers_go_bad_is_a_500_and_the_others_finish(server, engine, monkeypatch):
+    """Unary: 500 server_error; streamed: an error event, then [DONE]; the rows beside it finish."""
+    import torch
+
+    model, scheduler = engine.target.model, engine.scheduler
+    forward = model.forward
+    poison = [5, 6, 299]
+
+    def poisoned(batch, cache):
+        logits = forward(batch, cache)
+        victims = [s.slot for s in list(scheduler.running) if s.request.prompt_ids == poison]
+        if logits is not None and victims:
+            logits[torch.isin(batch.slots, torch.tensor(victims))] = float("nan")
+        return logits
+
+    monkeypatch.setattr(model, "forward", poisoned)
+    body = {"model": _model(engine, "target"), "max_tokens": 20, "ignore_eos": True}
+    good = threading.Thread(
+        target=lambda: results.append(_raw(server, "POST", "/v1/completions", {**body, "prompt": [5, 6, 7]}))
+    )
+    results: list = []
+    good.start()
+    status, reply = _raw(server, "POST", "/v1/completions", {**body, "prompt": poison})
+    assert (
+        status == 500
+        and reply["error"]["type"] == "server_error"
+        and "non-finite" in reply["error"]["message"]
+    )
+    events = _events(server, "/v1/completions", {**body, "prompt": poison, "stream": True})
+    assert "error" in events[-2] and "non-finite" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+    good.join(30)
+    assert results and results[0][0] == 200 and results[0][1]["choices"][0]["finish_reason"] == "length"
+    monkeypatch.undo()

@@ -219,12 +219,11 @@ class OpenAIApp:
             raise _HttpError(
                 503, "service_unavailable", cancelled.error or "the server cancelled this request"
             )
-        build = oa.chat_body if chat else oa.completion_body
-        return self._json(
-            build(
-                rid, created, parsed.model, choices, prompt_tokens, self.pieces, parsed.logprobs is not None
-            )
+        want_logprobs = parsed.logprobs is not None
+        body = oa.response_body(
+            chat, rid, created, parsed.model, choices, prompt_tokens, self.pieces, want_logprobs
         )
+        return self._json(body)
 
     def _prompt_ids(self, parsed: oa.ParsedRequest) -> list[list[int]]:
         """Token ids of each prompt (a worker thread: the event loop never waits on a tokenizer)."""

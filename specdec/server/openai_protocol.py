@@ -574,7 +574,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(
+def response_body(
+    chat: bool,
     rid: str,
     created: int,
     model: str,
@@ -583,48 +584,23 @@ def completion_body(
     pieces: TokenPieces,
     logprobs: bool,
 ) -> dict[str, Any]:
+    """A unary response: `chat.completion`, or the legacy `text_completion`."""
+
+    def one(c: Choice) -> dict[str, Any]:
+        reason = finish_reason(c.last.finish_reason if c.last else None)
+        if chat:
+            lp = {"content": chat_logprobs(pieces, c.logprobs)} if logprobs else None
+            return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
+                    "finish_reason": reason}  # fmt: skip
+        lp = completion_logprobs(pieces, c.logprobs, 0) if logprobs else None
+        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": reason}
+
     return {
         "id": rid,
-        "object": "text_completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": completion_logprobs(pieces, c.logprobs, 0) if logprobs else None,
-                "finish_reason": finish_reason(c.last.finish_reason if c.last else None),
-            }
-            for c in choices
-        ],
-        "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices)),
-        "specdec": {"choices": [specdec_extra(c.index, c.last) for c in choices if c.last]},
-    }
-
-
-def chat_body(
-    rid: str,
-    created: int,
-    model: str,
-    choices: list[Choice],
-    prompt_tokens: int,
-    pieces: TokenPieces,
-    logprobs: bool,
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": chat_logprobs(pieces, c.logprobs)} if logprobs else None,
-                "finish_reason": finish_reason(c.last.finish_reason if c.last else None),
-            }
-            for c in choices
-        ],
+        "choices": [one(c) for c in choices],
         "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices)),
         "specdec": {"choices": [specdec_extra(c.index, c.last) for c in choices if c.last]},
     }

@@ -39,6 +39,7 @@ from specdec.sequence import Sequence
 from specdec.speculative import RowOutcome
 from specdec.stopping import OutputStopper
 from specdec.timing import PassTiming
+from specdec.tokenization import TokenPieces
 from specdec.validation import RequestLimits, validate
 
 log = logging.getLogger("specdec")
@@ -73,6 +74,8 @@ class Scheduler:
         self.planner = planner
         self.limits = limits
         self.config = config
+        # Token bytes for every request's detokenizer (one cache for the engine's tokenizer).
+        self.pieces = TokenPieces(runner.tokenizer)
         # A min-heap: the lowest free slot first, so the running rows tend to hold one contiguous
         # range of slots, which the forward pass reads as a view instead of a gather.
         self.free_slots: list[int] = list(range(config.max_batch_size))
@@ -99,7 +102,7 @@ class Scheduler:
         params = request.params
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**63)
         stopper = OutputStopper(
-            self.runner.tokenizer,
+            self.pieces,
             request.prompt_ids,
             () if params.ignore_eos else self.runner.eos_ids,
             params.stop_token_ids,

@@ -4,34 +4,49 @@ A speculative step can emit several tokens at once; `OutputStopper.consume` walk
 says how many to keep, so a stop inside an accepted run truncates it exactly where a token-by-token
 decoder would have stopped.
 
-Stop strings can span tokens, so the output is detokenised incrementally (a few prompt tokens of
-context, so tokenizers that drop a leading space at the start of a decode stay right) and the tail
-of the text is searched after every token. Text that could still be the start of a stop string is
-held back from streaming until it is known not to be one.
+Stop strings can span tokens, so the output is detokenised incrementally and the tail of the text
+is searched after every token. Text that could still be the start of a stop string is held back
+from streaming until it is known not to be one.
+
+Detokenising costs what the new text does. With a byte-level BPE (`TokenPieces.byte_level`) a
+token's text is its bytes through an incremental UTF-8 decoder: no tokenizer call at all. Other
+tokenizers (SentencePiece, whose decoders drop a leading space at the start of a decode) take
+vLLM's way: two decodes per token of a short window, with a few prompt tokens of context.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import codecs
 
 from specdec.request import FinishReason
+from specdec.tokenization import TokenPieces
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded with the output for context (vLLM does the same)
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int]):
-        self.tokenizer = tokenizer
+    def __init__(self, pieces: TokenPieces, prompt_ids: list[int]):
+        self.pieces = pieces
+        self.tokenizer = pieces.tokenizer
+        self.text = ""
+        # Byte-level: bytes in, text out, a partial UTF-8 character held until it completes.
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if pieces.byte_level else None
+        # Otherwise: windows of ids decoded by the tokenizer.
         self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (may be "" while a UTF-8 character is split)."""
+        if self.utf8 is not None:
+            if token_id in self.pieces.special_ids:
+                return ""
+            delta = self.utf8.decode(self.pieces.bytes(token_id))
+            self.text += delta
+            return delta
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
@@ -45,10 +60,13 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: whatever is pending, even an incomplete character (as U+FFFD)."""
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        delta = full[len(prefix) :] if len(full) > len(prefix) else ""
-        self.prefix_offset = self.read_offset = len(self.ids)
+        if self.utf8 is not None:
+            delta = self.utf8.decode(b"", final=True)
+        else:
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset :])
+            delta = full[len(prefix) :] if len(full) > len(prefix) else ""
+            self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta
         return delta
 
@@ -58,7 +76,7 @@ class OutputStopper:
 
     def __init__(
         self,
-        tokenizer: Any,
+        pieces: TokenPieces,
         prompt_ids: list[int],
         eos_token_ids: tuple[int, ...] | frozenset[int],
         stop_token_ids: tuple[int, ...],
@@ -66,7 +84,7 @@ class OutputStopper:
         max_new_tokens: int,
         max_total_tokens: int,
     ):
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.detok = IncrementalDetokenizer(pieces, prompt_ids)
         self.eos = frozenset(eos_token_ids)
         self.stop_ids = frozenset(stop_token_ids)
         self.stop_strings = stop_strings

@@ -28,16 +28,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from specdec.errors import InvalidRequestError
 from specdec.request import FinishReason, Mode, RequestOutput, SpecStats, TokenLogprob
 from specdec.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+from specdec.tokenization import TokenPieces
 
 MAX_CHOICES = 16  # prompts x n per HTTP request: each choice is a row of its own
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
@@ -624,59 +623,6 @@ def now() -> int:
 
 
 # ------------------------------------------------------------------------------------ logprobs
-
-
-class TokenPieces:
-    """Each token's text and exact bytes, as OpenAI's logprobs report them. A byte-level BPE token
-    may be part of a UTF-8 character: its bytes come from the tokenizer's byte alphabet, not from
-    decoding it alone (which would give U+FFFD)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.byte_level = _is_byte_level(tokenizer)
-        self.bytes = lru_cache(maxsize=65536)(self._bytes)
-
-    def _bytes(self, token_id: int) -> bytes:
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if piece is None:
-            return b""
-        decoder = _byte_decoder()
-        if self.byte_level and all(c in decoder for c in piece):
-            return bytes(decoder[c] for c in piece)
-        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
-        if fallback:
-            return bytes([int(fallback.group(1), 16)])
-        return self.tokenizer.decode([token_id]).encode("utf-8")
-
-    def text(self, token_id: int) -> str:
-        return self.bytes(token_id).decode("utf-8", errors="replace")
-
-
-def _is_byte_level(tokenizer: Any) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    try:
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-    except (ValueError, AttributeError):
-        return False
-    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
-    return "ByteLevel" in kinds
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable alphabet for the 256 byte values, reversed."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, codes)}
 
 
 def _finite(logprob: float) -> float:

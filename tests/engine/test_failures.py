@@ -204,14 +204,16 @@ def test_text_the_tokenizer_cannot_decode_fails_that_request_only(engine, monkey
     prompts = [[5, 6, 7], [40, 41]]
     bad_out, good_out = _baseline(engine, prompts)
     poison = next(t for t in bad_out[2:] if t not in good_out)
-    decode = engine.tokenizer.decode
+    # The detokenizer reads token bytes (a byte-level tokenizer: no decode call); fail them there.
+    pieces = engine.scheduler.pieces
+    token_bytes = pieces.bytes
 
-    def failing(ids, *args, **kwargs):
-        if poison in list(ids):
+    def failing(token_id):
+        if token_id == poison:
             raise ValueError("undecodable")
-        return decode(ids, *args, **kwargs)
+        return token_bytes(token_id)
 
-    monkeypatch.setattr(engine.tokenizer, "decode", failing)
+    monkeypatch.setattr(pieces, "bytes", failing)
     bad, good = engine.generate(prompts, GREEDY, mode=Mode.TARGET)
     assert bad.finish_reason is FinishReason.ERROR and "ValueError: undecodable" in bad.error
     assert good.finish_reason is FinishReason.LENGTH and good.token_ids == good_out

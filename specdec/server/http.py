@@ -79,7 +79,7 @@ class OpenAIApp:
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.models = oa.ServedModels.of(engine, served_name)
-        self.pieces = oa.TokenPieces(engine.tokenizer)
+        self.pieces = engine.scheduler.pieces  # the detokenizer's token bytes: one cache
         self.created = oa.now()
         # Streams whose response is still being written: their rows may have finished (the engine
         # loop no longer counts them) while events wait to be sent; the drain waits for these too.

@@ -11,6 +11,7 @@ from specdec.errors import InvalidRequestError
 from specdec.request import Mode, TokenLogprob
 from specdec.server import openai_protocol as oa
 from specdec.testing import tiny_tokenizer
+from specdec.tokenization import TokenPieces
 
 MODELS = oa.ServedModels("tiny", (Mode.TARGET, Mode.SPECULATIVE, Mode.DRAFT), Mode.SPECULATIVE)
 
@@ -149,7 +150,7 @@ def test_choice_seeds_differ_and_reproduce():
 
 def test_token_pieces_give_exact_bytes_of_partial_characters():
     tokenizer = tiny_tokenizer()
-    pieces = oa.TokenPieces(tokenizer)
+    pieces = TokenPieces(tokenizer)
     assert pieces.byte_level
     text = "naïve café ✓"
     ids = tokenizer.encode(text, add_special_tokens=False)

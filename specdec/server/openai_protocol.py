@@ -128,8 +128,9 @@ class ParsedRequest:
 
     def wire_field(self, error: InvalidRequestError) -> InvalidRequestError:
         """The core's error, naming the field as this client sent it."""
-        name = self.names.get(error.field.split("[")[0].split(".")[0], None)
-        if name is None:
+        base = error.field.split("[")[0].split(".")[0]
+        name = self.names.get(base)
+        if name is None or name == base:  # already the client's name (an index like prompt[1] stays)
             return error
         message = str(error).removeprefix(f"{error.field}: ")
         return InvalidRequestError(name, message.replace(error.field, name))

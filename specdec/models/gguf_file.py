@@ -165,14 +165,30 @@ def cache_root() -> Path:
     return Path(base) / "specdec"
 
 
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def _content_key(path: Path, dtype: torch.dtype) -> str:
+    """What a conversion is cached under: the file's size and its first and last MiB (the header
+    and metadata, and the last tensors' data), hashed with the dtype. A file replaced by another
+    of the same name, size and time is converted anew; a copy or a `touch` of the same file is not."""
+    digest = hashlib.sha256(f"{dtype}|".encode())
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            digest.update(f.read(_FINGERPRINT_BYTES))
+    digest.update(str(size).encode())
+    return digest.hexdigest()[:16]
+
+
 def cached_conversion(
     path: Path, dtype: torch.dtype = torch.float32, log: Callable[[str], None] | None = None
 ) -> Path:
     """The converted checkpoint of GGUF file `path`, converting it on first use."""
     path = Path(path).resolve()
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
-    target = cache_root() / "gguf" / f"{path.stem}-{key}"
+    target = cache_root() / "gguf" / f"{path.stem}-{_content_key(path, dtype)}"
     if (target / "config.json").is_file():
         return target
     info = inspect_gguf(path)  # a foreign or truncated file is refused before anything is written

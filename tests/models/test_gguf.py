@@ -5,6 +5,7 @@ file; a foreign or truncated file is refused naming the file; a conversion is ma
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,17 @@ def test_a_file_is_converted_once(hf, tmp_path, monkeypatch):
     second = load_checkpoint(path).path
     assert first == second and len(calls) == 1
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    os.utime(path)  # touched: the same file, not converted again
+    assert load_checkpoint(path).path == first and len(calls) == 1
+    # Replaced by another model of the same size, name and time: converted anew, never the stale one.
+    stat = path.stat()
+    weights = write_tiny_checkpoint(tmp_path / "llama-b", "llama", vocab_size=VOCAB, seed=99)
+    other = write_tiny_gguf(weights, tmp_path / "other.gguf", "Q4_0")  # same shapes: same size
+    assert other.stat().st_size == stat.st_size
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    replaced = load_checkpoint(path).path
+    assert replaced != first and len(calls) == 2
 
 
 def test_convert_command_writes_a_checkpoint_that_loads_alike(hf, tmp_path):

@@ -344,6 +344,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_process(*args: str, timeout: float = 300.0) -> tuple[Any, list[str]]:
+    """A `specdec serve ARGS` process, returned once it prints "serving on" (its stderr a pipe,
+    unbuffered), with the lines it printed until then. AssertionError with them if it exits first
+    or does not come up within `timeout` seconds."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    specdec = str(Path(sys.executable).parent / "specdec")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([specdec, "serve", *args], stderr=subprocess.PIPE, text=True, env=env)
+    timer = threading.Timer(timeout, proc.kill)  # a server that hangs before serving still ends
+    timer.start()
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving on" in line:
+                return proc, lines
+    finally:
+        timer.cancel()
+    proc.kill()
+    raise AssertionError("the server never came up:\n" + "".join(lines))
+
+
 def serve_in_thread(engine: Any, grace_period: float = 10.0, **config: Any) -> Any:
     """A BackgroundServer on a free loopback port, with metrics on another (`.config.metrics_port`);
     `config`: more ServerConfig fields (API keys, TLS, limits)."""

@@ -5,12 +5,9 @@ oversized prompts, and what GetModelInfo tells about the host."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
-from specdec.testing import free_port, grpc_stub, serve_in_thread
+from specdec.testing import free_port, grpc_stub, serve_in_thread, serve_process
 from specdec.v1 import specdec_pb2 as pb
 
 CONFIG = EngineConfig(max_batch_size=4, max_queue=16, max_context=128, warmup=False)
@@ -217,15 +214,11 @@ def test_bursts_of_huge_prompts_do_not_grow_the_servers_memory(llama_path):
     remains is the allocator keeping some freed request buffers (seen here: a few MiB a burst, with
     no trend under MALLOC_ARENA_MAX=1), far below one tokenized prompt (hundreds of MiB)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "specdec"), "serve", "--target", str(llama_path), "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "0", "--max-context", "128", "--http-port", "0"],
-        stderr=subprocess.PIPE, text=True,
+    proc, _ = serve_process(
+        "--target", str(llama_path), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--max-context", "128", "--http-port", "0",
     )  # fmt: skip
     try:
-        for line in proc.stderr:
-            if "serving on" in line:
-                break
         stub = grpc_stub(f"127.0.0.1:{port}")
         huge = pb.GenerateRequest(prompt="z" * 999_999)
 

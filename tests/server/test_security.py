@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from specdec.config import EngineConfig
 from specdec.errors import SpecdecError
 from specdec.server.app import Security, ServerConfig
 from specdec.server.auth import ApiKeys
-from specdec.testing import free_port, grpc_stub, serve_in_thread
+from specdec.testing import free_port, grpc_stub, serve_in_thread, serve_process
 from specdec.v1 import specdec_pb2 as pb
 
 SPECDEC = str(Path(sys.executable).parent / "specdec")
@@ -292,15 +291,11 @@ def test_sighup_reloads_the_keys_of_a_running_server(llama_path, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("old-key\n")
     port = free_port()
-    proc = subprocess.Popen(
-        [SPECDEC, "serve", "--target", str(llama_path), "--port", str(port), "--metrics-port", "0",
-         "--max-context", "128", "--api-key-file", str(keys), "--http-port", "0"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    proc, _ = serve_process(
+        "--target", str(llama_path), "--port", str(port), "--metrics-port", "0", "--max-context", "128",
+        "--api-key-file", str(keys), "--http-port", "0",
     )  # fmt: skip
     try:
-        for line in proc.stderr:
-            if "serving on" in line:
-                break
         stub = grpc_stub(f"127.0.0.1:{port}")
         assert stub.Generate(_req(), metadata=_auth("old-key")).finish_reason == pb.FINISH_REASON_LENGTH
         keys.write_text("old-key\nnew-key\n")  # rotation: both valid while clients move over

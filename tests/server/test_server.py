@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +21,7 @@ from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
 from specdec.scheduler import StepReport
-from specdec.testing import free_port, grpc_stub, hf_reference, scrape_metrics, serve_in_thread
+from specdec.testing import free_port, grpc_stub, hf_reference, scrape_metrics, serve_in_thread, serve_process
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
@@ -343,21 +340,11 @@ def test_graceful_shutdown_finishes_in_flight_work_and_exits_0(tmp_path):
     demo = Path(specdec.__file__).parent / "assets" / "demo"
     target, draft = demo / "target", demo / "draft"
     port, http_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "specdec"), "serve", "--target", str(target), "--draft", str(draft),
-         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--grace-period", "60",
-         "--http-port", str(http_port)],
-        stderr=subprocess.PIPE, text=True, env=env,
+    proc, lines = serve_process(
+        "--target", str(target), "--draft", str(draft), "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", "0", "--grace-period", "60", "--http-port", str(http_port),
     )  # fmt: skip
     try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving on" in line:
-                break
-        else:
-            raise AssertionError("server never came up:\n" + "".join(lines))
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.SpecDecStub(channel)
         call = stub.GenerateStream(_req([5, 6, 7], "target", max_new_tokens=600))

@@ -21,6 +21,15 @@ _MARK = "\x00specdec-content-{}\x00"
 _MARK_RE = re.compile("\x00specdec-content-(\\d+)\x00")
 
 
+MAX_MESSAGES = 256  # messages per conversation, whichever API sent it
+
+
+def check_message_count(count: int) -> None:
+    """Refuse a conversation of more than MAX_MESSAGES messages (before any is looked at)."""
+    if count > MAX_MESSAGES:
+        raise InvalidRequestError("messages", f"at most {MAX_MESSAGES} messages, got {count}")
+
+
 def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The template's text; a template that refuses the conversation (many raise on roles that do
     not alternate, or on a system turn they do not support) is the request's fault, not the server's."""

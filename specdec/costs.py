@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 from specdec.timing import PassKind
 
@@ -121,9 +122,7 @@ class CostModel:
 
     def _shape(self, batch: int, width: int) -> float:
         if self.verify_curve:
-            curve = self.verify_curve.get(batch)
-            if curve is None:
-                curve = self.verify_curve[min(self.verify_curve, key=lambda b: abs(b - batch))]
+            curve = _nearest(self.verify_curve, batch)
             first, last = min(curve), max(curve)
             if width <= last:
                 return _interpolate(curve, width)
@@ -133,10 +132,7 @@ class CostModel:
             return curve[last] + slope * (width - last)
         if not self.verify_shape:
             return 1.0
-        shape = self.verify_shape.get(batch)
-        if shape is None:
-            shape = self.verify_shape[min(self.verify_shape, key=lambda b: abs(b - batch))]
-        _, slope = shape
+        _, slope = _nearest(self.verify_shape, batch)
         return 1.0 + slope * (width - 1)
 
     def observe_draft(self, batch: int, seconds: float) -> None:
@@ -199,6 +195,12 @@ class CostModel:
         )
         table = own or other
         return _interpolate(table, batch) if table and batch > 0 else 0.0
+
+
+def _nearest(table: dict[int, Any], batch: int) -> Any:
+    """The entry for `batch`, or for the measured batch size nearest to it."""
+    found = table.get(batch)
+    return found if found is not None else table[min(table, key=lambda b: abs(b - batch))]
 
 
 def _line(points: dict[int, float], x: int) -> float:

@@ -118,6 +118,13 @@ class Timing:
     def total_seconds(self) -> float:
         return (self.finished or time.monotonic()) - self.arrival
 
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "queue_seconds": round(self.queue_seconds, 6),
+            "time_to_first_token_seconds": round(self.time_to_first_token_seconds, 6),
+            "total_seconds": round(self.total_seconds, 6),
+        }
+
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -163,11 +170,7 @@ class GenerationResult:
             "finish_reason": self.finish_reason.value,
             "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)},
             "stats": self.stats.as_dict(),
-            "timing": {
-                "queue_seconds": round(self.timing.queue_seconds, 6),
-                "time_to_first_token_seconds": round(self.timing.time_to_first_token_seconds, 6),
-                "total_seconds": round(self.timing.total_seconds, 6),
-            },
+            "timing": self.timing.as_dict(),
             "seed": self.seed,
             **({"error": self.error} if self.error else {}),
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from specdec.chat import check_message_count
 from specdec.engine import Engine
 from specdec.errors import InvalidRequestError
 from specdec.request import FinishReason, Mode, Request, RequestOutput, SpecStats, TokenLogprob
@@ -17,7 +18,6 @@ from specdec.sampling import SamplingParams
 from specdec.v1 import specdec_pb2 as pb
 from specdec.validation import check_prompt_chars
 
-MAX_MESSAGES = 256
 MAX_REQUEST_ID_CHARS = 256
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULTS = SamplingParams()
@@ -65,8 +65,7 @@ def prompt_ids(engine: Engine, msg: pb.GenerateRequest) -> list[int]:
     if msg.prompt:
         return engine.encode(msg.prompt)  # refuses text that cannot fit before tokenizing it
     if msg.messages:
-        if len(msg.messages) > MAX_MESSAGES:
-            raise InvalidRequestError("messages", f"at most {MAX_MESSAGES} messages, got {len(msg.messages)}")
+        check_message_count(len(msg.messages))
         for i, m in enumerate(msg.messages):
             if m.role not in ROLES:
                 raise InvalidRequestError(

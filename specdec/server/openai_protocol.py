@@ -33,6 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from specdec.chat import check_message_count
 from specdec.errors import InvalidRequestError
 from specdec.request import FinishReason, Mode, RequestOutput, SpecStats, TokenLogprob
 from specdec.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
@@ -42,7 +43,6 @@ MAX_CHOICES = 16  # prompts x n per HTTP request: each choice is a row of its ow
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 MAX_USER_CHARS = 256
-MAX_MESSAGES = 256
 CHAT_ROLES = {
     "system": "system",
     "developer": "system",
@@ -442,8 +442,7 @@ def _prompts(value: Any) -> list[str | list[int]]:
 def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise InvalidRequestError("messages", "required: a non-empty list of {role, content} objects")
-    if len(value) > MAX_MESSAGES:
-        raise InvalidRequestError("messages", f"at most {MAX_MESSAGES} messages, got {len(value)}")
+    check_message_count(len(value))
     out = []
     for i, m in enumerate(value):
         where = f"messages[{i}]"
@@ -555,13 +554,7 @@ def specdec_extra(index: int, out: RequestOutput) -> dict[str, Any]:
         "mode": (out.mode or Mode.SPECULATIVE).value,
         "seed": out.seed,
         "stats": stats.as_dict(),
-        "timing": None
-        if timing is None
-        else {
-            "queue_seconds": round(timing.queue_seconds, 6),
-            "time_to_first_token_seconds": round(timing.time_to_first_token_seconds, 6),
-            "total_seconds": round(timing.total_seconds, 6),
-        },
+        "timing": None if timing is None else timing.as_dict(),
         "route": None,
     }
 

@@ -17,15 +17,20 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([SPECDEC, "bench", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
-    target, draft = pairs("llama-close")
-    out = tmp_path / "bench"
+def _bench(target, draft, out, batch_sizes: str, gammas: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`specdec bench` on a tiny pair at CI size: the finished process and its bench.json."""
     proc = _run(
-        "--target", str(target), "--draft", str(draft), "--batch-sizes", "1,2", "--gamma", "0,2,adaptive,adaptive-per-row",
+        "--target", str(target), "--draft", str(draft), "--batch-sizes", batch_sizes, "--gamma", gammas,
         "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "bench.json").read_text())
+    return proc, json.loads((out / "bench.json").read_text())
+
+
+def test_bench_on_a_checkpoint_pair(pairs, tmp_path):
+    target, draft = pairs("llama-close")
+    out = tmp_path / "bench"
+    proc, result = _bench(target, draft, out, "1,2", "0,2,adaptive,adaptive-per-row")
     assert result["settings"]["batch_sizes"] == [1, 2]
     assert {r["mode"] for r in result["rows"]} == {
         "target",
@@ -113,13 +118,7 @@ def test_bench_with_a_draft_that_only_speculates(pairs, tmp_path):
 
     target, draft = pairs("llama-close")
     subset = restrict_checkpoint(draft, tmp_path / "subset", list(range(0, 300, 2)), share_embeddings=True)
-    out = tmp_path / "bench"
-    proc = _run(
-        "--target", str(target), "--draft", str(subset), "--batch-sizes", "1", "--gamma", "0,2,adaptive",
-        "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--out", str(out),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "bench.json").read_text())
+    _, result = _bench(target, subset, tmp_path / "bench", "1", "0,2,adaptive")
     assert {r["mode"] for r in result["rows"]} == {"target", "speculative", "hf-target"}
     [entry] = result["summary"]
     assert entry["cost_ratio_c"] > 0 and entry["modes"]["speculative-gamma2"]["acceptance"] > 0

@@ -69,7 +69,7 @@ class Engine:
         dtype = resolve_dtype(self.config.dtype, device)
         self.target = _load(target, device, dtype, self.config.attention)
         self.draft = (
-            _load(draft, device, dtype, self.config.attention, embeddings_from=self.target)
+            _load(draft, device, dtype, self.config.attention, borrow_from=self.target)
             if draft is not None
             else None
         )
@@ -256,13 +256,11 @@ def _load(
     device: torch.device,
     dtype: torch.dtype,
     attention: str,
-    embeddings_from: LoadedModel | None = None,
+    borrow_from: LoadedModel | None = None,
 ) -> LoadedModel:
     if isinstance(spec, LoadedModel):
         return spec
-    return load_checkpoint(
-        spec, device=device, dtype=dtype, attention=attention, embeddings_from=embeddings_from
-    )
+    return load_checkpoint(spec, device=device, dtype=dtype, attention=attention, borrow_from=borrow_from)
 
 
 def _merge(outputs: list[RequestOutput]) -> GenerationResult:

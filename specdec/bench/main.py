@@ -77,8 +77,9 @@ def _held_out_prompts(target_dir: Path, draft_dir: Path) -> Any:
 
 
 def _hf_loadable(model: Any) -> bool:
-    """Whether transformers can load the checkpoint (not a subset head or borrowed embeddings)."""
-    return model.config.head_tokens is None and not model.config.shared_embeddings
+    """Whether transformers can load the checkpoint (not a subset head or borrowed tensors)."""
+    config = model.config
+    return config.head_tokens is None and not config.shared_embeddings and not config.shared_layers
 
 
 def _random_prompts(vocab: int, length: int, count: int, seed: int) -> list[list[int]]:
@@ -130,7 +131,7 @@ def run(args: Any) -> dict[str, Any]:
         if draft_dir is None:
             raise SpecdecError("bench needs a draft: give --draft with --target")
         target = load_checkpoint(target_dir, device=device, dtype=dtype)
-        draft = load_checkpoint(draft_dir, device=device, dtype=dtype, embeddings_from=target)
+        draft = load_checkpoint(draft_dir, device=device, dtype=dtype, borrow_from=target)
         texts = chat = None
         if args.prompts:
             texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]

@@ -15,7 +15,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     dist.add_argument("--target", required=True, help="target checkpoint: directory, .gguf file or hub id")
     dist.add_argument("--out", type=Path, required=True, help="where the draft checkpoint goes")
     dist.add_argument("--data", nargs="+", required=True, help="text files, .jsonl files or source trees")
-    dist.add_argument("--layers", type=int, default=1)
+    dist.add_argument("--layers", type=int, default=1, help="the draft's own (trained) layers")
+    dist.add_argument(
+        "--shared-layers",
+        type=int,
+        default=0,
+        help="borrow the target's first N layers, frozen, under the trained ones (not stored)",
+    )
     dist.add_argument(
         "--hidden", type=int, default=None, help="default: the target's (embeddings then start from it)"
     )
@@ -133,6 +139,7 @@ def run_distill_command(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         head_tokens=args.head_tokens,
         share_embeddings=args.share_embeddings,
+        shared_layers=args.shared_layers,
     )
     split = None
     if args.heldout_data:

@@ -37,6 +37,10 @@ class DraftShape:
     # (models.subset_head); None: the whole vocabulary.
     head_tokens: int | None = None
     share_embeddings: bool = False  # borrow the target's input embedding instead of storing one
+    # Borrow the target's first layers, frozen, under the `layers` trained ones (the draft then has
+    # shared_layers + layers layers, at the target's width): features the target itself computes,
+    # which a draft trained on little text generalises from far better than from embeddings alone.
+    shared_layers: int = 0
 
 
 def draft_config(target_config: Any, shape: DraftShape, tokenizer: Any) -> Any:
@@ -64,6 +68,20 @@ def draft_config(target_config: Any, shape: DraftShape, tokenizer: Any) -> Any:
         raise SpecdecError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
     if shape.layers < 1:
         raise SpecdecError(f"--layers must be >= 1, got {shape.layers}")
+    if shape.shared_layers:
+        if shape.shared_layers < 0 or shape.shared_layers + shape.layers > target_config.num_hidden_layers:
+            raise SpecdecError(
+                f"--shared-layers {shape.shared_layers} + --layers {shape.layers} must be at most the target's "
+                f"{target_config.num_hidden_layers} layers"
+            )
+        narrowed = [
+            f for f in ("hidden", "heads", "kv_heads", "intermediate") if getattr(shape, f) is not None
+        ]
+        if narrowed:
+            raise SpecdecError(
+                f"--shared-layers borrows the target's layers, so the draft keeps the target's shape; "
+                f"drop --{narrowed[0].replace('_', '-')}"
+            )
     vocab = shape.vocab_size or target_config.vocab_size
     if vocab < real_vocab_size(tokenizer):
         raise SpecdecError(
@@ -71,7 +89,7 @@ def draft_config(target_config: Any, shape: DraftShape, tokenizer: Any) -> Any:
             "the draft must be able to produce every token the target can"
         )
     values.update(
-        num_hidden_layers=shape.layers,
+        num_hidden_layers=shape.shared_layers + shape.layers,
         hidden_size=hidden,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -223,6 +241,8 @@ def run_distill(
         draft.set_output_embeddings(head)
     if shape.share_embeddings:
         draft.set_input_embeddings(target.get_input_embeddings())  # frozen: the target's, never trained
+    for i in range(shape.shared_layers):
+        draft.model.layers[i] = target.model.layers[i]  # frozen likewise
     head = torch.tensor(head_ids if head_ids is not None else range(vocab), device=device)
     eval_batches = heldout.eval_batches(config.batch_size, config.seq_len, max_batches=4)
     prompts = heldout_prompts(heldout_docs, tokenizer, count=16, length=48)
@@ -239,7 +259,7 @@ def run_distill(
         return batch.to(device)
 
     def save(directory: Path) -> None:
-        if head_ids is None and not shape.share_embeddings:
+        if head_ids is None and not shape.share_embeddings and not shape.shared_layers:
             draft.save_pretrained(
                 directory, state_dict={k: v.to(save_dtype) for k, v in draft.state_dict().items()}
             )
@@ -251,6 +271,7 @@ def run_distill(
                 head_ids,
                 shape.share_embeddings,
                 save_dtype,
+                shape.shared_layers,
             )
         if not shape.share_embeddings:  # a draft that borrows the embeddings borrows the tokenizer too
             tokenizer.save_pretrained(directory)

@@ -64,6 +64,9 @@ class ModelConfig:
     head_tokens: int | None = None
     # The input embedding is the target's, borrowed at load rather than stored (a draft only).
     shared_embeddings: bool = False
+    # The first `shared_layers` decoder layers are the target's own, borrowed at load rather than
+    # stored (a draft only: the self-speculative idea; its trained layers sit on top of them).
+    shared_layers: int = 0
 
     @property
     def q_size(self) -> int:
@@ -86,7 +89,7 @@ class ModelConfig:
         embed = 0 if self.shared_embeddings else self.vocab_size * self.hidden_size
         if not self.tie_word_embeddings:
             embed += (self.head_tokens or self.vocab_size) * self.hidden_size
-        return embed + self.num_layers * per_layer
+        return embed + (self.num_layers - self.shared_layers) * per_layer
 
 
 def _get(hf: Any, name: str, default: Any = None) -> Any:
@@ -237,6 +240,7 @@ def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
         bos_token_id=getattr(hf, "bos_token_id", None),
         head_tokens=getattr(hf, "specdec_head_tokens", None),
         shared_embeddings=bool(getattr(hf, "specdec_shared_embeddings", False)),
+        shared_layers=int(getattr(hf, "specdec_shared_layers", 0) or 0),
         **flags,
     )
 
@@ -262,5 +266,10 @@ def check_config(cfg: ModelConfig) -> None:
             raise CheckpointError(
                 "a subset output head (specdec_head_tokens) cannot be tied to the embeddings"
             )
+    if not 0 <= cfg.shared_layers < cfg.num_layers:
+        raise CheckpointError(
+            f"specdec_shared_layers must be in [0, num_hidden_layers {cfg.num_layers}): "
+            f"a draft needs at least one layer of its own, got {cfg.shared_layers}"
+        )
     if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
         raise CheckpointError(f"rms_norm_eps must be positive, got {cfg.rms_norm_eps}")

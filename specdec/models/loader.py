@@ -57,14 +57,14 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attention: str = "auto",
-    embeddings_from: LoadedModel | None = None,
+    borrow_from: LoadedModel | None = None,
 ) -> LoadedModel:
     """Load the model and tokenizer in `path` (a directory, a GGUF file or a hub id in the local
     cache: `sources.resolve_checkpoint`) onto `device` in `dtype`.
 
-    `embeddings_from`: the target a draft with `specdec_shared_embeddings` borrows its input
-    embedding from (the same tensor, not a copy) - and its tokenizer, when the draft's directory
-    has none; such a draft cannot load without one.
+    `borrow_from`: the target a draft borrows tensors from (the same tensors, not copies): its
+    input embedding (`specdec_shared_embeddings`) - and its tokenizer, when the draft's directory
+    has none - and its first layers (`specdec_shared_layers`). Such a draft cannot load without it.
 
     The RoPE tables are not built here: their length is the KV cache's capacity, which the engine
     decides (``model.init_rope``).
@@ -76,15 +76,15 @@ def load_checkpoint(
     hf_config = read_hf_config(path)
     config = model_config_from_hf(hf_config, _generation_eos(path))
     check_config(config)
-    shared = _shared_embedding(path, config, embeddings_from, dtype, device)
-    if shared is not None and embeddings_from is not None and not _has_tokenizer(path):
+    borrowed = _borrowed(path, config, borrow_from, dtype, device)
+    if "embed_tokens.weight" in borrowed and not _has_tokenizer(path):
         # Borrowed embeddings mean the target's ids: its tokenizer is this draft's too.
-        tokenizer = embeddings_from.tokenizer
+        tokenizer = borrow_from.tokenizer
     else:
         tokenizer = load_tokenizer(path)
     with torch.device("meta"):
         model = Decoder(config, attention=attention)
-    state = _read_weights(path, config, model, dtype, device, shared)
+    state = _read_weights(path, config, model, dtype, device, borrowed)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.eval().requires_grad_(False)
@@ -214,28 +214,50 @@ def _sources(key: str, available: set[str]) -> list[str]:
     return [name]
 
 
-def _shared_embedding(
+def _borrowed(
     path: Path, config: ModelConfig, source: LoadedModel | None, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor | None:
-    """The target's embedding a draft borrows (None when it stores its own), checked to fit."""
-    if not config.shared_embeddings:
-        return None
+) -> dict[str, torch.Tensor]:
+    """The target's tensors a draft borrows instead of storing (parameter name -> tensor): its input
+    embedding (`specdec_shared_embeddings`) and its first `specdec_shared_layers` layers, each
+    checked to fit the draft's config. Empty for a draft that stores everything."""
+    if not config.shared_embeddings and not config.shared_layers:
+        return {}
+    layers = f"{config.shared_layers} layers" if config.shared_layers != 1 else "layer"
+    what = " and ".join(
+        ([f"its first {layers}"] if config.shared_layers else [])
+        + (["its input embeddings"] if config.shared_embeddings else [])
+    )
     if source is None:
         raise CheckpointError(
-            f"{path}: this draft borrows its input embeddings from its target (specdec_shared_embeddings); "
-            "load it as the draft of that target (--draft, or Engine(target, draft))"
+            f"{path}: this draft borrows {what} from its target (specdec_shared_layers / "
+            "specdec_shared_embeddings); load it as the draft of that target (--draft, or Engine(target, draft))"
         )
-    weight = source.model.embed_tokens.weight
-    if tuple(weight.shape) != (config.vocab_size, config.hidden_size):
-        raise CheckpointError(
-            f"{path}: borrows its input embeddings from the target, whose embedding is "
-            f"{tuple(weight.shape)}, but its config needs ({config.vocab_size}, {config.hidden_size})"
-        )
-    if weight.dtype != dtype or weight.device != device:
-        raise CheckpointError(
-            f"{path}: the target it borrows embeddings from is on {weight.device} in {weight.dtype}"
-        )
-    return weight
+    # The Parameters themselves (state_dict() would hand out detached aliases of them).
+    target_state = {**dict(source.model.named_buffers()), **dict(source.model.named_parameters())}
+    wanted = ["embed_tokens.weight"] if config.shared_embeddings else []
+    if config.shared_layers:
+        if config.shared_layers > source.config.num_layers:
+            raise CheckpointError(
+                f"{path}: borrows {config.shared_layers} layers from a target that has {source.config.num_layers}"
+            )
+        prefixes = tuple(f"layers.{i}." for i in range(config.shared_layers))
+        wanted += [k for k in target_state if k.startswith(prefixes)]
+    borrowed = {}
+    for key in wanted:
+        weight = target_state[key]
+        if weight.dtype != dtype or weight.device != device:
+            raise CheckpointError(
+                f"{path}: the target it borrows {what} from is on {weight.device} in {weight.dtype}"
+            )
+        borrowed[key] = weight
+    if config.shared_embeddings:
+        shape = tuple(borrowed["embed_tokens.weight"].shape)
+        if shape != (config.vocab_size, config.hidden_size):
+            raise CheckpointError(
+                f"{path}: borrows its input embeddings from the target, whose embedding is "
+                f"{shape}, but its config needs ({config.vocab_size}, {config.hidden_size})"
+            )
+    return borrowed
 
 
 def _read_weights(
@@ -244,14 +266,19 @@ def _read_weights(
     model: Decoder,
     dtype: torch.dtype,
     device: torch.device,
-    shared_embedding: torch.Tensor | None = None,
+    borrowed: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     files, _index = _weight_files(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    if shared_embedding is not None:
-        expected.pop("embed_tokens.weight")
+    for key, tensor in borrowed.items():
+        shape = expected.pop(key, None)
+        if shape != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: borrows the target's {key} {tuple(tensor.shape)}, but its config needs "
+                f"{'no such weight' if shape is None else shape} (is the draft built for this target?)"
+            )
     state: dict[str, torch.Tensor] = {}
     with _open_shards(files) as handles:
         available = set(handles)
@@ -300,8 +327,7 @@ def _read_weights(
                 f"{path}: weights the {config.model_type} config does not account for: {shown} "
                 "(is config.json from the same model?)"
             )
-    if shared_embedding is not None:
-        state["embed_tokens.weight"] = shared_embedding
+    state.update(borrowed)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     if config.head_tokens is not None:

@@ -10,7 +10,10 @@ the target still decides every token, including those the draft can never propos
 
 A draft whose hidden size is the target's may also borrow the target's input embedding instead of
 storing a copy (`specdec_shared_embeddings`: the file has no `model.embed_tokens.weight`, and the
-loader takes the target's tensor, `load_checkpoint(..., embeddings_from=target)`).
+loader takes the target's tensor, `load_checkpoint(..., borrow_from=target)`), and a draft of the
+target's shape may borrow the target's first layers too (`specdec_shared_layers`: the file has no
+`model.layers.{i}.*` for those; the self-speculative idea - the draft is the target's own first
+layers with trained layers and a small head on top, so only those are stored and trained).
 
 Such a checkpoint is specdec's own: `transformers` cannot load it (its head is not vocabulary-wide).
 """
@@ -55,9 +58,11 @@ def save_draft(
     head_token_ids: list[int] | None,
     share_embeddings: bool,
     dtype: torch.dtype,
+    shared_layers: int = 0,
 ) -> None:
     """Write a draft checkpoint to `out`: `config` (a Hugging Face config dict), `state` (its weights
-    under Hugging Face names, `lm_head.weight` already cut to the subset's rows when there is one)."""
+    under Hugging Face names, `lm_head.weight` already cut to the subset's rows when there is one).
+    `share_embeddings`, `shared_layers`: the embedding and first layers are the target's, left out."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -74,16 +79,20 @@ def save_draft(
     if share_embeddings:
         tensors.pop("model.embed_tokens.weight", None)
         config["specdec_shared_embeddings"] = True
+    if shared_layers:
+        borrowed = tuple(f"model.layers.{i}." for i in range(shared_layers))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(borrowed)}
+        config["specdec_shared_layers"] = shared_layers
     config["dtype"] = str(dtype).removeprefix("torch.")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def restrict_checkpoint(
-    src: Path, dst: Path, head_token_ids: list[int], share_embeddings: bool = False
+    src: Path, dst: Path, head_token_ids: list[int], share_embeddings: bool = False, shared_layers: int = 0
 ) -> Path:
     """Copy the full-head draft checkpoint `src` to `dst` with its head cut to `head_token_ids`
-    (and its embedding dropped for the target's when `share_embeddings`)."""
+    (and its embedding, its first `shared_layers` layers, dropped for the target's)."""
     from safetensors.torch import load_file
 
     src, dst = Path(src), Path(dst)
@@ -93,5 +102,5 @@ def restrict_checkpoint(
     head = state.get("lm_head.weight", state["model.embed_tokens.weight"])  # tied: the embedding
     state["lm_head.weight"] = head[torch.tensor(head_token_ids)]
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    save_draft(dst, config, state, head_token_ids, share_embeddings, dtype)
+    save_draft(dst, config, state, head_token_ids, share_embeddings, dtype, shared_layers)
     return dst

@@ -137,3 +137,49 @@ def test_a_subset_head_draft_with_shared_embeddings_learns_from_a_cached_teacher
     assert summary["head_tokens"] == 64 and summary["teacher_top_k"] == 64
     with pytest.raises(CheckpointError, match="borrows its input embeddings"):
         load_checkpoint(out)
+
+
+def test_a_draft_on_the_targets_first_layers_trains_only_its_own(tmp_path, target, corpus):
+    """--shared-layers: the target's first layers stay frozen under the trained one; the file holds
+    only the trained layer (layer 1 of 2), and the draft serves with its
+    target, greedy output equal to the target alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    from specdec import Engine, SamplingParams
+    from specdec.config import EngineConfig
+    from specdec.request import Mode
+
+    shape = DraftShape(layers=1, shared_layers=1, head_tokens=64, share_embeddings=True)
+    out = tmp_path / "layered"
+    result = run_distill(target, out, [corpus], shape, _config(20), heldout_fraction=0.25, teacher_top_k=64)
+    assert result.final["acceptance_rate"] > 0
+    stored = load_file(str(out / "model.safetensors"))
+    assert not any(k.startswith("model.layers.0.") for k in stored)
+    assert "model.layers.1.self_attn.q_proj.weight" in stored
+    theirs = load_file(str(target / "model.safetensors"))
+    mine = load_file(str(out / "model.safetensors"))
+    # Trained from the target's layer 1: it moved, and the borrowed layer 0 was never written.
+    assert not torch.equal(
+        mine["model.layers.1.mlp.up_proj.weight"], theirs["model.layers.1.mlp.up_proj.weight"]
+    )
+    config = EngineConfig(max_batch_size=2, max_context=96, warmup=False)
+    engine = Engine(target, out, config=config)
+    assert engine.draft.config.shared_layers == 1 and engine.draft.config.num_layers == 2
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got = engine.generate(prompts, params, mode=Mode.SPECULATIVE, num_speculative_tokens=3)
+    expected = engine.generate(prompts, params, mode=Mode.TARGET)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    with pytest.raises(
+        SpecdecError, match="--shared-layers 3 \\+ --layers 1 must be at most the target's 3 layers"
+    ):
+        run_distill(target, tmp_path / "deep", [corpus], DraftShape(layers=1, shared_layers=3), _config(1))
+    with pytest.raises(SpecdecError, match="drop --hidden"):
+        run_distill(
+            target,
+            tmp_path / "narrow",
+            [corpus],
+            DraftShape(layers=1, shared_layers=1, hidden=32),
+            _config(1),
+        )

@@ -194,3 +194,17 @@ def test_a_wrong_rule_with_a_subset_head_draft_fails(subset_engine, pair):
     )
     observed = sampled_joint(wrong, SamplingParams(temperature=1.0), 2, seed_base=30_000)
     assert chi_square_pvalue(observed, exact_joint(pair[0], SamplingParams(temperature=1.0))) < ALPHA
+
+
+def test_a_draft_on_the_targets_first_layer_keeps_the_targets_joint(engine, pair, tmp_path):
+    """A draft that borrows the target's layer 0 (and embeddings) under its own layer 1 and a
+    subset head: the same χ² test (the rule's negative control is the subset test's above)."""
+    from specdec.models.subset_head import restrict_checkpoint
+
+    draft = restrict_checkpoint(pair[1], tmp_path / "layered", SUBSET, share_embeddings=True, shared_layers=1)
+    layered = Engine(target=engine.target, draft=draft, config=dataclasses.replace(engine.config, warmup=False))
+    assert layered.draft.config.shared_layers == 1
+    assert layered.draft.model.layers[0].mlp.down_proj.weight is layered.target.model.layers[0].mlp.down_proj.weight
+    params = SamplingParams(temperature=1.0)
+    observed = sampled_joint(layered, params, 2, seed_base=40_000)
+    assert chi_square_pvalue(observed, exact_joint(pair[0], params)) > ALPHA

@@ -11,8 +11,12 @@ routes file never holds a secret), when the call is made, so rotating it needs n
 
 A call is retried `retries` times on what a retry can cure - a connection that fails or times out,
 HTTP 408, 409, 429 and 5xx - after the server's `Retry-After` (capped) or an exponential backoff;
-any other status fails at once with the endpoint's own error message. The call is blocking (the
-standard library's HTTP client: no dependency for one POST); the router runs it off the event loop.
+any other status fails at once with the endpoint's own error message. After `failures_to_cool`
+calls in a row have failed so (their retries spent), the endpoint cools down: for `cooldown_s` every
+call fails at once, without touching the network, so a dead endpoint costs requests no timeouts and
+is not hammered while it recovers; the first call after the cool-down tries again, and a success
+resets the count. The call is blocking (the standard library's HTTP client: no dependency for one
+POST); the router runs it off the event loop, so the count is kept under a lock.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -61,6 +66,9 @@ class OpenAIEndpoint:
     timeout_s: float = 30.0
     retries: int = 2
     backoff_s: float = 0.5  # the first retry's wait without Retry-After; doubled each time
+    failures_to_cool: int = 3  # failed calls in a row that start a cool-down (0: never cool down)
+    cooldown_s: float = 30.0
+    _cooling: _Cooldown = field(default_factory=lambda: _Cooldown(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         url = urllib.parse.urlsplit(self.base_url)
@@ -74,13 +82,24 @@ class OpenAIEndpoint:
             raise SpecdecError(f"endpoint {self.name}: timeout_s must be > 0, got {self.timeout_s}")
         if self.retries < 0:
             raise SpecdecError(f"endpoint {self.name}: retries must be >= 0, got {self.retries}")
+        if self.failures_to_cool < 0 or not self.cooldown_s >= 0 or not self.backoff_s >= 0:
+            raise SpecdecError(
+                f"endpoint {self.name}: failures_to_cool, cooldown_s and backoff_s must be >= 0"
+            )
 
     def chat(self, messages: list[dict[str, str]], **fields: Any) -> EndpointAnswer:
         """One chat completion (`fields`: max_tokens, temperature, seed, stop, ... as the OpenAI
         API names them), the first choice's text."""
         body = {"model": self.model, "messages": messages, **fields}
         started = time.monotonic()
-        reply, attempts = self._post("/chat/completions", body)
+        self._cooling.check(self.name)
+        try:
+            reply, attempts = self._post("/chat/completions", body)
+        except EndpointError as e:
+            if e.status is None or e.status in RETRYABLE:  # it is down or overloaded, not our request
+                self._cooling.failed(self.failures_to_cool, self.cooldown_s, str(e))
+            raise
+        self._cooling.succeeded()
         try:
             choice = reply["choices"][0]
             usage = reply.get("usage") or {}
@@ -147,6 +166,38 @@ class OpenAIEndpoint:
             return response.status, data, _retry_after(response.getheader("Retry-After"))
         finally:
             connection.close()
+
+
+class _Cooldown:
+    """Consecutive failed calls of one endpoint, and until when it is cooling down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._until = 0.0
+        self._last = ""
+
+    def check(self, name: str) -> None:
+        with self._lock:
+            left = self._until - time.monotonic()
+            if left > 0:
+                raise EndpointError(
+                    name,
+                    f"cooling down for {left:.1f} s more after {self._failures} failed calls in a row "
+                    f"(last: {self._last})",
+                )
+
+    def failed(self, threshold: int, cooldown_s: float, message: str) -> None:
+        with self._lock:
+            self._failures += 1
+            self._last = message
+            if threshold and self._failures >= threshold:
+                self._until = time.monotonic() + cooldown_s
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._until = 0.0
 
 
 def _retry_after(value: str | None) -> float | None:

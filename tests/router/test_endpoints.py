@@ -96,7 +96,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def flaky():
-    _Flaky.calls = 0
+    _Flaky.calls, _Flaky.failures = 0, 2
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -126,6 +126,47 @@ def test_an_endpoint_that_is_not_there():
     assert e.value.status is None and "ConnectionRefusedError" in str(e.value)
 
 
+def test_an_endpoint_that_keeps_failing_cools_down_then_tries_again(flaky):
+    """Two failed calls in a row (retries spent) start a cool-down: calls then fail at once without
+    reaching the server; after it the next call is sent, and a success resets the count."""
+    _Flaky.failures = 2
+    endpoint = OpenAIEndpoint(
+        "flaky",
+        f"http://127.0.0.1:{flaky.server_port}/v1",
+        "m",
+        retries=0,
+        failures_to_cool=2,
+        cooldown_s=0.5,
+    )
+    for _ in range(2):
+        with pytest.raises(EndpointError, match="HTTP 503: busy"):
+            endpoint.chat(MESSAGES)
+    assert _Flaky.calls == 2
+    started = time.monotonic()
+    with pytest.raises(
+        EndpointError,
+        match=r"flaky: cooling down for 0\.\d s more after 2 failed calls in a row \(last: .*busy",
+    ):
+        endpoint.chat(MESSAGES)
+    assert _Flaky.calls == 2 and time.monotonic() - started < 0.1  # no request, no wait
+    time.sleep(0.55)
+    assert endpoint.chat(MESSAGES).text == "ok" and _Flaky.calls == 3
+    _Flaky.failures, _Flaky.calls = 1, 0  # one failure after a success does not cool it down
+    with pytest.raises(EndpointError, match="HTTP 503"):
+        endpoint.chat(MESSAGES)
+    assert endpoint.chat(MESSAGES).text == "ok"
+
+
+def test_bad_requests_do_not_count_toward_a_cool_down(second_specdec, monkeypatch):
+    engine, srv = second_specdec
+    monkeypatch.setenv("FRONTIER_API_KEY", "sk-frontier")
+    endpoint = _endpoint(srv, engine, retries=0, failures_to_cool=1, cooldown_s=60)
+    with pytest.raises(EndpointError) as e:
+        endpoint.chat(MESSAGES, max_tokens=10**6)
+    assert e.value.status == 400
+    assert endpoint.chat(MESSAGES, max_tokens=4).text  # not cooling down
+
+
 @pytest.mark.parametrize(
     "fields,fragment",
     [
@@ -133,6 +174,8 @@ def test_an_endpoint_that_is_not_there():
         ({"model": ""}, "model"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"retries": -1}, "retries"),
+        ({"cooldown_s": -1}, "cooldown_s"),
+        ({"failures_to_cool": -2}, "failures_to_cool"),
     ],
 )
 def test_bad_endpoint_settings_are_refused_naming_them(fields, fragment):

@@ -91,7 +91,8 @@ setup(
         "prometheus-client>=0.19",
         "pyyaml>=6",
         "tqdm>=4.60",
-        "jsonschema>=4",
+        "jsonschema>=4.18",  # with referencing: client schemas never make the server fetch a URL
+        "referencing>=0.28",
         # GGUF checkpoints (the default target is one): transformers reads them with these two.
         "gguf>=0.10",
         "accelerate>=0.26",

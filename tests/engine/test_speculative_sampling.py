@@ -208,3 +208,34 @@ def test_a_draft_on_the_targets_first_layer_keeps_the_targets_joint(engine, pair
     params = SamplingParams(temperature=1.0)
     observed = sampled_joint(layered, params, 2, seed_base=40_000)
     assert chi_square_pvalue(observed, exact_joint(pair[0], params)) > ALPHA
+
+
+def test_a_reused_small_answer_keeps_the_targets_joint(engine, pair):
+    """The router's escalation (router.draft_request): the draft model's sampled answer is the
+    target's external draft; the target's output keeps its own distribution. The negative control:
+    the small answers themselves (what blind reuse would return) fail the same test."""
+    from specdec.router.router import draft_request
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=3, ignore_eos=True)
+    small = engine.generate(
+        [engine.make_request(PROMPT, dataclasses.replace(params, seed=50_000 + i), Mode.DRAFT) for i in range(N)]
+    )
+    escalated = engine.generate(
+        [
+            draft_request(engine, PROMPT, dataclasses.replace(params, seed=60_000 + i), Mode.TARGET, answer)
+            for i, answer in enumerate(small)
+        ]
+    )
+
+    def joint(results):
+        counts = np.zeros(V**3)
+        for r in results:
+            a, b, c = r.token_ids
+            counts[(a * V + b) * V + c] += 1
+        return counts
+
+    exact = exact_joint(pair[0], SamplingParams(temperature=1.0))
+    kept = sum(r.token_ids[0] == s.token_ids[0] for r, s in zip(escalated, small))
+    assert 0.05 * N < kept < 0.95 * N  # the target kept some small answers' first token, replaced others
+    assert chi_square_pvalue(joint(escalated), exact) > ALPHA
+    assert chi_square_pvalue(joint(small), exact) < ALPHA

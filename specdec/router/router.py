@@ -1,0 +1,282 @@
+"""Routing one request: the route's primary tier answers first; the route's rules read that answer
+(and the prompt) and, when any fires, the next tier of the cascade answers instead - reusing the
+last local answer as its draft - until a tier's answer passes or the cascade ends.
+
+- Rules (`routes.Rules`): `input_tokens_above` is read before anything runs (a prompt past it skips
+  the tiers before the last, whose answers would be thrown away); `confidence_below` reads the
+  answering model's own raw probabilities of its tokens (`confidence`, through the route's
+  calibration when it has one); `schema_invalid` reads the request's `json_schema`
+  (`validators`). A rule that cannot read a tier's answer (confidence of an endpoint's answer, which
+  carries no probabilities) does not fire for it.
+- Draft reuse: escalating to a local mode, the last local answer is the target's external draft
+  (`Request.external_draft`): the target verifies it in wide passes and keeps it up to its first
+  disagreement, then generates on as that mode would. The output is exactly the mode's own (greedy:
+  token for token; sampled: in distribution - the draft is verified as point masses, which is exact
+  for any proposal), and an answer the target agrees with costs no per-token decoding.
+- Endpoints (`endpoints`): an endpoint that fails moves the cascade on to its next tier; when no tier
+  is left the route's `on_endpoint_failure` says whether that is an error (UNAVAILABLE, with the
+  endpoint's message) or the last answer stands, flagged as a fallback.
+
+Every result carries a `RouteRecord`: which tier answered, whether it escalated and why (each
+reason with its measured value), the confidence, the schema verdict and what each tier spent.
+
+This driver runs on `Engine.generate` (in-process, blocking); the server's asynchronous one reuses
+its pieces (`check_answer`, `draft_request`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from specdec.errors import InvalidRequestError, SpecdecError
+from specdec.request import GenerationResult, Mode
+from specdec.router.endpoints import EndpointError
+from specdec.router.routes import LOCAL_MODES, Route, RoutesConfig, RoutesError
+from specdec.router.validators import SchemaCache, check_json
+from specdec.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class TierSpend:
+    tier: str
+    prompt_tokens: int
+    completion_tokens: int
+    draft_tokens_reused: int = 0  # of the previous answer, accepted by this tier's target
+    error: str | None = None  # the tier failed (an endpoint down): why
+
+
+@dataclass(frozen=True)
+class RouteRecord:
+    route: str
+    tier: str  # the tier whose answer is returned
+    escalated: bool
+    reasons: tuple[str, ...]  # every rule that fired, with its measured value, in the order they fired
+    confidence: float | None  # the primary's (raw; None: it gave no probabilities, or was skipped)
+    calibrated_confidence: float | None  # through the route's calibration, when it has one
+    schema_valid: bool | None  # the returned answer's verdict (None: the request gave no schema)
+    fallback: bool = False  # every escalation failed; the answer is an earlier tier's
+    spent: tuple[TierSpend, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoutedResult:
+    text: str
+    token_ids: list[int]  # empty for an endpoint's answer (its tokens are the endpoint's)
+    finish_reason: str
+    record: RouteRecord
+    result: GenerationResult | None = field(default=None, repr=False)  # the answering local tier's
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the rules made of one tier's answer."""
+
+    reasons: tuple[str, ...]
+    confidence: float | None
+    calibrated: float | None
+    schema_valid: bool | None
+
+
+class Router:
+    def __init__(self, engine: Any, config: RoutesConfig, schemas: SchemaCache | None = None):
+        self.engine = engine
+        self.config = config
+        self.schemas = schemas or SchemaCache()
+        check_routes(config, engine.limits.draft_answers)
+
+    def generate(
+        self,
+        route_name: str,
+        messages: list[dict[str, str]],
+        params: SamplingParams | None = None,
+        json_schema: Any = None,
+    ) -> RoutedResult:
+        route = self.route(route_name)
+        params = params or SamplingParams()
+        validator = None if json_schema is None else self.schemas.validator(json_schema)
+        prompt = self.engine.render_chat(messages)
+        reasons: list[str] = []
+        tiers = list(route.tiers)
+        limit = route.rules.input_tokens_above
+        if limit is not None and len(prompt) > limit and len(tiers) > 1:
+            reasons.append(f"input_tokens {len(prompt)} > {limit}")
+            tiers = tiers[-1:]  # the earlier tiers' answers would not be used
+        spent: list[TierSpend] = []
+        answer: _Answer | None = None
+        primary_verdict: Verdict | None = None
+        for i, tier in enumerate(tiers):
+            last = i == len(tiers) - 1
+            draft = answer.result if answer is not None and answer.result is not None else None
+            try:
+                answer = self._run(tier, prompt, messages, params, draft)
+            except EndpointError as e:
+                spent.append(TierSpend(tier, 0, 0, error=str(e)))
+                reasons.append(f"{tier} failed: {e}")
+                if not last:
+                    continue
+                if answer is None or route.on_endpoint_failure != "primary_answer":
+                    raise
+                return self._finish(route, answer, reasons, spent, primary_verdict, validator, fallback=True)
+            spent.append(answer.spend)
+            verdict = check_answer(route, answer.text, answer.token_probs, validator)
+            if primary_verdict is None:
+                primary_verdict = verdict
+            if last or not verdict.reasons:
+                return self._finish(route, answer, reasons, spent, primary_verdict, validator)
+            reasons.extend(verdict.reasons)
+        raise AssertionError("the cascade ended without an answer")  # pragma: no cover
+
+    def route(self, name: str) -> Route:
+        route = self.config.routes.get(name)
+        if route is None:
+            known = ", ".join(sorted(self.config.routes)) or "none are configured"
+            raise InvalidRequestError("route", f"unknown route {name!r}; known: {known}")
+        return route
+
+    # ------------------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        tier: str,
+        prompt: list[int],
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        draft: GenerationResult | None,
+    ) -> _Answer:
+        if tier not in LOCAL_MODES:
+            return self._endpoint(tier, messages, params)
+        request = draft_request(self.engine, prompt, params, Mode(tier), draft)
+        [result] = self.engine.generate([request])
+        if result.error:
+            raise SpecdecError(f"tier {tier}: {result.error}")
+        probs = torch.tensor([lp.logprob for lp in result.logprobs], dtype=torch.float64).exp()
+        # The target keeps the draft up to its first disagreement and never re-emits a rejected
+        # draft token, so the common prefix is exactly what it accepted of the previous answer.
+        reused = _common_prefix(draft.token_ids, result.token_ids) if draft is not None else 0
+        return _Answer(
+            tier,
+            result.text,
+            result.finish_reason.value,
+            probs,
+            TierSpend(tier, result.prompt_tokens, len(result.token_ids), reused),
+            result,
+        )
+
+    def _endpoint(self, tier: str, messages: list[dict[str, str]], params: SamplingParams) -> _Answer:
+        endpoint = self.config.endpoints[tier]
+        fields: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
+        if params.top_p < 1:
+            fields["top_p"] = params.top_p
+        if params.seed is not None:
+            fields["seed"] = params.seed
+        if params.stop:
+            fields["stop"] = list(params.stop)
+        reply = endpoint.chat(messages, **fields)
+        return _Answer(
+            tier,
+            reply.text,
+            reply.finish_reason or "stop",
+            None,
+            TierSpend(tier, reply.prompt_tokens, reply.completion_tokens),
+            None,
+        )
+
+    def _finish(
+        self,
+        route: Route,
+        answer: _Answer,
+        reasons: list[str],
+        spent: list[TierSpend],
+        primary: Verdict | None,
+        validator: Any,
+        fallback: bool = False,
+    ) -> RoutedResult:
+        schema_valid = None if validator is None else check_json(answer.text, validator).valid
+        record = RouteRecord(
+            route=route.name,
+            tier=answer.tier,
+            escalated=answer.tier != route.primary,
+            reasons=tuple(reasons),
+            confidence=primary.confidence if primary is not None and spent[0].tier == route.primary else None,
+            calibrated_confidence=primary.calibrated
+            if primary is not None and spent[0].tier == route.primary
+            else None,
+            schema_valid=schema_valid,
+            fallback=fallback,
+            spent=tuple(spent),
+        )
+        tokens = list(answer.result.token_ids) if answer.result is not None else []
+        return RoutedResult(answer.text, tokens, answer.finish_reason, record, answer.result)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    tier: str
+    text: str
+    finish_reason: str
+    token_probs: torch.Tensor | None  # the answering model's raw probability of each token (local tiers)
+    spend: TierSpend
+    result: GenerationResult | None
+
+
+def check_routes(config: RoutesConfig, draft_answers: bool) -> None:
+    """What the served pair cannot run, refused at start-up by route: draft mode with a draft that
+    cannot answer alone, and the rules this server does not evaluate yet."""
+    for route in config.routes.values():
+        if "draft" in route.tiers and not draft_answers:
+            raise RoutesError(
+                f"route {route.name!r}: tier 'draft': this pair's draft cannot answer alone (a subset-head "
+                "draft speculates only); use speculative as the small tier"
+            )
+        if route.rules.tools_needed is not None:
+            raise RoutesError(
+                f"route {route.name!r}: tools_needed: tool calls are not routed by this server yet"
+            )
+        if route.rules.confidence_below is not None and route.primary not in LOCAL_MODES:
+            raise RoutesError(
+                f"route {route.name!r}: confidence_below: the primary {route.primary!r} is an endpoint, whose "
+                "answers carry no token probabilities"
+            )
+
+
+def check_answer(route: Route, text: str, token_probs: torch.Tensor | None, validator: Any) -> Verdict:
+    """The route's rules on one tier's answer: the reasons that fire, with their values."""
+    reasons = []
+    confidence = calibrated = None
+    if token_probs is not None:
+        confidence = route.confidence(token_probs)
+        calibrated = route.calibration(confidence) if route.calibration is not None else None
+        threshold = route.rules.confidence_below
+        judged = calibrated if calibrated is not None else confidence
+        if threshold is not None and judged < threshold:
+            name = "calibrated confidence" if calibrated is not None else "confidence"
+            reasons.append(f"{name} {judged:.3f} < {threshold:g}")
+    schema_valid = None
+    if validator is not None:
+        verdict = check_json(text, validator)
+        schema_valid = verdict.valid
+        if route.rules.schema_invalid and not verdict.valid:
+            reasons.append(f"schema_invalid: {verdict.error}")
+    return Verdict(tuple(reasons), confidence, calibrated, schema_valid)
+
+
+def draft_request(
+    engine: Any, prompt: list[int], params: SamplingParams, mode: Mode, draft: GenerationResult | None
+) -> Any:
+    """The request of a local tier: the client's settings, token probabilities asked for (the
+    confidence rule reads them), and the previous local answer as the external draft."""
+    asked = replace(params, logprobs=True, top_logprobs=params.top_logprobs if params.logprobs else 0)
+    external = list(draft.token_ids) if draft is not None and draft.token_ids else None
+    return engine.make_request(prompt, asked, mode, external_draft=external)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

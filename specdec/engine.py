@@ -214,7 +214,7 @@ class Engine:
             # Interrupted (an exception here or in on_step): nothing of this call stays queued to
             # run during some later call.
             self._drop([h for h in handles if h >= 0 and self.scheduler.is_active(h)])
-        return [_merge(collected[h]) for h in handles]
+        return [merge_outputs(collected[h]) for h in handles]
 
     def _drop(self, handles: list[int]) -> None:
         """Cancel these requests and step until the scheduler has let go of them."""
@@ -263,7 +263,8 @@ def _load(
     return load_checkpoint(spec, device=device, dtype=dtype, attention=attention, borrow_from=borrow_from)
 
 
-def _merge(outputs: list[RequestOutput]) -> GenerationResult:
+def merge_outputs(outputs: list[RequestOutput]) -> GenerationResult:
+    """One request's outputs, in order, as its GenerationResult."""
     last = outputs[-1]
     assert last.finished and last.finish_reason is not None
     return GenerationResult(

@@ -35,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 = off")
     srv.add_argument("--metrics-host", default=None, help="address of the metrics endpoint (default: --host)")
     srv.add_argument(
+        "--routes",
+        type=Path,
+        default=None,
+        help="the router's routes file (YAML, docs/ROUTING.md): requests naming a route are routed",
+    )
+    srv.add_argument(
         "--api-key-file",
         type=Path,
         default=None,
@@ -83,6 +89,7 @@ def server_config(args: argparse.Namespace):
         max_client_requests=args.max_client_requests,
         http_port=args.http_port,
         served_model_name=args.served_model_name,
+        routes=args.routes,
     )
 
 
@@ -94,10 +101,12 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from specdec.engine import Engine, resolve_device
+    from specdec.router.routes import load_routes
     from specdec.server.app import Security, configure_cpu_threads, serve
 
     server = server_config(args)
     security = Security.load(server)  # a bad key or certificate file fails before the models load
+    routes = load_routes(server.routes) if server.routes else None  # and so does a bad routes file
     target, draft = resolve_pair(args.target, args.draft, args.demo)
     if args.cpu_threads < 0:
         raise SpecdecError(f"--cpu-threads must be >= 0 (0 = all cores but one), got {args.cpu_threads}")
@@ -116,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
-        asyncio.run(serve(engine, server, on_ready=ready, security=security))
+        asyncio.run(serve(engine, server, on_ready=ready, security=security, routes=routes))
     except OSError as e:  # a port taken or an address not on this machine: nothing started
         raise SpecdecError(f"{e}; choose other ports with --port / --http-port / --metrics-port "
                            "(--http-port 0 turns the HTTP API off)") from None  # fmt: skip

@@ -20,19 +20,22 @@ last local answer as its draft - until a tier's answer passes or the cascade end
 Every result carries a `RouteRecord`: which tier answered, whether it escalated and why (each
 reason with its measured value), the confidence, the schema verdict and what each tier spent.
 
-This driver runs on `Engine.generate` (in-process, blocking); the server's asynchronous one reuses
-its pieces (`check_answer`, `draft_request`).
+The flow is written once, asynchronously (`Router.agenerate`): the server runs a local tier's request
+through its engine loop, an in-process caller (`Router.generate`) through `Engine.generate`; an
+endpoint's blocking call runs on a worker thread either way.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from specdec.errors import InvalidRequestError, SpecdecError
-from specdec.request import GenerationResult, Mode
+from specdec.request import GenerationResult, Mode, Request
 from specdec.router.endpoints import EndpointError
 from specdec.router.routes import LOCAL_MODES, Route, RoutesConfig, RoutesError
 from specdec.router.validators import SchemaCache, check_json
@@ -94,10 +97,29 @@ class Router:
         params: SamplingParams | None = None,
         json_schema: Any = None,
     ) -> RoutedResult:
+        """Route one chat request in-process (blocking; not from inside a running event loop)."""
+
+        async def run(request: Request) -> GenerationResult:
+            [result] = self.engine.generate([request])
+            return result
+
+        return asyncio.run(self.agenerate(route_name, messages, params, json_schema, run))
+
+    async def agenerate(
+        self,
+        route_name: str,
+        messages: list[dict[str, str]],
+        params: SamplingParams | None,
+        json_schema: Any,
+        run: Callable[[Request], Awaitable[GenerationResult]],
+        prompt: list[int] | None = None,
+    ) -> RoutedResult:
+        """Route one chat request; `run` runs a local tier's request to its end. `prompt`: the
+        messages already rendered (the server tokenizes off its event loop)."""
         route = self.route(route_name)
         params = params or SamplingParams()
         validator = None if json_schema is None else self.schemas.validator(json_schema)
-        prompt = self.engine.render_chat(messages)
+        prompt = self.engine.render_chat(messages) if prompt is None else prompt
         reasons: list[str] = []
         tiers = list(route.tiers)
         limit = route.rules.input_tokens_above
@@ -111,7 +133,7 @@ class Router:
             last = i == len(tiers) - 1
             draft = answer.result if answer is not None and answer.result is not None else None
             try:
-                answer = self._run(tier, prompt, messages, params, draft)
+                answer = await self._run(tier, prompt, messages, params, draft, run)
             except EndpointError as e:
                 spent.append(TierSpend(tier, 0, 0, error=str(e)))
                 reasons.append(f"{tier} failed: {e}")
@@ -138,18 +160,18 @@ class Router:
 
     # ------------------------------------------------------------------------------------------
 
-    def _run(
+    async def _run(
         self,
         tier: str,
         prompt: list[int],
         messages: list[dict[str, str]],
         params: SamplingParams,
         draft: GenerationResult | None,
+        run: Callable[[Request], Awaitable[GenerationResult]],
     ) -> _Answer:
         if tier not in LOCAL_MODES:
-            return self._endpoint(tier, messages, params)
-        request = draft_request(self.engine, prompt, params, Mode(tier), draft)
-        [result] = self.engine.generate([request])
+            return await asyncio.to_thread(self._endpoint, tier, messages, params)
+        result = await run(draft_request(self.engine, prompt, params, Mode(tier), draft))
         if result.error:
             raise SpecdecError(f"tier {tier}: {result.error}")
         probs = torch.tensor([lp.logprob for lp in result.logprobs], dtype=torch.float64).exp()

@@ -30,6 +30,8 @@ from grpc_reflection.v1alpha import reflection
 from specdec.engine import Engine
 from specdec.errors import SpecdecError
 from specdec.request import Mode, RequestOutput
+from specdec.router.router import Router
+from specdec.router.routes import RoutesConfig, load_routes
 from specdec.scheduler import StepReport
 from specdec.server.auth import ApiKeyInterceptor, ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
@@ -84,6 +86,7 @@ class ServerConfig:
     # default for embedders; `specdec serve --http-port` defaults to 8000).
     http_port: int = 0
     served_model_name: str | None = None  # the `model` id HTTP clients name (default: the target's name)
+    routes: Path | None = None  # the router's routes file (specdec.router.routes); None: no routes
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -175,9 +178,13 @@ async def serve(
     on_ready=None,  # callable(bound_port) once SERVING
     stop_event: asyncio.Event | None = None,  # set it to shut down (signals set it too)
     security: Security | None = None,  # loaded already (Security.load(config)); None: load it here
+    routes: RoutesConfig | None = None,  # loaded already (load_routes(config.routes)); None: load it here
 ) -> None:
     # Everything that can refuse to start does so before anything listens.
     security = security or Security.load(config)
+    if routes is None and config.routes is not None:
+        routes = load_routes(config.routes)
+    router = Router(engine, routes) if routes is not None else None  # what the pair cannot serve, refused
     keys, credentials = security.keys, security.credentials
     if config.exposed and (keys is None or credentials is None):
         missing = " and ".join(
@@ -213,7 +220,7 @@ async def serve(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    add_to_server(SpecDecServicer(engine, engine_loop, keys), server)
+    add_to_server(SpecDecServicer(engine, engine_loop, keys, router), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

@@ -7,13 +7,14 @@ vocabulary, context) runs after it, so every bad field gets INVALID_ARGUMENT nam
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 from specdec.chat import check_message_count
 from specdec.engine import Engine
 from specdec.errors import InvalidRequestError
-from specdec.request import FinishReason, Mode, Request, RequestOutput, SpecStats, TokenLogprob
+from specdec.request import FinishReason, Mode, Request, RequestOutput, SpecStats, Timing, TokenLogprob
 from specdec.sampling import SamplingParams
 from specdec.v1 import specdec_pb2 as pb
 from specdec.validation import check_prompt_chars
@@ -115,6 +116,86 @@ def request_from_proto(engine: Engine, msg: pb.GenerateRequest, ids: list[int]) 
     )
 
 
+def routed_fields(msg: pb.GenerateRequest) -> tuple[list[dict[str, str]], Any]:
+    """A routed request's messages and parsed json_schema (None: none given), checked: a route
+    serves chats and chooses its tiers' modes itself."""
+    if not msg.route:
+        raise InvalidRequestError("json_schema", "needs a route: the router checks answers against it")
+    if not msg.messages:
+        raise InvalidRequestError(
+            "messages", "a routed request is a chat: give messages (not prompt or prompt_token_ids)"
+        )
+    if msg.mode != pb.MODE_UNSPECIFIED or msg.num_speculative_tokens:
+        field = "mode" if msg.mode != pb.MODE_UNSPECIFIED else "num_speculative_tokens"
+        raise InvalidRequestError(field, "a route chooses its tiers' modes; leave it unset")
+    schema = None
+    if msg.json_schema:
+        try:
+            schema = json.loads(msg.json_schema)
+        except ValueError as e:
+            raise InvalidRequestError("json_schema", f"not valid JSON ({e})") from None
+    return [{"role": m.role, "content": m.content} for m in msg.messages], schema
+
+
+_ENDPOINT_FINISH = {"stop": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
+
+
+def routed_response(tokenizer: Any, routed: Any, msg: pb.GenerateRequest) -> pb.GenerateResponse:
+    """A routed answer (router.RoutedResult) with its route record; logprobs only if asked."""
+    record = routed.record
+    out = pb.GenerateResponse(text=routed.text, token_ids=routed.token_ids, request_id=msg.request_id)
+    result = routed.result
+    if result is not None:  # a local tier's
+        out.mode = _MODE_TO_PB[Mode(record.tier)]
+        out.finish_reason = _FINISH_TO_PB.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        out.usage.CopyFrom(
+            pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids))
+        )
+        out.stats.CopyFrom(_stats(result.stats))
+        out.timing.CopyFrom(_timing(result.timing))
+        if result.seed is not None:
+            out.seed = result.seed
+        if msg.logprobs:
+            out.logprobs.extend(_logprobs(tokenizer, result.logprobs))
+    else:
+        spent = record.spent[-1]
+        out.finish_reason = _ENDPOINT_FINISH.get(routed.finish_reason, pb.FINISH_REASON_STOP)
+        out.usage.CopyFrom(
+            pb.Usage(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens)
+        )
+    out.route.CopyFrom(
+        pb.RouteRecord(
+            route=record.route,
+            tier=record.tier,
+            escalated=record.escalated,
+            reasons=list(record.reasons),
+            fallback=record.fallback,
+            spent=[
+                pb.TierSpend(
+                    tier=s.tier,
+                    prompt_tokens=s.prompt_tokens,
+                    completion_tokens=s.completion_tokens,
+                    draft_tokens_reused=s.draft_tokens_reused,
+                    error=s.error or "",
+                )
+                for s in record.spent
+            ],
+        )
+    )
+    for name in ("confidence", "calibrated_confidence", "schema_valid"):
+        if getattr(record, name) is not None:
+            setattr(out.route, name, getattr(record, name))
+    return out
+
+
+def _timing(timing: Timing) -> pb.Timing:
+    return pb.Timing(
+        queue_seconds=timing.queue_seconds,
+        time_to_first_token_seconds=timing.time_to_first_token_seconds,
+        total_seconds=timing.total_seconds,
+    )
+
+
 def _stats(stats: SpecStats | None) -> pb.SpecStats:
     stats = stats or SpecStats()
     return pb.SpecStats(
@@ -177,13 +258,7 @@ def _set_totals(msg: pb.GenerateResponse, out: RequestOutput) -> None:
     msg.usage.CopyFrom(pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens))
     msg.stats.CopyFrom(_stats(out.stats))
     if out.timing is not None:
-        msg.timing.CopyFrom(
-            pb.Timing(
-                queue_seconds=out.timing.queue_seconds,
-                time_to_first_token_seconds=out.timing.time_to_first_token_seconds,
-                total_seconds=out.timing.total_seconds,
-            )
-        )
+        msg.timing.CopyFrom(_timing(out.timing))
     if out.seed is not None:
         msg.seed = out.seed
 

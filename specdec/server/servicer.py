@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from specdec.engine import Engine
-from specdec.errors import SpecdecError
-from specdec.request import FinishReason, RequestOutput
+from specdec.engine import Engine, merge_outputs
+from specdec.errors import InvalidRequestError, SpecdecError
+from specdec.request import FinishReason, GenerationResult, Request, RequestOutput
+from specdec.router.router import Router
 from specdec.server import convert
 from specdec.server.auth import ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
@@ -106,10 +107,13 @@ def peer_host(peer: str) -> str:
 
 
 class SpecDecServicer(pb_grpc.SpecDecServicer):
-    def __init__(self, engine: Engine, loop: EngineLoop, keys: ApiKeys | None = None):
+    def __init__(
+        self, engine: Engine, loop: EngineLoop, keys: ApiKeys | None = None, router: Router | None = None
+    ):
         self.engine = engine
         self.engine_loop = loop
         self.keys = keys
+        self.router = router  # None: no --routes; a request naming a route is refused
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         """Who is calling, for per-client limits and fair admission: the API key (the interceptor
@@ -154,14 +158,50 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
             # running; cancelling a finished request is a no-op.
             self.engine_loop.cancel(sub)
 
+    async def _routed(
+        self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        """A request naming a route: the router answers, each local tier's request through the
+        engine loop like any other (same queue, same per-client limit, cancelled with the call)."""
+        client = self._client(context)
+        loop = asyncio.get_running_loop()
+
+        async def run(request: Request) -> GenerationResult:
+            request.client = client
+            request.request_id = msg.request_id
+            sub = self.engine_loop.submit(request, loop)
+            return merge_outputs([out async for out in self._outputs(sub, context)])
+
+        try:
+            if self.router is None:
+                raise InvalidRequestError(
+                    "route", "this server serves no routes (start it with --routes FILE)"
+                )
+            messages, schema = convert.routed_fields(msg)
+            convert.check_text_fits(self.engine, msg)
+            ids = await asyncio.to_thread(convert.prompt_ids, self.engine, msg)
+            params = convert.request_from_proto(self.engine, msg, ids).params
+            routed = await self.router.agenerate(msg.route, messages, params, schema, run, prompt=ids)
+        except SpecdecError as e:
+            await context.abort(status_for(e), str(e))
+            raise  # unreachable: abort raises
+        return convert.routed_response(self.engine.tokenizer, routed, msg)
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
+        if request.route or request.json_schema:
+            return await self._routed(request, context)
         sub = await self._submit(request, context)
         outputs = [out async for out in self._outputs(sub, context)]
         return convert.merged_response(self.engine.tokenizer, outputs)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if request.route or request.json_schema:
+            # A routed answer is known only once its tier is decided: the stream is that answer,
+            # in one message, when it is (docs/ROUTING.md).
+            yield await self._routed(request, context)
+            return
         sub = await self._submit(request, context)
         async for out in self._outputs(sub, context):
             if out.new_token_ids or out.new_text or out.finished:

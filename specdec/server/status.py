@@ -15,6 +15,10 @@ from specdec.errors import (
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
+    from specdec.router.endpoints import EndpointError
+
+    if isinstance(error, EndpointError):  # a route's remote tier failed for good
+        return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, QueueFullError):

@@ -1,0 +1,134 @@
+"""Routed requests over real gRPC: the route record, the escalation's answer equal to the tier
+alone, a routed stream, every bad field refused by name, an endpoint down as UNAVAILABLE, and a bad
+routes file stopping start-up."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+import yaml
+
+from specdec import Engine
+from specdec.client import build_request
+from specdec.config import EngineConfig
+from specdec.testing import free_port, grpc_stub, serve_in_thread
+from specdec.v1 import specdec_pb2 as pb
+
+MESSAGES = [{"role": "user", "content": "tell me something"}]
+ROUTES = {
+    "routes": [
+        {"name": "careful", "primary": "draft", "escalate_to": "target", "confidence": "mean_prob",
+         "escalate_if": [{"confidence_below": 1.0}]},
+        {"name": "easy", "primary": "draft", "escalate_to": "speculative",
+         "escalate_if": [{"confidence_below": 0.0}, {"schema_invalid": True}]},
+        {"name": "remote", "primary": "draft", "escalate_to": "down", "escalate_if": [{"confidence_below": 1.0}]},
+    ],
+    "endpoints": {"down": {"kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "m", "retries": 0}},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(pairs):
+    target, draft = pairs("llama-close")
+    return Engine(
+        target=target, draft=draft, config=EngineConfig(max_batch_size=4, max_queue=8, max_context=256)
+    )
+
+
+@pytest.fixture(scope="module")
+def stub(engine, tmp_path_factory):
+    path = tmp_path_factory.mktemp("routes") / "routes.yaml"
+    path.write_text(yaml.safe_dump(ROUTES))
+    srv = serve_in_thread(engine, routes=path)
+    yield grpc_stub(srv.address)
+    srv.stop()
+
+
+def _req(route="careful", mode=None, **fields):
+    fields.setdefault("max_new_tokens", 12)
+    fields.setdefault("ignore_eos", True)
+    return build_request(MESSAGES, mode, route=route, **fields)
+
+
+def test_an_escalated_answer_is_the_tiers_own_with_its_record(stub):
+    routed = stub.Generate(_req())
+    alone = stub.Generate(build_request(MESSAGES, "target", max_new_tokens=12, ignore_eos=True))
+    assert list(routed.token_ids) == list(alone.token_ids) and routed.text == alone.text
+    record = routed.route
+    assert record.route == "careful" and record.tier == "target" and record.escalated
+    assert record.HasField("confidence") and list(record.reasons) == [
+        f"confidence {record.confidence:.3f} < 1"
+    ]
+    assert [s.tier for s in record.spent] == ["draft", "target"] and record.spent[0].completion_tokens == 12
+    assert not record.HasField("schema_valid") and routed.mode == pb.MODE_TARGET
+    assert routed.usage.completion_tokens == 12 and routed.finish_reason == pb.FINISH_REASON_LENGTH
+    assert not routed.logprobs  # asked for internally (confidence), returned only when the client asks
+    assert len(stub.Generate(_req(logprobs=True)).logprobs) == 12
+
+
+def test_a_passing_answer_stands_and_a_stream_is_one_message(stub):
+    schema = json.dumps(True)  # asks for nothing
+    [message] = list(stub.GenerateStream(_req("easy", json_schema=schema)))
+    assert message.route.tier == "draft" and not message.route.escalated and not message.route.reasons
+    assert message.route.schema_valid and message.mode == pb.MODE_DRAFT
+    alone = stub.Generate(build_request(MESSAGES, "draft", max_new_tokens=12, ignore_eos=True))
+    assert list(message.token_ids) == list(alone.token_ids)
+
+
+@pytest.mark.parametrize(
+    "fields,field",
+    [
+        ({"route": "nope"}, "route: unknown route 'nope'; known: careful, easy, remote"),
+        ({"mode": "target"}, "mode: a route chooses"),
+        ({"num_speculative_tokens": 2}, "num_speculative_tokens: a route chooses"),
+        ({"json_schema": "{not json"}, "json_schema: not valid JSON"),
+        ({"json_schema": json.dumps({"type": "strnig"})}, "json_schema: not a valid JSON Schema"),
+        (
+            {"json_schema": json.dumps({"$ref": "http://example.com/s.json"})},
+            "remote references are not fetched",
+        ),
+        ({"temperature": -1.0}, "temperature"),
+    ],
+)
+def test_bad_routed_fields_are_invalid_argument_naming_them(stub, fields, field):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(_req(**{"route": "careful", **fields}))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+
+
+def test_routed_requests_need_messages_and_schemas_need_a_route(stub):
+    for msg, field in (
+        (build_request("a raw prompt", None, route="careful"), "messages: a routed request is a chat"),
+        (build_request(MESSAGES, None, json_schema="{}"), "json_schema: needs a route"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(msg)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+
+
+def test_an_endpoint_that_is_down_is_unavailable_with_its_message(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(_req("remote"))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "endpoint down" in e.value.details() and "ConnectionRefusedError" in e.value.details()
+    assert stub.Generate(_req()).route.tier == "target"  # the server goes on serving
+
+
+def test_a_server_without_routes_refuses_routed_requests(engine):
+    srv = serve_in_thread(engine)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            grpc_stub(srv.address).Generate(_req())
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "route: this server serves no routes (start it with --routes FILE)" in e.value.details()
+    finally:
+        srv.stop()
+
+
+def test_a_bad_routes_file_stops_start_up_naming_the_problem(engine, tmp_path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump({"routes": [{"name": "x", "primary": "small"}]}))
+    with pytest.raises(RuntimeError, match=r"route 'x': primary: unknown tier 'small'"):
+        serve_in_thread(engine, routes=path)

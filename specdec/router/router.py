@@ -57,6 +57,7 @@ class RouteRecord:
     tier: str  # the tier whose answer is returned
     escalated: bool
     reasons: tuple[str, ...]  # every rule that fired, with its measured value, in the order they fired
+    fired: tuple[str, ...]  # the same, as rule names (metrics labels): confidence_below, ..., endpoint_failed
     confidence: float | None  # the primary's (raw; None: it gave no probabilities, or was skipped)
     calibrated_confidence: float | None  # through the route's calibration, when it has one
     schema_valid: bool | None  # the returned answer's verdict (None: the request gave no schema)
@@ -78,6 +79,7 @@ class Verdict:
     """What the rules made of one tier's answer."""
 
     reasons: tuple[str, ...]
+    fired: tuple[str, ...]  # the rule of each reason
     confidence: float | None
     calibrated: float | None
     schema_valid: bool | None
@@ -121,10 +123,12 @@ class Router:
         validator = None if json_schema is None else self.schemas.validator(json_schema)
         prompt = self.engine.render_chat(messages) if prompt is None else prompt
         reasons: list[str] = []
+        fired: list[str] = []
         tiers = list(route.tiers)
         limit = route.rules.input_tokens_above
         if limit is not None and len(prompt) > limit and len(tiers) > 1:
             reasons.append(f"input_tokens {len(prompt)} > {limit}")
+            fired.append("input_tokens_above")
             tiers = tiers[-1:]  # the earlier tiers' answers would not be used
         spent: list[TierSpend] = []
         answer: _Answer | None = None
@@ -137,18 +141,22 @@ class Router:
             except EndpointError as e:
                 spent.append(TierSpend(tier, 0, 0, error=str(e)))
                 reasons.append(f"{tier} failed: {e}")
+                fired.append("endpoint_failed")
                 if not last:
                     continue
                 if answer is None or route.on_endpoint_failure != "primary_answer":
                     raise
-                return self._finish(route, answer, reasons, spent, primary_verdict, validator, fallback=True)
+                return self._finish(
+                    route, answer, reasons, fired, spent, primary_verdict, validator, fallback=True
+                )
             spent.append(answer.spend)
             verdict = check_answer(route, answer.text, answer.token_probs, validator)
             if primary_verdict is None:
                 primary_verdict = verdict
             if last or not verdict.reasons:
-                return self._finish(route, answer, reasons, spent, primary_verdict, validator)
+                return self._finish(route, answer, reasons, fired, spent, primary_verdict, validator)
             reasons.extend(verdict.reasons)
+            fired.extend(verdict.fired)
         raise AssertionError("the cascade ended without an answer")  # pragma: no cover
 
     def route(self, name: str) -> Route:
@@ -211,6 +219,7 @@ class Router:
         route: Route,
         answer: _Answer,
         reasons: list[str],
+        fired: list[str],
         spent: list[TierSpend],
         primary: Verdict | None,
         validator: Any,
@@ -222,6 +231,7 @@ class Router:
             tier=answer.tier,
             escalated=answer.tier != route.primary,
             reasons=tuple(reasons),
+            fired=tuple(fired),
             confidence=primary.confidence if primary is not None and spent[0].tier == route.primary else None,
             calibrated_confidence=primary.calibrated
             if primary is not None and spent[0].tier == route.primary
@@ -266,7 +276,7 @@ def check_routes(config: RoutesConfig, draft_answers: bool) -> None:
 
 def check_answer(route: Route, text: str, token_probs: torch.Tensor | None, validator: Any) -> Verdict:
     """The route's rules on one tier's answer: the reasons that fire, with their values."""
-    reasons = []
+    reasons, fired = [], []
     confidence = calibrated = None
     if token_probs is not None:
         confidence = route.confidence(token_probs)
@@ -276,13 +286,15 @@ def check_answer(route: Route, text: str, token_probs: torch.Tensor | None, vali
         if threshold is not None and judged < threshold:
             name = "calibrated confidence" if calibrated is not None else "confidence"
             reasons.append(f"{name} {judged:.3f} < {threshold:g}")
+            fired.append("confidence_below")
     schema_valid = None
     if validator is not None:
         verdict = check_json(text, validator)
         schema_valid = verdict.valid
         if route.rules.schema_invalid and not verdict.valid:
             reasons.append(f"schema_invalid: {verdict.error}")
-    return Verdict(tuple(reasons), confidence, calibrated, schema_valid)
+            fired.append("schema_invalid")
+    return Verdict(tuple(reasons), tuple(fired), confidence, calibrated, schema_valid)
 
 
 def draft_request(

@@ -41,7 +41,9 @@ LOCAL_MODES = ("draft", "speculative", "target")
 
 _ROUTE_KEYS = {
     "name", "primary", "escalate_to", "confidence", "q", "escalate_if", "calibration", "on_endpoint_failure",
+    "drift",
 }  # fmt: skip
+_DRIFT_KEYS = {"window", "tolerance", "baseline"}
 _RULE_KEYS = ("confidence_below", "schema_invalid", "tools_needed", "input_tokens_above")
 _ENDPOINT_KEYS = {
     "kind",
@@ -100,6 +102,17 @@ class Rules:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """The escalation rate over the last `window` routed requests, against a baseline: `baseline`
+    when given, else the rate of the route's first `window` requests. Past `tolerance` (absolute)
+    the route's drift gauge is 1 - the traffic changed (docs/ROUTING.md)."""
+
+    window: int = 200
+    tolerance: float = 0.1
+    baseline: float | None = None
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     primary: str  # a local mode or an endpoint name
@@ -110,6 +123,7 @@ class Route:
     # When every escalation tier fails (an endpoint down): "error" answers UNAVAILABLE with the
     # endpoint's message; "primary_answer" returns the primary's answer, flagged as a fallback.
     on_endpoint_failure: str = "error"
+    drift: Drift = field(default_factory=Drift)
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -249,7 +263,26 @@ def _route(raw: Any, where: str, endpoints: dict[str, OpenAIEndpoint], base: Pat
         raise RoutesError(
             f"{where}: on_endpoint_failure: one of {', '.join(_FAILURE_POLICIES)}, got {failure!r}"
         )
-    return Route(name, primary, escalate_to, confidence, rules, calibration, failure)
+    return Route(
+        name, primary, escalate_to, confidence, rules, calibration, failure, _drift(raw.get("drift"), where)
+    )
+
+
+def _drift(raw: Any, where: str) -> Drift:
+    if raw is None:
+        return Drift()
+    where = f"{where}: drift"
+    if not isinstance(raw, dict):
+        raise RoutesError(f"{where}: expected a mapping (window, tolerance, baseline), got {_kind(raw)}")
+    _no_unknown(raw, _DRIFT_KEYS, where)
+    window = raw.get("window", Drift.window)
+    if not isinstance(window, int) or isinstance(window, bool) or not 10 <= window <= 100_000:
+        raise RoutesError(f"{where}: window: a whole number of requests in [10, 100000], got {window!r}")
+    for key in ("tolerance", "baseline"):
+        value = raw.get(key)
+        if value is not None and (not _is_number(value) or not 0 <= value <= 1):
+            raise RoutesError(f"{where}: {key}: a rate in [0, 1], got {value!r}")
+    return Drift(window, float(raw.get("tolerance", Drift.tolerance)), raw.get("baseline"))
 
 
 def _rules(raw: Any, where: str) -> Rules:

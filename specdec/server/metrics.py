@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -72,6 +74,50 @@ class Metrics:
         self.gamma = Histogram(
             "specdec_spec_decode_gamma", "γ chosen per row per step", buckets=tuple(range(0, 17)), registry=r
         )
+        # The router, per route (docs/ROUTING.md).
+        self.route_requests = Counter(
+            "specdec_route_requests", "Routed requests by route and the tier that answered", ["route", "tier"],
+            registry=r,
+        )  # fmt: skip
+        self.route_escalations = Counter(
+            "specdec_route_escalations",
+            "Rules that fired, by route and rule",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.route_confidence = Histogram(
+            "specdec_route_confidence", "The primary's confidence (raw)", ["route"],
+            buckets=tuple(i / 20 for i in range(1, 21)), registry=r,
+        )  # fmt: skip
+        self.route_schema = Counter(
+            "specdec_route_schema_checks",
+            "Answers checked against a json_schema",
+            ["route", "valid"],
+            registry=r,
+        )
+        self.route_tokens = Counter(
+            "specdec_route_tokens", "Tokens each tier spent", ["route", "tier", "kind"], registry=r
+        )
+        self.route_fallbacks = Counter(
+            "specdec_route_fallbacks",
+            "Answers returned because every escalation failed",
+            ["route"],
+            registry=r,
+        )
+        self.route_escalation_rate = Gauge(
+            "specdec_route_escalation_rate", "Escalated share of the route's last window of requests", ["route"],
+            registry=r,
+        )  # fmt: skip
+        self.route_escalation_baseline = Gauge(
+            "specdec_route_escalation_baseline", "The escalation rate the window is compared with", ["route"],
+            registry=r,
+        )  # fmt: skip
+        self.route_drift = Gauge(
+            "specdec_route_drift", "1: the escalation rate left its baseline by more than the tolerance", ["route"],
+            registry=r,
+        )  # fmt: skip
+        self._windows: dict[str, _EscalationWindow] = {}
+        self._route_lock = threading.Lock()
         self._rate = 0.0
         self._rate_time = time.monotonic()
 
@@ -118,6 +164,54 @@ class Metrics:
             self.spec_accepted.inc(stats.accepted_tokens)
             for position, count in enumerate(stats.accepted_by_position):
                 self.spec_accepted_pos.labels(position=str(position)).inc(count)
+
+    def observe_route(self, record, drift) -> None:
+        """One routed answer (router.RouteRecord) of a route with these drift settings (routes.Drift)."""
+        route = record.route
+        self.route_requests.labels(route=route, tier=record.tier).inc()
+        for rule in record.fired:
+            self.route_escalations.labels(route=route, reason=rule).inc()
+        if record.confidence is not None:
+            self.route_confidence.labels(route=route).observe(record.confidence)
+        if record.schema_valid is not None:
+            self.route_schema.labels(route=route, valid=str(record.schema_valid).lower()).inc()
+        for spent in record.spent:
+            self.route_tokens.labels(route=route, tier=spent.tier, kind="prompt").inc(spent.prompt_tokens)
+            self.route_tokens.labels(route=route, tier=spent.tier, kind="completion").inc(
+                spent.completion_tokens
+            )
+        if record.fallback:
+            self.route_fallbacks.labels(route=route).inc()
+        with self._route_lock:
+            window = self._windows.setdefault(route, _EscalationWindow(drift.window, drift.baseline))
+            rate, baseline = window.add(record.escalated)
+        self.route_escalation_rate.labels(route=route).set(rate)
+        if baseline is not None:
+            self.route_escalation_baseline.labels(route=route).set(baseline)
+            full = window.full
+            self.route_drift.labels(route=route).set(float(full and abs(rate - baseline) > drift.tolerance))
+
+
+class _EscalationWindow:
+    """The last `size` escalation flags of one route, and its baseline: given, or the rate of its
+    first `size` requests (fixed once they are in)."""
+
+    def __init__(self, size: int, baseline: float | None):
+        self.flags: deque[bool] = deque(maxlen=size)
+        self.baseline = baseline
+        self.seen = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.flags) == self.flags.maxlen
+
+    def add(self, escalated: bool) -> tuple[float, float | None]:
+        self.flags.append(escalated)
+        self.seen += 1
+        rate = sum(self.flags) / len(self.flags)
+        if self.baseline is None and self.seen == self.flags.maxlen:
+            self.baseline = rate
+        return rate, self.baseline
 
 
 def status_of(out: RequestOutput) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +25,8 @@ from google.protobuf.message import DecodeError
 from specdec.engine import Engine, merge_outputs
 from specdec.errors import InvalidRequestError, SpecdecError
 from specdec.request import FinishReason, GenerationResult, Request, RequestOutput
-from specdec.router.router import Router
+from specdec.router.router import Router, RouteRecord
+from specdec.router.routes import Drift
 from specdec.server import convert
 from specdec.server.auth import ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
@@ -108,12 +110,18 @@ def peer_host(peer: str) -> str:
 
 class SpecDecServicer(pb_grpc.SpecDecServicer):
     def __init__(
-        self, engine: Engine, loop: EngineLoop, keys: ApiKeys | None = None, router: Router | None = None
+        self,
+        engine: Engine,
+        loop: EngineLoop,
+        keys: ApiKeys | None = None,
+        router: Router | None = None,
+        on_routed: Callable[[RouteRecord, Drift], None] | None = None,
     ):
         self.engine = engine
         self.engine_loop = loop
         self.keys = keys
         self.router = router  # None: no --routes; a request naming a route is refused
+        self.on_routed = on_routed  # metrics: each routed answer's record
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         """Who is calling, for per-client limits and fair admission: the API key (the interceptor
@@ -185,6 +193,8 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
         except SpecdecError as e:
             await context.abort(status_for(e), str(e))
             raise  # unreachable: abort raises
+        if self.on_routed is not None:
+            self.on_routed(routed.record, self.router.route(msg.route).drift)
         return convert.routed_response(self.engine.tokenizer, routed, msg)
 
     async def Generate(

@@ -202,9 +202,14 @@ def test_a_draft_on_the_targets_first_layer_keeps_the_targets_joint(engine, pair
     from specdec.models.subset_head import restrict_checkpoint
 
     draft = restrict_checkpoint(pair[1], tmp_path / "layered", SUBSET, share_embeddings=True, shared_layers=1)
-    layered = Engine(target=engine.target, draft=draft, config=dataclasses.replace(engine.config, warmup=False))
+    layered = Engine(
+        target=engine.target, draft=draft, config=dataclasses.replace(engine.config, warmup=False)
+    )
     assert layered.draft.config.shared_layers == 1
-    assert layered.draft.model.layers[0].mlp.down_proj.weight is layered.target.model.layers[0].mlp.down_proj.weight
+    assert (
+        layered.draft.model.layers[0].mlp.down_proj.weight
+        is layered.target.model.layers[0].mlp.down_proj.weight
+    )
     params = SamplingParams(temperature=1.0)
     observed = sampled_joint(layered, params, 2, seed_base=40_000)
     assert chi_square_pvalue(observed, exact_joint(pair[0], params)) > ALPHA
@@ -218,7 +223,10 @@ def test_a_reused_small_answer_keeps_the_targets_joint(engine, pair):
 
     params = SamplingParams(temperature=1.0, max_new_tokens=3, ignore_eos=True)
     small = engine.generate(
-        [engine.make_request(PROMPT, dataclasses.replace(params, seed=50_000 + i), Mode.DRAFT) for i in range(N)]
+        [
+            engine.make_request(PROMPT, dataclasses.replace(params, seed=50_000 + i), Mode.DRAFT)
+            for i in range(N)
+        ]
     )
     escalated = engine.generate(
         [

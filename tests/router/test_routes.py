@@ -40,6 +40,7 @@ def test_the_documented_form_loads(tmp_path):
     assert route.rules.confidence_below == 0.85 and route.rules.schema_invalid
     assert route.rules.tools_needed == Comparison(">", 1) and route.rules.input_tokens_above == 2048
     assert route.local_modes == {"draft", "speculative"} and route.on_endpoint_failure == "error"
+    assert route.drift.window == 200 and route.drift.tolerance == 0.1 and route.drift.baseline is None
     endpoint = config.endpoints["frontier-api"]
     assert endpoint.model == "big" and endpoint.retries == 2 and endpoint.api_key_env == "FRONTIER_API_KEY"
 
@@ -114,6 +115,10 @@ BAD = {
     "q without quantile": (_route(confidence="mean_prob", q=0.2), "q: only the quantile method takes q"),
     "failure policy": (_route(on_endpoint_failure="retry"), "on_endpoint_failure: one of error, primary_answer, got 'retry'"),
     "missing calibration": (_route(calibration="nope.json"), r"route 'support-triage': calibration: .*nope.json: cannot read"),
+    "drift key": (_route(drift={"windows": 5}), r"route 'support-triage': drift: unknown key 'windows'"),
+    "drift window": (_route(drift={"window": 5}), r"drift: window: a whole number of requests in \[10, 100000\], got 5"),
+    "drift tolerance": (_route(drift={"tolerance": 2}), r"drift: tolerance: a rate in \[0, 1\], got 2"),
+    "drift baseline": (_route(drift={"baseline": "low"}), r"drift: baseline: a rate in \[0, 1\]"),
     "endpoint key": (_endpoint(timeout=3), r"endpoint 'frontier-api': unknown key 'timeout'"),
     "endpoint kind": (_endpoint(kind="anthropic"), r"endpoint 'frontier-api': kind: the supported kind is 'openai'"),
     "endpoint url": (_endpoint(base_url="ftp://x"), "endpoint frontier-api: base_url must be an http"),

@@ -13,7 +13,7 @@ import yaml
 from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
-from specdec.testing import free_port, grpc_stub, serve_in_thread
+from specdec.testing import free_port, grpc_stub, scrape_metrics, serve_in_thread
 from specdec.v1 import specdec_pb2 as pb
 
 MESSAGES = [{"role": "user", "content": "tell me something"}]
@@ -38,12 +38,17 @@ def engine(pairs):
 
 
 @pytest.fixture(scope="module")
-def stub(engine, tmp_path_factory):
+def server(engine, tmp_path_factory):
     path = tmp_path_factory.mktemp("routes") / "routes.yaml"
     path.write_text(yaml.safe_dump(ROUTES))
     srv = serve_in_thread(engine, routes=path)
-    yield grpc_stub(srv.address)
+    yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    return grpc_stub(server.address)
 
 
 def _req(route="careful", mode=None, **fields):
@@ -132,3 +137,63 @@ def test_a_bad_routes_file_stops_start_up_naming_the_problem(engine, tmp_path):
     path.write_text(yaml.safe_dump({"routes": [{"name": "x", "primary": "small"}]}))
     with pytest.raises(RuntimeError, match=r"route 'x': primary: unknown tier 'small'"):
         serve_in_thread(engine, routes=path)
+
+
+def test_route_metrics_count_tiers_reasons_confidence_and_tokens(server, stub):
+    before = scrape_metrics(server.config.metrics_port)
+    stub.Generate(_req())  # escalates on confidence
+    stub.Generate(_req("easy", json_schema="true"))  # answered by the draft, schema valid
+    after = scrape_metrics(server.config.metrics_port)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('specdec_route_requests_total{route="careful",tier="target"}') == 1
+    assert delta('specdec_route_requests_total{route="easy",tier="draft"}') == 1
+    assert delta('specdec_route_escalations_total{reason="confidence_below",route="careful"}') == 1
+    assert delta('specdec_route_confidence_count{route="careful"}') == 1
+    assert delta('specdec_route_schema_checks_total{route="easy",valid="true"}') == 1
+    assert delta('specdec_route_tokens_total{kind="completion",route="careful",tier="draft"}') == 12
+    assert delta('specdec_route_tokens_total{kind="completion",route="careful",tier="target"}') == 12
+    assert after['specdec_route_escalation_rate{route="careful"}'] == 1.0
+
+
+def test_drift_flags_an_escalation_rate_that_left_its_baseline():
+    from prometheus_client import generate_latest
+
+    from specdec.router.router import RouteRecord
+    from specdec.router.routes import Drift
+    from specdec.server.metrics import Metrics
+
+    metrics = Metrics()
+
+    def record(escalated):
+        return RouteRecord("r", "target" if escalated else "draft", escalated, (), (), 0.5, None, None)
+
+    def gauge(name):
+        for line in generate_latest(metrics.registry).decode().splitlines():
+            if line.startswith(f'{name}{{route="r"}}'):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    drift = Drift(window=10, tolerance=0.2)
+    for i in range(10):  # the first window: 2 of 10 escalate, the baseline
+        metrics.observe_route(record(i < 2), drift)
+    assert gauge("specdec_route_escalation_baseline") == pytest.approx(0.2)
+    assert gauge("specdec_route_drift") == 0.0
+    for _ in range(5):  # the window now holds 5 of 10: 0.5 - 0.2 > 0.2
+        metrics.observe_route(record(True), drift)
+    assert (
+        gauge("specdec_route_escalation_rate") == pytest.approx(0.5) and gauge("specdec_route_drift") == 1.0
+    )
+    for _ in range(10):  # back to none escalating: 0.0 vs 0.2 is within the tolerance
+        metrics.observe_route(record(False), drift)
+    assert gauge("specdec_route_drift") == 0.0
+    fixed = Metrics()  # a configured baseline applies from the first full window
+    for _ in range(10):
+        fixed.observe_route(record(True), Drift(window=10, tolerance=0.1, baseline=0.3))
+    metrics = fixed
+    assert (
+        gauge("specdec_route_escalation_baseline") == pytest.approx(0.3)
+        and gauge("specdec_route_drift") == 1.0
+    )

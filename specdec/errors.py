@@ -38,3 +38,7 @@ class RequestFailedError(SpecdecError):
 
 class ShuttingDownError(SpecdecError):
     """The engine is draining and takes no new requests."""
+
+
+class NotFoundError(SpecdecError):
+    """What the request names does not exist for this caller (an unknown or foreign response id)."""

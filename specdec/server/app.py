@@ -220,7 +220,10 @@ async def serve(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    add_to_server(SpecDecServicer(engine, engine_loop, keys, router, metrics.observe_route), server)
+    servicer = SpecDecServicer(
+        engine, engine_loop, keys, router, metrics.observe_route, metrics.observe_feedback
+    )
+    add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

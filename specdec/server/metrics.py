@@ -116,6 +116,15 @@ class Metrics:
             "specdec_route_drift", "1: the escalation rate left its baseline by more than the tolerance", ["route"],
             registry=r,
         )  # fmt: skip
+        self.route_feedback = Counter(
+            "specdec_route_feedback", "Feedback labels received, by route and the tier that answered", ["route", "tier"],
+            registry=r,
+        )  # fmt: skip
+        self.route_quality = Gauge(
+            "specdec_route_quality", "Mean quality (feedback, in [0, 1]) of the last 200 labelled answers",
+            ["route", "tier"], registry=r,
+        )  # fmt: skip
+        self._qualities: dict[tuple[str, str], deque[float]] = {}
         self._windows: dict[str, _EscalationWindow] = {}
         self._route_lock = threading.Lock()
         self._rate = 0.0
@@ -190,6 +199,14 @@ class Metrics:
             self.route_escalation_baseline.labels(route=route).set(baseline)
             full = window.full
             self.route_drift.labels(route=route).set(float(full and abs(rate - baseline) > drift.tolerance))
+
+    def observe_feedback(self, route: str, tier: str, quality: float) -> None:
+        self.route_feedback.labels(route=route, tier=tier).inc()
+        with self._route_lock:
+            scores = self._qualities.setdefault((route, tier), deque(maxlen=200))
+            scores.append(quality)
+            mean = sum(scores) / len(scores)
+        self.route_quality.labels(route=route, tier=tier).set(mean)
 
 
 class _EscalationWindow:

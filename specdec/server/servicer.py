@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 from specdec.engine import Engine, merge_outputs
 from specdec.errors import InvalidRequestError, SpecdecError
 from specdec.request import FinishReason, GenerationResult, Request, RequestOutput
+from specdec.router.feedback import ResponseLedger, quality
 from specdec.router.router import Router, RouteRecord
 from specdec.router.routes import Drift
 from specdec.server import convert
@@ -116,12 +117,15 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
         keys: ApiKeys | None = None,
         router: Router | None = None,
         on_routed: Callable[[RouteRecord, Drift], None] | None = None,
+        on_feedback: Callable[[str, str, float], None] | None = None,
     ):
         self.engine = engine
         self.engine_loop = loop
         self.keys = keys
         self.router = router  # None: no --routes; a request naming a route is refused
         self.on_routed = on_routed  # metrics: each routed answer's record
+        self.on_feedback = on_feedback  # metrics: (route, tier, quality) of each label
+        self.ledger = ResponseLedger()  # routed responses that may get feedback, and whose they are
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         """Who is calling, for per-client limits and fair admission: the API key (the interceptor
@@ -195,7 +199,25 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
             raise  # unreachable: abort raises
         if self.on_routed is not None:
             self.on_routed(routed.record, self.router.route(msg.route).drift)
-        return convert.routed_response(self.engine.tokenizer, routed, msg)
+        response = convert.routed_response(self.engine.tokenizer, routed, msg)
+        response.route.response_id = self.ledger.issue(client, routed.record.route, routed.record.tier)
+        return response
+
+    async def Feedback(
+        self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FeedbackResponse:
+        try:
+            score = quality(
+                request.score if request.HasField("score") else None,
+                request.correct if request.HasField("correct") else None,
+            )
+            answered = self.ledger.take(request.response_id, self._client(context))
+        except SpecdecError as e:
+            await context.abort(status_for(e), str(e))
+            raise  # unreachable: abort raises
+        if self.on_feedback is not None:
+            self.on_feedback(answered.route, answered.tier, score)
+        return pb.FeedbackResponse()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

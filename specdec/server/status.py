@@ -7,6 +7,7 @@ import grpc
 from specdec.errors import (
     CapacityError,
     InvalidRequestError,
+    NotFoundError,
     QueueFullError,
     RequestFailedError,
     ShuttingDownError,
@@ -19,6 +20,8 @@ def status_for(error: BaseException) -> grpc.StatusCode:
 
     if isinstance(error, EndpointError):  # a route's remote tier failed for good
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND
     if isinstance(error, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, QueueFullError):

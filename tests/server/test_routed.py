@@ -197,3 +197,44 @@ def test_drift_flags_an_escalation_rate_that_left_its_baseline():
         gauge("specdec_route_escalation_baseline") == pytest.approx(0.3)
         and gauge("specdec_route_drift") == 1.0
     )
+
+
+def test_feedback_names_a_response_by_its_server_issued_id_and_moves_the_quality_gauge(server, stub):
+    first, second = stub.Generate(_req()), stub.Generate(_req(request_id="mine"))
+    ids = {first.route.response_id, second.route.response_id}
+    assert len(ids) == 2 and all(i.startswith("resp_") and len(i) > 20 for i in ids)
+    stub.Feedback(pb.FeedbackRequest(response_id=first.route.response_id, score=0.25))
+    stub.Feedback(pb.FeedbackRequest(response_id=second.route.response_id, correct=True))
+    metrics = scrape_metrics(server.config.metrics_port)
+    assert metrics['specdec_route_quality{route="careful",tier="target"}'] == pytest.approx(0.625)
+    assert metrics['specdec_route_feedback_total{route="careful",tier="target"}'] >= 2
+    for request, code, message in (
+        (pb.FeedbackRequest(response_id=first.route.response_id, score=1.0), "NOT_FOUND", "already labelled"),
+        (pb.FeedbackRequest(response_id="mine", score=1.0), "NOT_FOUND", "no routed response with this id"),
+        (
+            pb.FeedbackRequest(response_id="x", score=1.5),
+            "INVALID_ARGUMENT",
+            "score: a quality in [0, 1], got 1.5",
+        ),
+        (pb.FeedbackRequest(response_id="x"), "INVALID_ARGUMENT", "give exactly one of score"),
+        (pb.FeedbackRequest(response_id="x", score=0.5, correct=True), "INVALID_ARGUMENT", "exactly one"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Feedback(request)
+        assert e.value.code() == getattr(grpc.StatusCode, code) and message in e.value.details()
+
+
+def test_a_response_id_is_scoped_to_the_caller_and_memory_is_bounded():
+    from specdec.errors import NotFoundError
+    from specdec.router.feedback import ResponseLedger
+
+    ledger = ResponseLedger(size=2)
+    mine = ledger.issue("key:alice", "r", "draft")
+    with pytest.raises(NotFoundError):
+        ledger.take(mine, "key:bob")  # another caller's id is as unknown as a made-up one
+    assert ledger.take(mine, "key:alice").tier == "draft"
+    ids = [ledger.issue("key:alice", "r", "draft") for _ in range(3)]
+    assert len(ledger) == 2
+    with pytest.raises(NotFoundError):
+        ledger.take(ids[0], "key:alice")  # the oldest was forgotten
+    assert ledger.take(ids[2], "key:alice").route == "r"

@@ -132,12 +132,12 @@ class Router:
             tiers = tiers[-1:]  # the earlier tiers' answers would not be used
         spent: list[TierSpend] = []
         answer: _Answer | None = None
+        local: GenerationResult | None = None  # the last local answer: the next local tier's draft
         primary_verdict: Verdict | None = None
         for i, tier in enumerate(tiers):
             last = i == len(tiers) - 1
-            draft = answer.result if answer is not None and answer.result is not None else None
             try:
-                answer = await self._run(tier, prompt, messages, params, draft, run)
+                answer = await self._run(tier, prompt, messages, params, local, run)
             except EndpointError as e:
                 spent.append(TierSpend(tier, 0, 0, error=str(e)))
                 reasons.append(f"{tier} failed: {e}")
@@ -150,8 +150,9 @@ class Router:
                     route, answer, reasons, fired, spent, primary_verdict, validator, fallback=True
                 )
             spent.append(answer.spend)
+            local = answer.result if answer.result is not None else local
             verdict = check_answer(route, answer.text, answer.token_probs, validator)
-            if primary_verdict is None:
+            if tier == route.primary:
                 primary_verdict = verdict
             if last or not verdict.reasons:
                 return self._finish(route, answer, reasons, fired, spent, primary_verdict, validator)
@@ -221,7 +222,7 @@ class Router:
         reasons: list[str],
         fired: list[str],
         spent: list[TierSpend],
-        primary: Verdict | None,
+        primary: Verdict | None,  # the primary's own (None: it was skipped or failed)
         validator: Any,
         fallback: bool = False,
     ) -> RoutedResult:
@@ -232,10 +233,8 @@ class Router:
             escalated=answer.tier != route.primary,
             reasons=tuple(reasons),
             fired=tuple(fired),
-            confidence=primary.confidence if primary is not None and spent[0].tier == route.primary else None,
-            calibrated_confidence=primary.calibrated
-            if primary is not None and spent[0].tier == route.primary
-            else None,
+            confidence=primary.confidence if primary is not None else None,
+            calibrated_confidence=primary.calibrated if primary is not None else None,
             schema_valid=schema_valid,
             fallback=fallback,
             spent=tuple(spent),

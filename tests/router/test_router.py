@@ -122,6 +122,11 @@ def test_a_cascade_moves_past_a_failing_endpoint_or_falls_back(engine):
     routed = router.generate("r", MESSAGES, PARAMS)
     assert routed.record.tier == "target" and "down failed: endpoint down:" in routed.record.reasons[1]
     assert routed.record.spent[1].error and routed.token_ids == _alone(engine, Mode.TARGET).token_ids
+    # The draft's answer, not the failed endpoint's nothing, is the target's draft.
+    small = _alone(engine, Mode.DRAFT).token_ids
+    reused = routed.record.spent[2].draft_tokens_reused
+    assert reused > 0 and routed.token_ids[:reused] == small[:reused]
+    assert routed.record.confidence is not None  # the primary's
 
     failing = _router(engine, {"confidence_below": 1.0}, escalate_to="down", endpoints={"down": dead})
     with pytest.raises(EndpointError, match=r"endpoint down: .*ConnectionRefusedError"):

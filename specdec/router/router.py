@@ -90,7 +90,7 @@ class Router:
         self.engine = engine
         self.config = config
         self.schemas = schemas or SchemaCache()
-        check_routes(config, engine.limits.draft_answers)
+        check_routes(config, engine.limits.has_draft, engine.limits.draft_answers)
 
     def generate(
         self,
@@ -253,10 +253,17 @@ class _Answer:
     result: GenerationResult | None
 
 
-def check_routes(config: RoutesConfig, draft_answers: bool) -> None:
-    """What the served pair cannot run, refused at start-up by route: draft mode with a draft that
-    cannot answer alone, and the rules this server does not evaluate yet."""
+def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> None:
+    """What the served pair cannot run, refused at start-up by route: a draft or speculative tier
+    without a draft, draft mode with a draft that cannot answer alone, and the rules this server
+    does not evaluate yet."""
     for route in config.routes.values():
+        needing = sorted({"draft", "speculative"} & set(route.tiers))
+        if needing and not has_draft:
+            raise RoutesError(
+                f"route {route.name!r}: tier {needing[0]!r}: this server has no draft model (--draft); "
+                "use target or an endpoint"
+            )
         if "draft" in route.tiers and not draft_answers:
             raise RoutesError(
                 f"route {route.name!r}: tier 'draft': this pair's draft cannot answer alone (a subset-head "

@@ -159,6 +159,9 @@ def test_what_the_pair_cannot_serve_is_refused_at_start_up(engine, pairs, tmp_pa
     )
     with pytest.raises(RoutesError, match="route 'r': tier 'draft': this pair's draft cannot answer alone"):
         _router(subset, {"confidence_below": 0.5})
+    alone = Engine(target, config=engine.config)
+    with pytest.raises(RoutesError, match="route 'r': tier 'speculative': this server has no draft model"):
+        _router(alone, {"confidence_below": 0.5}, primary="target", escalate_to="speculative")
     with pytest.raises(RoutesError, match="route 'r': tools_needed: tool calls are not routed"):
         _router(engine, {"tools_needed": "> 1"})
     ep = {"kind": "openai", "base_url": "http://127.0.0.1:1/v1", "model": "m"}

@@ -186,8 +186,8 @@ _NOT_YET = {
     "suffix": "insertion (suffix) is not implemented",
 }
 _ROUTER_FIELDS = {
-    "route": "routes are not served yet (the router tier); use model or mode",
-    "json_schema": "schema validation arrives with the router tier; not served yet",
+    "route": "the router serves routes over gRPC only so far (GenerateRequest.route, docs/ROUTING.md); use model here",
+    "json_schema": "the router checks schemas over gRPC only so far (GenerateRequest.json_schema, with a route)",
 }
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",

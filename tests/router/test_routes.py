@@ -195,3 +195,11 @@ def test_calibration_maps_monotonically_and_refuses_bad_files(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(Exception, match=r"c\.json: not valid JSON"):
         Calibration.load(tmp_path / "c.json")
+
+
+def test_the_documented_example_file_loads():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "routes-demo.yaml"
+    route = load_routes(example).routes["code"]
+    assert route.primary == "draft" and route.rules.confidence_below == 0.05

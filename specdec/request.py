@@ -162,13 +162,17 @@ class GenerationResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
 
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "request_id": self.request_id,
             "text": self.text,
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason.value,
-            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)},
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
             "stats": self.stats.as_dict(),
             "timing": self.timing.as_dict(),
             "seed": self.seed,

@@ -14,7 +14,16 @@ from typing import Any
 from specdec.chat import check_message_count
 from specdec.engine import Engine
 from specdec.errors import InvalidRequestError
-from specdec.request import FinishReason, Mode, Request, RequestOutput, SpecStats, Timing, TokenLogprob
+from specdec.request import (
+    FinishReason,
+    GenerationResult,
+    Mode,
+    Request,
+    RequestOutput,
+    SpecStats,
+    Timing,
+    TokenLogprob,
+)
 from specdec.sampling import SamplingParams
 from specdec.v1 import specdec_pb2 as pb
 from specdec.validation import check_prompt_chars
@@ -147,14 +156,7 @@ def routed_response(tokenizer: Any, routed: Any, msg: pb.GenerateRequest) -> pb.
     result = routed.result
     if result is not None:  # a local tier's
         out.mode = _MODE_TO_PB[Mode(record.tier)]
-        out.finish_reason = _FINISH_TO_PB.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
-        out.usage.CopyFrom(
-            pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids))
-        )
-        out.stats.CopyFrom(_stats(result.stats))
-        out.timing.CopyFrom(_timing(result.timing))
-        if result.seed is not None:
-            out.seed = result.seed
+        _set_totals(out, result)
         if msg.logprobs:
             out.logprobs.extend(_logprobs(tokenizer, result.logprobs))
     else:
@@ -253,7 +255,9 @@ def merged_response(tokenizer: Any, outputs: list[RequestOutput]) -> pb.Generate
     return msg
 
 
-def _set_totals(msg: pb.GenerateResponse, out: RequestOutput) -> None:
+def _set_totals(msg: pb.GenerateResponse, out: RequestOutput | GenerationResult) -> None:
+    """The last message's finish reason, usage, stats, timing and seed (a stream's last output, or
+    a whole result)."""
     msg.finish_reason = _FINISH_TO_PB.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
     msg.usage.CopyFrom(pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens))
     msg.stats.CopyFrom(_stats(out.stats))

@@ -132,6 +132,7 @@ class Router:
             tiers = tiers[-1:]  # the earlier tiers' answers would not be used
         spent: list[TierSpend] = []
         answer: _Answer | None = None
+        verdict: Verdict | None = None  # the rules on `answer`
         local: GenerationResult | None = None  # the last local answer: the next local tier's draft
         primary_verdict: Verdict | None = None
         for i, tier in enumerate(tiers):
@@ -144,10 +145,10 @@ class Router:
                 fired.append("endpoint_failed")
                 if not last:
                     continue
-                if answer is None or route.on_endpoint_failure != "primary_answer":
+                if answer is None or verdict is None or route.on_endpoint_failure != "primary_answer":
                     raise
                 return self._finish(
-                    route, answer, reasons, fired, spent, primary_verdict, validator, fallback=True
+                    route, answer, verdict, reasons, fired, spent, primary_verdict, fallback=True
                 )
             spent.append(answer.spend)
             local = answer.result if answer.result is not None else local
@@ -155,7 +156,7 @@ class Router:
             if tier == route.primary:
                 primary_verdict = verdict
             if last or not verdict.reasons:
-                return self._finish(route, answer, reasons, fired, spent, primary_verdict, validator)
+                return self._finish(route, answer, verdict, reasons, fired, spent, primary_verdict)
             reasons.extend(verdict.reasons)
             fired.extend(verdict.fired)
         raise AssertionError("the cascade ended without an answer")  # pragma: no cover
@@ -219,14 +220,13 @@ class Router:
         self,
         route: Route,
         answer: _Answer,
+        verdict: Verdict,  # the rules on `answer`
         reasons: list[str],
         fired: list[str],
         spent: list[TierSpend],
         primary: Verdict | None,  # the primary's own (None: it was skipped or failed)
-        validator: Any,
         fallback: bool = False,
     ) -> RoutedResult:
-        schema_valid = None if validator is None else check_json(answer.text, validator).valid
         record = RouteRecord(
             route=route.name,
             tier=answer.tier,
@@ -235,7 +235,7 @@ class Router:
             fired=tuple(fired),
             confidence=primary.confidence if primary is not None else None,
             calibrated_confidence=primary.calibrated if primary is not None else None,
-            schema_valid=schema_valid,
+            schema_valid=verdict.schema_valid,
             fallback=fallback,
             spent=tuple(spent),
         )
@@ -258,7 +258,7 @@ def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> 
     without a draft, draft mode with a draft that cannot answer alone, and the rules this server
     does not evaluate yet."""
     for route in config.routes.values():
-        needing = sorted({"draft", "speculative"} & set(route.tiers))
+        needing = sorted({"draft", "speculative"} & route.local_modes)
         if needing and not has_draft:
             raise RoutesError(
                 f"route {route.name!r}: tier {needing[0]!r}: this server has no draft model (--draft); "

@@ -11,10 +11,15 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from specdec.request import FinishReason, Mode, RequestOutput
+
+if TYPE_CHECKING:
+    from specdec.router.router import RouteRecord
+    from specdec.router.routes import Drift
 
 request_log = logging.getLogger("specdec.requests")
 
@@ -174,7 +179,7 @@ class Metrics:
             for position, count in enumerate(stats.accepted_by_position):
                 self.spec_accepted_pos.labels(position=str(position)).inc(count)
 
-    def observe_route(self, record, drift) -> None:
+    def observe_route(self, record: RouteRecord, drift: Drift) -> None:
         """One routed answer (router.RouteRecord) of a route with these drift settings (routes.Drift)."""
         route = record.route
         self.route_requests.labels(route=route, tier=record.tier).inc()
@@ -216,7 +221,6 @@ class _EscalationWindow:
     def __init__(self, size: int, baseline: float | None):
         self.flags: deque[bool] = deque(maxlen=size)
         self.baseline = baseline
-        self.seen = 0
 
     @property
     def full(self) -> bool:
@@ -224,9 +228,8 @@ class _EscalationWindow:
 
     def add(self, escalated: bool) -> tuple[float, float | None]:
         self.flags.append(escalated)
-        self.seen += 1
         rate = sum(self.flags) / len(self.flags)
-        if self.baseline is None and self.seen == self.flags.maxlen:
+        if self.baseline is None and self.full:  # the first full window
             self.baseline = rate
         return rate, self.baseline
 

@@ -24,7 +24,9 @@ class EngineConfig:
     kv_memory_fraction: float | None = None
     max_gamma: int = 8  # γmax: the most drafts per row per step
     default_gamma: int = 4  # γ for speculative rows that do not force one, until adaptive γ decides
-    max_external_draft: int = 64  # external draft tokens verified per row per step (the rest wait)
+    # External draft tokens verified per row per step (the rest wait); within it the step's budget
+    # below holds them too. As large as that budget: a whole routed answer verifies in one pass.
+    max_external_draft: int = 2048
     # Prompt tokens prefilled per step, padding included (rows x the widest chunk), and the budget
     # external drafts share in the verify pass: long prompts are chunked across steps while the
     # running rows go on decoding. 2048 (vLLM's long-standing default for chunked prefill) bounds a

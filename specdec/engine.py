@@ -139,6 +139,7 @@ class Engine:
         num_speculative_tokens: int = 0,
         request_id: str = "",
         external_draft: list[int] | None = None,
+        external_draft_from_draft: bool = False,
     ) -> Request:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if isinstance(mode, str):
@@ -155,6 +156,7 @@ class Engine:
             num_speculative_tokens=num_speculative_tokens,
             request_id=request_id,
             external_draft=external_draft,
+            external_draft_from_draft=external_draft_from_draft,
         )
 
     # ------------------------------------------------------------------ running them

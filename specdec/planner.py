@@ -72,10 +72,13 @@ class GammaPlanner:
         draft_only = [s for s in running if s.mode is Mode.DRAFT]
         # In slot order: consecutive slots make the batch's cache reads views (batching.make_batch).
         rows = sorted((s for s in running if s.mode is not Mode.DRAFT), key=lambda s: s.slot)
+        # The verify pass pads every row to its widest, so one row's chunk costs its width in every
+        # row: a chunk is held to the budget's share per row, the bound a prefill pass keeps too.
+        share = budget // max(len(rows), 1) - 1
         views, chunks = [], []
         for seq in rows:
             room = seq.remaining - 1  # a step emits up to γ + 1 tokens
-            take = int(min(config.max_external_draft, room, budget)) if room > 0 else 0
+            take = max(int(min(config.max_external_draft, room, budget, share)), 0) if room > 0 else 0
             chunk = seq.external_pending[:take]
             budget -= len(chunk)
             chunks.append(chunk)
@@ -116,7 +119,12 @@ class GammaPlanner:
         plans = []
         for seq, gamma, chunk in zip(rows, gammas, chunks):
             room = max(seq.remaining - 1, 0)
-            plans.append(RowPlan(seq, len(chunk), chunk) if chunk else RowPlan(seq, min(gamma, room)))
+            if chunk:
+                params = seq.request.params
+                scored = seq.request.external_draft_from_draft and not params.greedy
+                plans.append(RowPlan(seq, len(chunk), chunk, external_q=scored))
+            else:
+                plans.append(RowPlan(seq, min(gamma, room)))
         return StepPlan(plans, draft_only, decision, probe is not None)
 
     def _hopeless(

@@ -37,6 +37,11 @@ class Request:
     # Tokens proposed from outside the draft model (the router's small answer, prompt lookup): the
     # target verifies them as drafts instead of the draft model's proposals.
     external_draft: list[int] | None = None
+    # The external draft was sampled by this engine's draft model from this same prompt under these
+    # same sampling settings (the router's small answer): a sampled speculative row then verifies
+    # it against the draft's own q - recomputed for the whole chunk in one wide draft pass - instead
+    # of as point masses. Both are exact; q accepts more (min(1, p/q) instead of p).
+    external_draft_from_draft: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     # Who sent it (an API key's name, a peer host; "" in-process): waiting requests are admitted
     # fairly across clients, and the server caps what one client has in flight.

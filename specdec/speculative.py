@@ -61,6 +61,9 @@ class RowPlan:
     seq: Sequence
     gamma: int  # drafts to verify (0: a plain target step)
     external: list[int] | None = None  # drafts supplied from outside; the draft model skips the row
+    # The external drafts are the draft model's own samples (Request.external_draft_from_draft):
+    # verified against its q, scored for the whole chunk in one wide draft pass, not as point masses.
+    external_q: bool = False
 
 
 @dataclass(slots=True)
@@ -125,7 +128,9 @@ class SpeculativeStep:
         # Each row's own passes: a row's status counts only the proposals it uses.
         needed = [p.gamma for p in model_drafted] + [passes] * len(draft_only)
         drafts = self._draft(drafting, passes, len(model_drafted), needed) if drafting else None
-        verified = self._verify(plans, drafts) if plans else None
+        scored = [p for p in plans if p.external is not None and p.external_q]
+        external_q = self._score_externals(scored) if scored else None
+        verified = self._verify(plans, drafts, external_q) if plans else None
         readback = _read_back(self.device, verified, drafts)
 
         outcomes: list[RowOutcome] = []
@@ -142,6 +147,9 @@ class SpeculativeStep:
                 draft_fed = min(accepted, passes - 1)
                 error = _row_error(draft.status[draft_index], "draft")
                 draft_index += 1
+            elif plan.external is not None and plan.external_q:
+                # The wide pass fed every unseen token and the chunk but its last token.
+                draft_fed = min(accepted, len(plan.external) - 1)
             error = _row_error(verify.status[b], "target") or error
             emitted = verify.tokens[b][: accepted + 1]
             logprobs = _logprobs_of(plan.seq, verify.logprobs, b, emitted)
@@ -218,20 +226,49 @@ class SpeculativeStep:
                     )
         return _Drafts(tokens=tokens, status=status, probs=probs, logprobs=Logprobs.concat(pass_logprobs))
 
+    def _score_externals(self, plans: list[RowPlan]) -> torch.Tensor:
+        """q [Bx, n, V] of each row's external chunk (the draft model's own earlier samples), in
+        one wide draft pass over the row's unseen tokens and the chunk (all but its last token,
+        whose successor is the target's to choose), under the row's own sampling transform - the
+        distributions the tokens were sampled from. The pass also catches the draft cache up."""
+        assert self.draft is not None and self.draft_cache is not None
+        rows, columns = [], []
+        for plan in plans:
+            seq, chunk = plan.seq, plan.external
+            assert chunk
+            unseen = seq.tokens[seq.draft_len :]
+            rows.append(Row(seq.slot, seq.draft_len, unseen + chunk[:-1]))
+            columns.append([len(unseen) - 1 + i for i in range(len(chunk))])
+        batch = make_batch(rows, self.device, self.capacity, logits_columns=columns)
+        with self.timer.measure(PassKind.CATCHUP, len(rows), max(len(r.tokens) for r in rows)):
+            logits = self.draft.model(batch, self.draft_cache)  # [Bx, n, V]
+        b, n, _ = logits.shape
+        st = SamplingTensors.from_params([p.seq.request.params for p in plans], self.device)
+        flat = logits[..., : self.vocab_size].reshape(b * n, -1)
+        return probabilities(flat, st.repeat_rows(n)).view(b, n, -1)
+
     # ------------------------------------------------------------------------- verify + accept
 
-    def _verify(self, plans: list[RowPlan], drafts: _Drafts | None) -> _Verified:
-        """Target pass over [pending tokens, drafts] per row, and acceptance."""
+    def _verify(
+        self, plans: list[RowPlan], drafts: _Drafts | None, external_q: torch.Tensor | None = None
+    ) -> _Verified:
+        """Target pass over [pending tokens, drafts] per row, and acceptance. `external_q`: the
+        scored external chunks' q (`_score_externals`), in the order of their rows in `plans`."""
         device = self.device
         rows, columns, placements = [], [], []
         q_row, point_mass = [], []  # where each row's q comes from
+        q_model = drafts.probs if drafts is not None else None
         di = 0
+        xi = q_model.shape[0] if q_model is not None else 0  # scored chunks follow the model drafts' q
         for b, plan in enumerate(plans):
             seq = plan.seq
             pending = seq.tokens[seq.target_len :]
             q_row.append(-1)
-            point_mass.append(plan.external is not None)
+            point_mass.append(plan.external is not None and not plan.external_q)
             if plan.external is not None:
+                if plan.external_q:
+                    q_row[-1] = xi
+                    xi += 1
                 inputs = pending + plan.external
             else:
                 inputs = pending + [0] * plan.gamma  # model drafts are placed on the device below
@@ -259,7 +296,7 @@ class SpeculativeStep:
         cols = (first[:, None] + torch.arange(g, device=device)[None, :]).clamp(max=batch.tokens.shape[1] - 1)
         draft_tokens = torch.gather(batch.tokens, 1, cols)  # [B, G]
         num_drafts = _device_ints([p.gamma for p in plans], device)
-        q = drafts.probs if drafts is not None else None
+        q = _stack_q(q_model, external_q)
         q_rows = _device_ints(q_row, device)
         point_masses = torch.tensor(point_mass).to(device, non_blocking=True)
         with self.timer.measure(PassKind.VERIFY, len(plans), g + 1):
@@ -308,6 +345,17 @@ class SpeculativeStep:
             torch.where(greedy[:, None], tokens, s_tok),
             torch.where(greedy, status, s_status),
         )
+
+
+def _stack_q(model: torch.Tensor | None, external: torch.Tensor | None) -> torch.Tensor | None:
+    """The model drafts' q [Bd, passes, V] and the scored external chunks' [Bx, n, V] as one
+    [Bd + Bx, max(passes, n), V] (zero-padded: a row reads only its own drafts' positions). Only
+    steps verifying a scored chunk pay the copy."""
+    if model is None or external is None:
+        return model if external is None else external
+    width = max(model.shape[1], external.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1]))  # noqa: E731
+    return torch.cat([pad(model), pad(external)])
 
 
 def _read_back(device: torch.device, verified: _Verified | None, drafts: _Drafts | None) -> StepReadback:

@@ -114,6 +114,11 @@ def validate(request: Request, limits: RequestLimits) -> Mode:
             raise InvalidRequestError(
                 "external_draft", f"token id {outside[0]} is outside the vocabulary [0, {vocab})"
             )
+    if request.external_draft_from_draft and (not request.external_draft or mode is not Mode.SPECULATIVE):
+        raise InvalidRequestError(
+            "external_draft_from_draft",
+            "verifying an external draft against the draft model's q needs an external draft and speculative mode",
+        )
     if not 0 <= request.num_speculative_tokens <= limits.max_gamma:
         raise InvalidRequestError(
             "num_speculative_tokens",

@@ -11,8 +11,9 @@ last local answer as its draft - until a tier's answer passes or the cascade end
 - Draft reuse: escalating to a local mode, the last local answer is the target's external draft
   (`Request.external_draft`): the target verifies it in wide passes and keeps it up to its first
   disagreement, then generates on as that mode would. The output is exactly the mode's own (greedy:
-  token for token; sampled: in distribution - the draft is verified as point masses, which is exact
-  for any proposal), and an answer the target agrees with costs no per-token decoding.
+  token for token; sampled: in distribution - a draft-tier answer escalated to speculative is
+  verified against the draft model's q, anything else as point masses, which is exact for any
+  proposal; `draft_request`), and an answer the target agrees with costs no per-token decoding.
 - Endpoints (`endpoints`): an endpoint that fails moves the cascade on to its next tier; when no tier
   is left the route's `on_endpoint_failure` says whether that is an error (UNAVAILABLE, with the
   endpoint's message) or the last answer stands, flagged as a fallback.
@@ -133,12 +134,12 @@ class Router:
         spent: list[TierSpend] = []
         answer: _Answer | None = None
         verdict: Verdict | None = None  # the rules on `answer`
-        local: GenerationResult | None = None  # the last local answer: the next local tier's draft
+        local: _Answer | None = None  # the last local answer: the next local tier's draft
         primary_verdict: Verdict | None = None
         for i, tier in enumerate(tiers):
             last = i == len(tiers) - 1
             try:
-                answer = await self._run(tier, prompt, messages, params, local, run)
+                answer = await self._run(tier, prompt, messages, tier_params(params, i), local, run)
             except EndpointError as e:
                 spent.append(TierSpend(tier, 0, 0, error=str(e)))
                 reasons.append(f"{tier} failed: {e}")
@@ -151,7 +152,7 @@ class Router:
                     route, answer, verdict, reasons, fired, spent, primary_verdict, fallback=True
                 )
             spent.append(answer.spend)
-            local = answer.result if answer.result is not None else local
+            local = answer if answer.result is not None else local
             verdict = check_answer(route, answer.text, answer.token_probs, validator)
             if tier == route.primary:
                 primary_verdict = verdict
@@ -176,12 +177,14 @@ class Router:
         prompt: list[int],
         messages: list[dict[str, str]],
         params: SamplingParams,
-        draft: GenerationResult | None,
+        previous: _Answer | None,  # the last local tier's answer, if any
         run: Callable[[Request], Awaitable[GenerationResult]],
     ) -> _Answer:
         if tier not in LOCAL_MODES:
             return await asyncio.to_thread(self._endpoint, tier, messages, params)
-        result = await run(draft_request(self.engine, prompt, params, Mode(tier), draft))
+        draft = previous.result if previous is not None else None
+        drafted_by = previous.tier if previous is not None else None
+        result = await run(draft_request(self.engine, prompt, params, Mode(tier), draft, drafted_by))
         if result.error:
             raise SpecdecError(f"tier {tier}: {result.error}")
         probs = torch.tensor([lp.logprob for lp in result.logprobs], dtype=torch.float64).exp()
@@ -304,13 +307,35 @@ def check_answer(route: Route, text: str, token_probs: torch.Tensor | None, vali
 
 
 def draft_request(
-    engine: Any, prompt: list[int], params: SamplingParams, mode: Mode, draft: GenerationResult | None
+    engine: Any,
+    prompt: list[int],
+    params: SamplingParams,
+    mode: Mode,
+    draft: GenerationResult | None,
+    drafted_by: str | None = None,
 ) -> Any:
     """The request of a local tier: the client's settings, token probabilities asked for (the
-    confidence rule reads them), and the previous local answer as the external draft."""
+    confidence rule reads them), and the previous local answer as the external draft.
+
+    An answer of the draft tier, escalated to speculative, is verified against the draft model's
+    own q (`Request.external_draft_from_draft`): it was sampled from that q, under these settings.
+    Anything else - the target tier, which keeps no draft cache, or an answer of another tier - is
+    verified as point masses, which is exact for any proposal but accepts only with probability p."""
     asked = replace(params, logprobs=True, top_logprobs=params.top_logprobs if params.logprobs else 0)
     external = list(draft.token_ids) if draft is not None and draft.token_ids else None
-    return engine.make_request(prompt, asked, mode, external_draft=external)
+    from_draft = external is not None and drafted_by == Mode.DRAFT.value and mode is Mode.SPECULATIVE
+    return engine.make_request(
+        prompt, asked, mode, external_draft=external, external_draft_from_draft=from_draft
+    )
+
+
+def tier_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The settings of the cascade's tier `index`: the client's, with a seed of the tier's own
+    derived from the client's (a seeded route still reproduces). Were every tier to draw from one
+    seed, a later tier's draft model would redraw the very numbers that made the answer it verifies."""
+    if params.seed is None or index == 0:
+        return params
+    return replace(params, seed=(params.seed + index * 0x9E3779B97F4A7C15) % 2**63)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -52,6 +52,7 @@ _ENDPOINT_KEYS = {
     "api_key_env",
     "timeout_s",
     "retries",
+    "backoff_s",
     "cooldown_s",
     "failures_to_cool",
 }

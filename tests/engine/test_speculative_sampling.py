@@ -215,35 +215,109 @@ def test_a_draft_on_the_targets_first_layer_keeps_the_targets_joint(engine, pair
     assert chi_square_pvalue(observed, exact_joint(pair[0], params)) > ALPHA
 
 
-def test_a_reused_small_answer_keeps_the_targets_joint(engine, pair):
-    """The router's escalation (router.draft_request): the draft model's sampled answer is the
-    target's external draft; the target's output keeps its own distribution. The negative control:
-    the small answers themselves (what blind reuse would return) fail the same test."""
-    from specdec.router.router import draft_request
-
-    params = SamplingParams(temperature=1.0, max_new_tokens=3, ignore_eos=True)
-    small = engine.generate(
+@pytest.fixture(scope="module")
+def small_answers(engine):
+    """N sampled answers of the draft model alone: what the router's small tier returns."""
+    return engine.generate(
         [
-            engine.make_request(PROMPT, dataclasses.replace(params, seed=50_000 + i), Mode.DRAFT)
+            engine.make_request(PROMPT, dataclasses.replace(REUSE, seed=50_000 + i), Mode.DRAFT)
             for i in range(N)
         ]
     )
-    escalated = engine.generate(
-        [
-            draft_request(engine, PROMPT, dataclasses.replace(params, seed=60_000 + i), Mode.TARGET, answer)
-            for i, answer in enumerate(small)
-        ]
-    )
 
-    def joint(results):
-        counts = np.zeros(V**3)
-        for r in results:
-            a, b, c = r.token_ids
-            counts[(a * V + b) * V + c] += 1
-        return counts
 
+REUSE = SamplingParams(temperature=1.0, max_new_tokens=3, ignore_eos=True)
+
+
+def _escalate(engine, small, mode, seed_base=60_000):
+    from specdec.router.router import draft_request
+
+    requests = [
+        draft_request(engine, PROMPT, dataclasses.replace(REUSE, seed=seed_base + i), mode, answer, "draft")
+        for i, answer in enumerate(small)
+    ]
+    return engine.generate(requests)
+
+
+def _joint(results) -> np.ndarray:
+    counts = np.zeros(V**3)
+    for r in results:
+        a, b, c = r.token_ids
+        counts[(a * V + b) * V + c] += 1
+    return counts
+
+
+def test_a_reused_small_answer_keeps_the_targets_joint(engine, pair, small_answers):
+    """The router's escalation (router.draft_request): the draft model's sampled answer is the
+    target's external draft; the target's output keeps its own distribution, whether the answer
+    is verified as point masses (target mode) or against the draft's q (speculative mode, which
+    keeps more of it). The negative control: the small answers themselves (what blind reuse would
+    return) fail the same test."""
     exact = exact_joint(pair[0], SamplingParams(temperature=1.0))
-    kept = sum(r.token_ids[0] == s.token_ids[0] for r, s in zip(escalated, small))
-    assert 0.05 * N < kept < 0.95 * N  # the target kept some small answers' first token, replaced others
-    assert chi_square_pvalue(joint(escalated), exact) > ALPHA
-    assert chi_square_pvalue(joint(small), exact) < ALPHA
+    kept = {}
+    for mode in (Mode.TARGET, Mode.SPECULATIVE):
+        escalated = _escalate(engine, small_answers, mode)
+        kept[mode] = sum(r.token_ids[0] == s.token_ids[0] for r, s in zip(escalated, small_answers))
+        # The target kept some small answers' first token and replaced others.
+        assert 0.05 * N < kept[mode] < 0.95 * N, (mode, kept[mode])
+        assert chi_square_pvalue(_joint(escalated), exact) > ALPHA, mode
+    # min(1, p/q) >= p at every token: verified against q, more of the answer stands.
+    assert kept[Mode.SPECULATIVE] > kept[Mode.TARGET] + 0.05 * N, kept
+    assert chi_square_pvalue(_joint(small_answers), exact) < ALPHA
+
+
+def test_a_reused_small_answer_with_a_wrong_residual_fails(engine, pair, small_answers):
+    """The negative control for the q path: replacing a rejected token from p instead of
+    norm(max(0, p - q)) is caught by the same test."""
+    kernels = dataclasses.replace(
+        AcceptKernels.for_device(engine.runner.device),
+        rejection_sample=_with_rule(residual_rule=lambda p, q: p),
+    )
+    config = dataclasses.replace(engine.config, warmup=False)
+    wrong = Engine(target=engine.target, draft=engine.draft, config=config, kernels=kernels)
+    escalated = _escalate(wrong, small_answers, Mode.SPECULATIVE, seed_base=70_000)
+    assert chi_square_pvalue(_joint(escalated), exact_joint(pair[0], SamplingParams(temperature=1.0))) < ALPHA
+
+
+def test_a_scored_answer_beside_model_drafted_rows_reproduces(engine, small_answers):
+    """A q-verified external row shares the step's q with model-drafted sampled rows (one stacked
+    tensor): its seeded output is the same alone and in that batch."""
+    from specdec.router.router import draft_request
+
+    answer = next(a for a in small_answers if len(set(a.token_ids)) > 1)
+    params = dataclasses.replace(REUSE, max_new_tokens=8, seed=5)
+
+    def make():
+        request = draft_request(engine, PROMPT, params, Mode.SPECULATIVE, answer, "draft")
+        request.num_speculative_tokens = 3  # a seeded output is reproducible for a given γ schedule
+        return request
+
+    [alone] = engine.generate([make()])
+    others = [
+        engine.make_request(
+            [3, 4, 6], SamplingParams(max_new_tokens=8, temperature=0.9, seed=s), Mode.SPECULATIVE, 3
+        )
+        for s in range(4)
+    ]
+    batch = engine.generate(others[:2] + [make()] + others[2:])
+    assert batch[2].token_ids == alone.token_ids
+    assert alone.stats.drafted_tokens >= 2  # the answer's two tokens were verified as drafts
+
+
+def test_q_verification_is_for_the_drafts_own_answers_in_speculative_mode(engine, small_answers):
+    from specdec.errors import InvalidRequestError
+
+    answer = small_answers[0].token_ids
+    for mode, external in ((Mode.TARGET, answer), (Mode.SPECULATIVE, None)):
+        request = engine.make_request(
+            PROMPT, REUSE, mode, external_draft=external, external_draft_from_draft=True
+        )
+        with pytest.raises(InvalidRequestError, match="external_draft_from_draft"):
+            engine.generate([request])
+    # Greedy rows ignore q: the output is the target's own, token for token.
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    [target] = engine.generate([PROMPT], greedy, mode=Mode.TARGET)
+    request = engine.make_request(
+        PROMPT, greedy, Mode.SPECULATIVE, external_draft=answer, external_draft_from_draft=True
+    )
+    assert engine.generate([request])[0].token_ids == target.token_ids

@@ -94,8 +94,9 @@ def test_a_long_input_skips_the_small_tier(engine):
 
 def test_an_agreeing_answer_costs_no_per_token_decoding(engine, monkeypatch):
     """primary: target, then speculative: the second tier's target agrees with every token and
-    verifies the whole answer in one wide pass after its prefill (24 tokens; max_external_draft 64),
-    where the primary took a pass per token."""
+    verifies the whole answer in one wide pass after its prefill (96 tokens: past the 64 a pass
+    once took), where the primary took a pass per token."""
+    params = SamplingParams(max_new_tokens=96, ignore_eos=True)
     router = _router(engine, {"confidence_below": 1.0}, primary="target", escalate_to="speculative")
     model = engine.target.model
     widths = []
@@ -103,15 +104,42 @@ def test_an_agreeing_answer_costs_no_per_token_decoding(engine, monkeypatch):
     monkeypatch.setattr(
         model, "forward", lambda *a, **k: widths.append(a[0].tokens.shape[1]) or real(*a, **k)
     )
-    alone = _alone(engine, Mode.TARGET)
+    [alone] = engine.generate([engine.render_chat(MESSAGES)], params, mode=Mode.TARGET)
     per_token = len(widths)
     widths.clear()
-    routed = router.generate("r", MESSAGES, PARAMS)
-    assert routed.token_ids == alone.token_ids and routed.record.spent[1].draft_tokens_reused == 24
+    routed = router.generate("r", MESSAGES, params)
+    assert routed.token_ids == alone.token_ids and routed.record.spent[1].draft_tokens_reused == 96
     prompt = len(engine.render_chat(MESSAGES))
-    assert per_token >= 24 and len(widths) == per_token + 2
-    # The prompt but its last token, then one pass over [its last token + 23 drafts]: 24 tokens.
-    assert widths[per_token:] == [prompt - 1, 24], widths
+    assert per_token >= 96 and len(widths) == per_token + 2
+    # The prompt but its last token, then one pass over [its last token + 95 drafts]: 96 tokens.
+    assert widths[per_token:] == [prompt - 1, 96], widths
+
+
+def test_a_sampled_small_answer_is_scored_in_one_draft_pass(engine, monkeypatch):
+    """draft -> speculative, sampled: the speculative tier verifies the draft's answer against the
+    draft's q, which one wide draft pass over the answer recomputes - not a pass per token."""
+    params = SamplingParams(max_new_tokens=40, temperature=0.7, seed=3, ignore_eos=True)
+    router = _router(engine, {"confidence_below": 1.0}, escalate_to="speculative")
+    draft_widths, target_widths = [], []
+    for model, widths in ((engine.draft.model, draft_widths), (engine.target.model, target_widths)):
+        real = model.forward
+        monkeypatch.setattr(
+            model,
+            "forward",
+            lambda *a, _r=real, _w=widths, **k: _w.append(a[0].tokens.shape[1]) or _r(*a, **k),
+        )
+    routed = router.generate("r", MESSAGES, params)
+    small, escalated = routed.record.spent
+    assert routed.record.tier == "speculative" and small.completion_tokens == 40
+    prompt = len(engine.render_chat(MESSAGES))
+    # The draft tier: prefill, then a pass per token. Then the speculative tier's prefill (both
+    # models) and its first step: the answer's first 39 tokens are the chunk (a step emits at most
+    # chunk + 1 tokens, and 40 may be emitted), scored in one draft pass over the last prompt token
+    # and the chunk but its last token, and verified in one target pass.
+    first = draft_widths.index(prompt - 1, 1)  # the second prefill: the speculative tier's
+    assert draft_widths[first + 1] == 39, draft_widths
+    assert target_widths[1] == 40, target_widths  # [last prompt token + 39 drafts]
+    assert escalated.draft_tokens_reused >= 1  # the tiny pair agrees at its first token, at least
 
 
 def test_a_cascade_moves_past_a_failing_endpoint_or_falls_back(engine):

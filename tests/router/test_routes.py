@@ -43,6 +43,14 @@ def test_the_documented_form_loads(tmp_path):
     assert route.drift.window == 200 and route.drift.tolerance == 0.1 and route.drift.baseline is None
     endpoint = config.endpoints["frontier-api"]
     assert endpoint.model == "big" and endpoint.retries == 2 and endpoint.api_key_env == "FRONTIER_API_KEY"
+    # Every setting the endpoint has is a key the file may set.
+    tuned = parse_routes({**yaml.safe_load(SEED), "endpoints": {"frontier-api": {
+        "kind": "openai", "base_url": "http://x/v1", "model": "m", "backoff_s": 0.1, "cooldown_s": 5, "failures_to_cool": 2,
+    }}})  # fmt: skip
+    assert (
+        tuned.endpoints["frontier-api"].backoff_s == 0.1
+        and tuned.endpoints["frontier-api"].failures_to_cool == 2
+    )
 
 
 def test_a_cascade_with_an_endpoint_and_a_calibration(tmp_path):
@@ -125,6 +133,8 @@ BAD = {
     "endpoint without model": (_endpoint(model=""), r"endpoint 'frontier-api': model: required"),
     "endpoint timeout a word": (_endpoint(timeout_s="30s"), r"endpoint 'frontier-api': timeout_s: expected a number of seconds, got '30s'"),
     "endpoint retries fraction": (_endpoint(retries=1.5), "retries: expected a whole number"),
+    "endpoint backoff a word": (_endpoint(backoff_s="1s"), r"endpoint 'frontier-api': backoff_s: expected a number of seconds"),
+    "endpoint backoff negative": (_endpoint(backoff_s=-1), "backoff_s must be >= 0"),
     "endpoint named like a mode": ({**yaml.safe_load(SEED), "endpoints": {"draft": {"kind": "openai", "base_url": "http://x/v1", "model": "m"}}}, r"endpoint 'draft': the name is a local mode"),
 }  # fmt: skip
 

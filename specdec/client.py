@@ -50,6 +50,8 @@ def build_request(
         field = getattr(msg, name)
         if hasattr(field, "extend"):
             field.extend(value)
+        elif hasattr(field, "CopyFrom"):  # a message field (route_override)
+            field.CopyFrom(value)
         else:
             setattr(msg, name, value)
     return msg

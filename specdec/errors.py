@@ -28,6 +28,15 @@ class InvalidRequestError(SpecdecError):
         self.field = field
 
 
+class PermissionDeniedError(SpecdecError):
+    """The caller is known but not allowed this (an API key without the grant). ``field`` names
+    what it asked for."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class QueueFullError(SpecdecError):
     """The waiting queue is at its limit; the client should retry later."""
 

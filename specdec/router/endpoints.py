@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specdec.errors import SpecdecError
+from specdec.router.tools import openai_calls
 
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 10.0  # a server asking for longer is not waited for past this
@@ -55,6 +56,7 @@ class EndpointAnswer:
     seconds: float  # the whole call, retries included
     attempts: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)  # the endpoint's response body
+    tool_calls: list[tuple[str, Any]] = field(default_factory=list)  # (name, arguments) of each call
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,14 @@ class OpenAIEndpoint:
             choice = reply["choices"][0]
             usage = reply.get("usage") or {}
             return EndpointAnswer(
-                text=choice["message"]["content"] or "",
+                text=choice["message"].get("content") or "",
                 finish_reason=choice.get("finish_reason"),
                 prompt_tokens=int(usage.get("prompt_tokens", 0)),
                 completion_tokens=int(usage.get("completion_tokens", 0)),
                 seconds=time.monotonic() - started,
                 attempts=attempts,
                 raw=reply,
+                tool_calls=openai_calls(choice["message"]),
             )
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise EndpointError(self.name, f"answered 200 without a chat completion ({e!r})", 200) from None

@@ -6,8 +6,11 @@ last local answer as its draft - until a tier's answer passes or the cascade end
   the tiers before the last, whose answers would be thrown away); `confidence_below` reads the
   answering model's own raw probabilities of its tokens (`confidence`, through the route's
   calibration when it has one); `schema_invalid` reads the request's `json_schema`
-  (`validators`). A rule that cannot read a tier's answer (confidence of an endpoint's answer, which
-  carries no probabilities) does not fire for it.
+  (`validators`) and the arguments of every tool call (`tools`); `tools_needed` counts the
+  answer's tool calls, when the request offered tools. A rule that cannot read a tier's answer
+  (confidence of an endpoint's answer, which carries no probabilities) does not fire for it.
+- Overrides (`Override`, for API keys granted them - the server's check): a forced tier answers
+  alone, no rule read; a threshold replaces the route's `confidence_below`.
 - Draft reuse: escalating to a local mode, the last local answer is the target's external draft
   (`Request.external_draft`): the target verifies it in wide passes and keeps it up to its first
   disagreement, then generates on as that mode would. The output is exactly the mode's own (greedy:
@@ -39,6 +42,7 @@ from specdec.errors import InvalidRequestError, SpecdecError
 from specdec.request import GenerationResult, Mode, Request
 from specdec.router.endpoints import EndpointError
 from specdec.router.routes import LOCAL_MODES, Route, RoutesConfig, RoutesError
+from specdec.router.tools import Tool, ToolCall, calls_in, check_calls, with_tools
 from specdec.router.validators import SchemaCache, check_json
 from specdec.sampling import SamplingParams
 
@@ -64,6 +68,8 @@ class RouteRecord:
     schema_valid: bool | None  # the returned answer's verdict (None: the request gave no schema)
     fallback: bool = False  # every escalation failed; the answer is an earlier tier's
     spent: tuple[TierSpend, ...] = ()
+    tool_calls_valid: bool | None = None  # every call checked out (None: the request offered no tools)
+    overridden: bool = False  # the request's Override decided (a forced tier or its own threshold)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class RoutedResult:
     finish_reason: str
     record: RouteRecord
     result: GenerationResult | None = field(default=None, repr=False)  # the answering local tier's
+    tool_calls: tuple[ToolCall, ...] = ()  # the answer's, checked
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,18 @@ class Verdict:
     confidence: float | None
     calibrated: float | None
     schema_valid: bool | None
+    tool_calls: tuple[ToolCall, ...] | None = None  # checked (None: the request offered no tools)
+
+
+@dataclass(frozen=True)
+class Override:
+    """A request's own routing (`RouteOverride`; the server checks the caller may)."""
+
+    tier: str | None = None  # answer with this tier of the route's cascade alone
+    confidence_below: float | None = None  # in place of the route's threshold
+
+    def __bool__(self) -> bool:
+        return self.tier is not None or self.confidence_below is not None
 
 
 class Router:
@@ -99,6 +118,8 @@ class Router:
         messages: list[dict[str, str]],
         params: SamplingParams | None = None,
         json_schema: Any = None,
+        tools: tuple[Tool, ...] = (),
+        override: Override | None = None,
     ) -> RoutedResult:
         """Route one chat request in-process (blocking; not from inside a running event loop)."""
 
@@ -106,7 +127,9 @@ class Router:
             [result] = self.engine.generate([request])
             return result
 
-        return asyncio.run(self.agenerate(route_name, messages, params, json_schema, run))
+        return asyncio.run(
+            self.agenerate(route_name, messages, params, json_schema, run, tools=tools, override=override)
+        )
 
     async def agenerate(
         self,
@@ -116,18 +139,27 @@ class Router:
         json_schema: Any,
         run: Callable[[Request], Awaitable[GenerationResult]],
         prompt: list[int] | None = None,
+        tools: tuple[Tool, ...] = (),
+        override: Override | None = None,
     ) -> RoutedResult:
         """Route one chat request; `run` runs a local tier's request to its end. `prompt`: the
-        messages already rendered (the server tokenizes off its event loop)."""
-        route = self.route(route_name)
+        messages (and tools: `tools.with_tools`) already rendered (the server tokenizes off its
+        event loop)."""
+        override = override or Override()
+        route = self._overridden(self.route(route_name), override)
         params = params or SamplingParams()
         validator = None if json_schema is None else self.schemas.validator(json_schema)
-        prompt = self.engine.render_chat(messages) if prompt is None else prompt
+        if prompt is None:
+            prompt = self.engine.render_chat(with_tools(messages, tools))
         reasons: list[str] = []
         fired: list[str] = []
         tiers = list(route.tiers)
         limit = route.rules.input_tokens_above
-        if limit is not None and len(prompt) > limit and len(tiers) > 1:
+        if override.tier is not None:
+            reasons.append(f"route_override.tier {override.tier}")
+            fired.append("override")
+            tiers = [override.tier]
+        elif limit is not None and len(prompt) > limit and len(tiers) > 1:
             reasons.append(f"input_tokens {len(prompt)} > {limit}")
             fired.append("input_tokens_above")
             tiers = tiers[-1:]  # the earlier tiers' answers would not be used
@@ -139,7 +171,7 @@ class Router:
         for i, tier in enumerate(tiers):
             last = i == len(tiers) - 1
             try:
-                answer = await self._run(tier, prompt, messages, tier_params(params, i), local, run)
+                answer = await self._run(tier, prompt, messages, tier_params(params, i), local, run, tools)
             except EndpointError as e:
                 spent.append(TierSpend(tier, 0, 0, error=str(e)))
                 reasons.append(f"{tier} failed: {e}")
@@ -149,18 +181,42 @@ class Router:
                 if answer is None or verdict is None or route.on_endpoint_failure != "primary_answer":
                     raise
                 return self._finish(
-                    route, answer, verdict, reasons, fired, spent, primary_verdict, fallback=True
+                    route, answer, verdict, reasons, fired, spent, primary_verdict, override, fallback=True
                 )
             spent.append(answer.spend)
             local = answer if answer.result is not None else local
-            verdict = check_answer(route, answer.text, answer.token_probs, validator)
+            calls = answer.calls if answer.calls is not None else calls_in(answer.text)
+            checked = check_calls(calls, tools, self.schemas) if tools else None
+            verdict = check_answer(route, answer.text, answer.token_probs, validator, checked)
             if tier == route.primary:
                 primary_verdict = verdict
             if last or not verdict.reasons:
-                return self._finish(route, answer, verdict, reasons, fired, spent, primary_verdict)
+                return self._finish(route, answer, verdict, reasons, fired, spent, primary_verdict, override)
             reasons.extend(verdict.reasons)
             fired.extend(verdict.fired)
         raise AssertionError("the cascade ended without an answer")  # pragma: no cover
+
+    def _overridden(self, route: Route, override: Override) -> Route:
+        """The route as this request's override has it; InvalidRequestError naming the field for
+        one it cannot take."""
+        if override.tier is not None and override.tier not in route.tiers:
+            raise InvalidRequestError(
+                "route_override.tier",
+                f"{override.tier!r} is not a tier of route {route.name!r} (its cascade: {', '.join(route.tiers)})",
+            )
+        threshold = override.confidence_below
+        if threshold is None:
+            return route
+        if not 0 <= threshold <= 1:
+            raise InvalidRequestError(
+                "route_override.confidence_below", f"a threshold in [0, 1], got {threshold}"
+            )
+        if not route.escalate_to or route.primary not in LOCAL_MODES:
+            raise InvalidRequestError(
+                "route_override.confidence_below",
+                f"route {route.name!r} has no local primary with a tier to escalate to",
+            )
+        return replace(route, rules=replace(route.rules, confidence_below=threshold))
 
     def route(self, name: str) -> Route:
         route = self.config.routes.get(name)
@@ -179,9 +235,10 @@ class Router:
         params: SamplingParams,
         previous: _Answer | None,  # the last local tier's answer, if any
         run: Callable[[Request], Awaitable[GenerationResult]],
+        tools: tuple[Tool, ...],
     ) -> _Answer:
         if tier not in LOCAL_MODES:
-            return await asyncio.to_thread(self._endpoint, tier, messages, params)
+            return await asyncio.to_thread(self._endpoint, tier, messages, params, tools)
         draft = previous.result if previous is not None else None
         drafted_by = previous.tier if previous is not None else None
         result = await run(draft_request(self.engine, prompt, params, Mode(tier), draft, drafted_by))
@@ -200,9 +257,13 @@ class Router:
             result,
         )
 
-    def _endpoint(self, tier: str, messages: list[dict[str, str]], params: SamplingParams) -> _Answer:
+    def _endpoint(
+        self, tier: str, messages: list[dict[str, str]], params: SamplingParams, tools: tuple[Tool, ...]
+    ) -> _Answer:
         endpoint = self.config.endpoints[tier]
         fields: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
+        if tools:  # the endpoint's own template renders them; its answer's calls come back parsed
+            fields["tools"] = [t.openai() for t in tools]
         if params.top_p < 1:
             fields["top_p"] = params.top_p
         if params.seed is not None:
@@ -217,6 +278,7 @@ class Router:
             None,
             TierSpend(tier, reply.prompt_tokens, reply.completion_tokens),
             None,
+            reply.tool_calls,
         )
 
     def _finish(
@@ -228,6 +290,7 @@ class Router:
         fired: list[str],
         spent: list[TierSpend],
         primary: Verdict | None,  # the primary's own (None: it was skipped or failed)
+        override: Override,
         fallback: bool = False,
     ) -> RoutedResult:
         record = RouteRecord(
@@ -241,9 +304,13 @@ class Router:
             schema_valid=verdict.schema_valid,
             fallback=fallback,
             spent=tuple(spent),
+            tool_calls_valid=None if verdict.tool_calls is None else all(c.valid for c in verdict.tool_calls),
+            overridden=bool(override),
         )
         tokens = list(answer.result.token_ids) if answer.result is not None else []
-        return RoutedResult(answer.text, tokens, answer.finish_reason, record, answer.result)
+        return RoutedResult(
+            answer.text, tokens, answer.finish_reason, record, answer.result, verdict.tool_calls or ()
+        )
 
 
 @dataclass(frozen=True)
@@ -254,6 +321,7 @@ class _Answer:
     token_probs: torch.Tensor | None  # the answering model's raw probability of each token (local tiers)
     spend: TierSpend
     result: GenerationResult | None
+    calls: list[tuple[str, Any]] | None = None  # an endpoint's tool calls (a local tier's are in its text)
 
 
 def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> None:
@@ -272,10 +340,6 @@ def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> 
                 f"route {route.name!r}: tier 'draft': this pair's draft cannot answer alone (a subset-head "
                 "draft speculates only); use speculative as the small tier"
             )
-        if route.rules.tools_needed is not None:
-            raise RoutesError(
-                f"route {route.name!r}: tools_needed: tool calls are not routed by this server yet"
-            )
         if route.rules.confidence_below is not None and route.primary not in LOCAL_MODES:
             raise RoutesError(
                 f"route {route.name!r}: confidence_below: the primary {route.primary!r} is an endpoint, whose "
@@ -283,7 +347,13 @@ def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> 
             )
 
 
-def check_answer(route: Route, text: str, token_probs: torch.Tensor | None, validator: Any) -> Verdict:
+def check_answer(
+    route: Route,
+    text: str,
+    token_probs: torch.Tensor | None,
+    validator: Any,
+    tool_calls: tuple[ToolCall, ...] | None = None,  # checked (None: the request offered no tools)
+) -> Verdict:
     """The route's rules on one tier's answer: the reasons that fire, with their values."""
     reasons, fired = [], []
     confidence = calibrated = None
@@ -297,13 +367,23 @@ def check_answer(route: Route, text: str, token_probs: torch.Tensor | None, vali
             reasons.append(f"{name} {judged:.3f} < {threshold:g}")
             fired.append("confidence_below")
     schema_valid = None
-    if validator is not None:
+    if validator is not None and not tool_calls:  # an answer that calls tools is checked by its calls
         verdict = check_json(text, validator)
         schema_valid = verdict.valid
         if route.rules.schema_invalid and not verdict.valid:
             reasons.append(f"schema_invalid: {verdict.error}")
             fired.append("schema_invalid")
-    return Verdict(tuple(reasons), tuple(fired), confidence, calibrated, schema_valid)
+    if tool_calls is not None:
+        invalid = [(i, c) for i, c in enumerate(tool_calls) if not c.valid]
+        if route.rules.schema_invalid and invalid:
+            i, call = invalid[0]
+            reasons.append(f"schema_invalid: tool call {i}: {call.error}")
+            fired.append("schema_invalid")
+        needed = route.rules.tools_needed
+        if needed is not None and needed.holds(len(tool_calls)):
+            reasons.append(f"tool calls {len(tool_calls)} {needed}")
+            fired.append("tools_needed")
+    return Verdict(tuple(reasons), tuple(fired), confidence, calibrated, schema_valid, tool_calls)
 
 
 def draft_request(

@@ -91,14 +91,19 @@ def compile_schema(schema: Any, field: str = "json_schema") -> Any:
 
 def check_json(text: str, validator: Any) -> Verdict:
     """Whether `text` is one JSON document `validator` accepts."""
-    from referencing.exceptions import Unresolvable
-
     if validator.schema is True or validator.schema == {}:
         return Verdict(True)
     try:
         document = json.loads(_unfenced(text))
     except ValueError as e:
         return Verdict(False, f"not JSON: {e}")
+    return check_document(document, validator)
+
+
+def check_document(document: Any, validator: Any) -> Verdict:
+    """Whether the parsed JSON `document` is one `validator` accepts (its first error, by path)."""
+    from referencing.exceptions import Unresolvable
+
     try:
         error = next(iter(sorted(validator.iter_errors(document), key=lambda e: e.path)), None)
     except Unresolvable as e:  # a reference that passed the up-front check but names nothing

@@ -221,7 +221,13 @@ async def serve(
         ],
     )
     servicer = SpecDecServicer(
-        engine, engine_loop, keys, router, metrics.observe_route, metrics.observe_feedback
+        engine,
+        engine_loop,
+        keys,
+        router,
+        metrics.observe_route,
+        metrics.observe_feedback,
+        metrics.observe_route_failure,
     )
     add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,7 +1,12 @@
 """API keys: the key file, its reloading on SIGHUP, and the check on every call but health.
 
-The key file holds one key per line; blank lines and `#` comments are ignored; several keys may be
-valid at once, so a key is rotated by adding the new one, reloading, moving clients over, removing
+The key file holds one key per line; blank lines and `#` comments are ignored. After a key, on
+its line, may come the grants it holds beyond plain calls (`GRANTS`):
+
+    sk-team-a-3f9c...                           # may call
+    sk-platform-71d2...  route:force route:threshold
+
+Several keys may be valid at once, so a key is rotated by adding the new one, reloading, moving clients over, removing
 the old one and reloading again. Clients send `authorization: Bearer <key>` metadata. Keys are
 held only as SHA-256 digests and a presented key is compared with every one of them in constant
 time, so neither the timing nor the message of a refusal says which keys exist.
@@ -28,25 +33,38 @@ log = logging.getLogger("specdec.server")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # load balancers and probes call it without a key
 UNAUTHENTICATED_MESSAGE = "missing or invalid API key: send the metadata 'authorization: Bearer <key>'"
+# What a key may be granted: forcing a routed request's tier (the paid frontier tier is a cost
+# decision, not every client's), and overriding a route's confidence threshold.
+GRANTS = ("route:force", "route:threshold")
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def read_key_file(path: Path) -> list[str]:
-    """The keys in `path`; SpecdecError naming the file if it cannot be read or holds none."""
+def read_key_file(path: Path) -> dict[str, frozenset[str]]:
+    """The keys in `path` and the grants of each; SpecdecError naming the file (and the line) if
+    it cannot be read, holds no key, or grants something unknown."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise SpecdecError(f"--api-key-file {path}: cannot read it ({e})") from e
-    keys = [line.strip() for line in text.splitlines()]
-    keys = [k for k in keys if k and not k.startswith("#")]
+    keys: dict[str, frozenset[str]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = line.split()
+        # A comment starts at a word beginning with '#' (a key may hold '#' inside it).
+        words = words[: next((i for i, w in enumerate(words) if w.startswith("#")), len(words))]
+        if not words:
+            continue
+        key, grants = words[0], words[1:]
+        unknown = [g for g in grants if g not in GRANTS]
+        if unknown:
+            raise SpecdecError(
+                f"--api-key-file {path}: line {number}: unknown grant {unknown[0]!r}; known: {', '.join(GRANTS)}"
+            )
+        keys[key] = frozenset(grants)
     if not keys:
         raise SpecdecError(f"--api-key-file {path}: holds no key (one per line; # starts a comment)")
-    bad = [i for i, k in enumerate(keys) if any(c.isspace() for c in k)]
-    if bad:
-        raise SpecdecError(f"--api-key-file {path}: key {bad[0] + 1} contains whitespace")
     return keys
 
 
@@ -56,7 +74,7 @@ class ApiKeys:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
-        self._digests = [_digest(k) for k in read_key_file(path)]
+        self._digests, self._grants = _digested(read_key_file(path))
 
     @property
     def count(self) -> int:
@@ -65,14 +83,19 @@ class ApiKeys:
     def reload(self) -> bool:
         """Re-read the file (SIGHUP). On any problem keep the current keys, log why, return False."""
         try:
-            digests = [_digest(k) for k in read_key_file(self.path)]
+            digests, grants = _digested(read_key_file(self.path))
         except SpecdecError as e:
             log.error("API keys not reloaded, the %d loaded before stay valid: %s", self.count, e)
             return False
         with self._lock:
-            self._digests = digests
+            self._digests, self._grants = digests, grants
         log.info("API keys reloaded from %s: %d key(s)", self.path, len(digests))
         return True
+
+    def grants(self, client: str) -> frozenset[str]:
+        """What the key behind `client` (a `client_of` name) is granted; nothing for other names."""
+        with self._lock:
+            return self._grants.get(client, frozenset())
 
     def client_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """The client a call's metadata authenticates ("key:" + a short digest prefix, which
@@ -87,7 +110,16 @@ class ApiKeys:
         for known in digests:  # every key is compared, whether or not one matched already
             if hmac.compare_digest(known, digest):
                 match = known
-        return None if match is None else "key:" + match.hex()[:12]
+        return None if match is None else _client_name(match)
+
+
+def _client_name(digest: bytes) -> str:
+    return "key:" + digest.hex()[:12]
+
+
+def _digested(keys: dict[str, frozenset[str]]) -> tuple[list[bytes], dict[str, frozenset[str]]]:
+    digests = [_digest(k) for k in keys]
+    return digests, {_client_name(d): g for d, g in zip(digests, keys.values())}
 
 
 def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from specdec.chat import check_message_count
@@ -24,6 +25,9 @@ from specdec.request import (
     Timing,
     TokenLogprob,
 )
+from specdec.router.router import Override
+from specdec.router.tools import Tool, parse_tools
+from specdec.router.validators import SchemaCache
 from specdec.sampling import SamplingParams
 from specdec.v1 import specdec_pb2 as pb
 from specdec.validation import check_prompt_chars
@@ -75,13 +79,7 @@ def prompt_ids(engine: Engine, msg: pb.GenerateRequest) -> list[int]:
     if msg.prompt:
         return engine.encode(msg.prompt)  # refuses text that cannot fit before tokenizing it
     if msg.messages:
-        check_message_count(len(msg.messages))
-        for i, m in enumerate(msg.messages):
-            if m.role not in ROLES:
-                raise InvalidRequestError(
-                    f"messages[{i}].role", f"unknown role {m.role!r}; one of {', '.join(ROLES)}"
-                )
-        return engine.render_chat([{"role": m.role, "content": m.content} for m in msg.messages])
+        return engine.render_chat(chat_messages(msg))
     return list(msg.prompt_token_ids)
 
 
@@ -125,11 +123,39 @@ def request_from_proto(engine: Engine, msg: pb.GenerateRequest, ids: list[int]) 
     )
 
 
-def routed_fields(msg: pb.GenerateRequest) -> tuple[list[dict[str, str]], Any]:
-    """A routed request's messages and parsed json_schema (None: none given), checked: a route
-    serves chats and chooses its tiers' modes itself."""
+def chat_messages(msg: pb.GenerateRequest) -> list[dict[str, str]]:
+    """The request's messages, their count and roles checked."""
+    check_message_count(len(msg.messages))
+    for i, m in enumerate(msg.messages):
+        if m.role not in ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role", f"unknown role {m.role!r}; one of {', '.join(ROLES)}"
+            )
+    return [{"role": m.role, "content": m.content} for m in msg.messages]
+
+
+def is_routed(msg: pb.GenerateRequest) -> bool:
+    """Whether the router answers: a route, or a field only the router reads (refused without one)."""
+    return bool(msg.route or msg.json_schema or msg.tools or msg.HasField("route_override"))
+
+
+@dataclass(frozen=True)
+class RoutedFields:
+    messages: list[dict[str, str]]
+    json_schema: Any  # parsed (None: none given)
+    tools: tuple[Tool, ...]
+    override: Override
+
+
+def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields:
+    """A routed request's own fields, checked: a route serves chats and chooses its tiers' modes
+    itself; a schema, tools and an override need a route."""
     if not msg.route:
-        raise InvalidRequestError("json_schema", "needs a route: the router checks answers against it")
+        given = next(name for name, present in (
+            ("json_schema", bool(msg.json_schema)), ("tools", bool(msg.tools)),
+            ("route_override", msg.HasField("route_override")),
+        ) if present)  # fmt: skip
+        raise InvalidRequestError(given, "needs a route: only the router reads it")
     if not msg.messages:
         raise InvalidRequestError(
             "messages", "a routed request is a chat: give messages (not prompt or prompt_token_ids)"
@@ -143,7 +169,12 @@ def routed_fields(msg: pb.GenerateRequest) -> tuple[list[dict[str, str]], Any]:
             schema = json.loads(msg.json_schema)
         except ValueError as e:
             raise InvalidRequestError("json_schema", f"not valid JSON ({e})") from None
-    return [{"role": m.role, "content": m.content} for m in msg.messages], schema
+    tools = parse_tools([(t.name, t.description, t.parameters) for t in msg.tools], schemas)
+    override = Override()
+    if msg.HasField("route_override"):
+        o = msg.route_override
+        override = Override(o.tier or None, o.confidence_below if o.HasField("confidence_below") else None)
+    return RoutedFields(chat_messages(msg), schema, tools, override)
 
 
 _ENDPOINT_FINISH = {"stop": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
@@ -153,6 +184,10 @@ def routed_response(tokenizer: Any, routed: Any, msg: pb.GenerateRequest) -> pb.
     """A routed answer (router.RoutedResult) with its route record; logprobs only if asked."""
     record = routed.record
     out = pb.GenerateResponse(text=routed.text, token_ids=routed.token_ids, request_id=msg.request_id)
+    out.tool_calls.extend(
+        pb.ToolCall(name=c.name, arguments=c.arguments, valid=c.valid, error=c.error or "")
+        for c in routed.tool_calls
+    )
     result = routed.result
     if result is not None:  # a local tier's
         out.mode = _MODE_TO_PB[Mode(record.tier)]
@@ -172,6 +207,7 @@ def routed_response(tokenizer: Any, routed: Any, msg: pb.GenerateRequest) -> pb.
             escalated=record.escalated,
             reasons=list(record.reasons),
             fallback=record.fallback,
+            overridden=record.overridden,
             spent=[
                 pb.TierSpend(
                     tier=s.tier,
@@ -184,7 +220,7 @@ def routed_response(tokenizer: Any, routed: Any, msg: pb.GenerateRequest) -> pb.
             ],
         )
     )
-    for name in ("confidence", "calibrated_confidence", "schema_valid"):
+    for name in ("confidence", "calibrated_confidence", "schema_valid", "tool_calls_valid"):
         if getattr(record, name) is not None:
             setattr(out.route, name, getattr(record, name))
     return out

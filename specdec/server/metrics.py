@@ -109,6 +109,12 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.route_failures = Counter(
+            "specdec_route_failures",
+            "Routed requests that failed, by route and status (an endpoint down: unavailable)",
+            ["route", "code"],
+            registry=r,
+        )
         self.route_escalation_rate = Gauge(
             "specdec_route_escalation_rate", "Escalated share of the route's last window of requests", ["route"],
             registry=r,
@@ -204,6 +210,10 @@ class Metrics:
             self.route_escalation_baseline.labels(route=route).set(baseline)
             full = window.full
             self.route_drift.labels(route=route).set(float(full and abs(rate - baseline) > drift.tolerance))
+
+    def observe_route_failure(self, route: str, code: str) -> None:
+        """A routed request of a configured route that failed with this status (its name, lower case)."""
+        self.route_failures.labels(route=route, code=code).inc()
 
     def observe_feedback(self, route: str, tier: str, quality: float) -> None:
         self.route_feedback.labels(route=route, tier=tier).inc()

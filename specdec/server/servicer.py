@@ -23,11 +23,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from specdec.engine import Engine, merge_outputs
-from specdec.errors import InvalidRequestError, SpecdecError
+from specdec.errors import InvalidRequestError, PermissionDeniedError, SpecdecError
 from specdec.request import FinishReason, GenerationResult, Request, RequestOutput
 from specdec.router.feedback import ResponseLedger, quality
-from specdec.router.router import Router, RouteRecord
+from specdec.router.router import Override, Router, RouteRecord
 from specdec.router.routes import Drift
+from specdec.router.tools import with_tools
 from specdec.server import convert
 from specdec.server.auth import ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
@@ -118,6 +119,7 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
         router: Router | None = None,
         on_routed: Callable[[RouteRecord, Drift], None] | None = None,
         on_feedback: Callable[[str, str, float], None] | None = None,
+        on_route_failed: Callable[[str, str], None] | None = None,
     ):
         self.engine = engine
         self.engine_loop = loop
@@ -125,6 +127,7 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
         self.router = router  # None: no --routes; a request naming a route is refused
         self.on_routed = on_routed  # metrics: each routed answer's record
         self.on_feedback = on_feedback  # metrics: (route, tier, quality) of each label
+        self.on_route_failed = on_route_failed  # metrics: (route, status) of each failed routed request
         self.ledger = ResponseLedger()  # routed responses that may get feedback, and whose they are
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
@@ -189,19 +192,61 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
                 raise InvalidRequestError(
                     "route", "this server serves no routes (start it with --routes FILE)"
                 )
-            messages, schema = convert.routed_fields(msg)
+            fields = convert.routed_fields(msg, self.router.schemas)
+            self._check_grants(fields.override, client)
             convert.check_text_fits(self.engine, msg)
-            ids = await asyncio.to_thread(convert.prompt_ids, self.engine, msg)
+            ids = await asyncio.to_thread(self.engine.render_chat, with_tools(fields.messages, fields.tools))
             params = convert.request_from_proto(self.engine, msg, ids).params
-            routed = await self.router.agenerate(msg.route, messages, params, schema, run, prompt=ids)
+            routed = await self.router.agenerate(
+                msg.route, fields.messages, params, fields.json_schema, run,
+                prompt=ids, tools=fields.tools, override=fields.override,
+            )  # fmt: skip
         except SpecdecError as e:
-            await context.abort(status_for(e), str(e))
+            code = status_for(e)
+            self._route_failed(msg.route, code)
+            await context.abort(code, str(e))
             raise  # unreachable: abort raises
+        except (
+            Exception
+        ):  # a tier's request aborted the call already (its row failed, or the server stopped it)
+            code = context.code()
+            self._route_failed(
+                msg.route, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+            )
+            raise
         if self.on_routed is not None:
             self.on_routed(routed.record, self.router.route(msg.route).drift)
         response = convert.routed_response(self.engine.tokenizer, routed, msg)
         response.route.response_id = self.ledger.issue(client, routed.record.route, routed.record.tier)
         return response
+
+    def _route_failed(self, route: str, code: grpc.StatusCode) -> None:
+        # Only a configured route is a label: a client's made-up name must not grow the metrics.
+        if (
+            self.on_route_failed is not None
+            and self.router is not None
+            and route in self.router.config.routes
+        ):
+            self.on_route_failed(route, code.name.lower())
+
+    def _check_grants(self, override: Override, client: str) -> None:
+        """A request's route_override needs its API key granted what it overrides."""
+        needed = [grant for grant, asked in (
+            ("route:force", override.tier is not None),
+            ("route:threshold", override.confidence_below is not None),
+        ) if asked]  # fmt: skip
+        if not needed:
+            return
+        if self.keys is None:
+            raise PermissionDeniedError(
+                "route_override",
+                f"needs an API key granted {needed[0]}; this server has no --api-key-file",
+            )
+        missing = [g for g in needed if g not in self.keys.grants(client)]
+        if missing:
+            raise PermissionDeniedError(
+                "route_override", f"this API key is not granted {missing[0]} (the key file grants it)"
+            )
 
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
@@ -222,14 +267,14 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        if request.route or request.json_schema:
+        if convert.is_routed(request):
             return await self._routed(request, context)
         sub = await self._submit(request, context)
         outputs = [out async for out in self._outputs(sub, context)]
         return convert.merged_response(self.engine.tokenizer, outputs)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        if request.route or request.json_schema:
+        if convert.is_routed(request):
             # A routed answer is known only once its tier is decided: the stream is that answer,
             # in one message, when it is (docs/ROUTING.md).
             yield await self._routed(request, context)

@@ -8,6 +8,7 @@ from specdec.errors import (
     CapacityError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     QueueFullError,
     RequestFailedError,
     ShuttingDownError,
@@ -24,6 +25,8 @@ def status_for(error: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, ShuttingDownError):
@@ -41,6 +44,8 @@ def http_error_for(error: BaseException) -> tuple[int, str, str | None]:
         return 404, "invalid_request_error", "model_not_found"
     if isinstance(error, InvalidRequestError):
         return 400, "invalid_request_error", None
+    if isinstance(error, PermissionDeniedError):
+        return 403, "permission_error", None
     if isinstance(error, QueueFullError):
         return 429, "rate_limit_exceeded", None
     if isinstance(error, ShuttingDownError):

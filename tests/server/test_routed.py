@@ -158,6 +158,21 @@ def test_route_metrics_count_tiers_reasons_confidence_and_tokens(server, stub):
     assert after['specdec_route_escalation_rate{route="careful"}'] == 1.0
 
 
+def test_failed_routed_requests_are_counted_by_route_and_status(server, stub):
+    before = scrape_metrics(server.config.metrics_port)
+    for request in (_req("remote"), _req(temperature=-1.0), _req("made-up-route")):
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(request)
+    after = scrape_metrics(server.config.metrics_port)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('specdec_route_failures_total{code="unavailable",route="remote"}') == 1
+    assert delta('specdec_route_failures_total{code="invalid_argument",route="careful"}') == 1
+    assert not any("made-up-route" in name for name in after)  # a client's name is no label
+
+
 def test_drift_flags_an_escalation_rate_that_left_its_baseline():
     from prometheus_client import generate_latest
 

@@ -69,6 +69,20 @@ def test_key_files_are_parsed_and_an_empty_one_never_means_authentication_off(tm
         ApiKeys(tmp_path / "missing")
 
 
+def test_keys_carry_their_grants(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("plain-key  # may call\nadmin#key route:force route:threshold\nops-key route:threshold\n")
+    keys = ApiKeys(path)
+    assert keys.count == 3
+    assert keys.grants(keys.client_of(_auth("plain-key"))) == frozenset()
+    assert keys.grants(keys.client_of(_auth("admin#key"))) == {"route:force", "route:threshold"}
+    assert keys.grants(keys.client_of(_auth("ops-key"))) == {"route:threshold"}
+    assert keys.grants("ipv4:127.0.0.1") == frozenset()
+    path.write_text("a-key route:everything\n")
+    with pytest.raises(SpecdecError, match=r"line 1: unknown grant 'route:everything'; known: route:force"):
+        ApiKeys(path)
+
+
 def test_a_failed_reload_keeps_the_old_keys(key_file, caplog):
     keys = ApiKeys(key_file)
     key_file.write_text("\n# all gone\n")

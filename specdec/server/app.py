@@ -36,6 +36,7 @@ from specdec.scheduler import StepReport
 from specdec.server.auth import ApiKeyInterceptor, ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
 from specdec.server.metrics import Metrics, log_request, status_of
+from specdec.server.routed import Hooks, RoutedService
 from specdec.server.servicer import SpecDecServicer, add_to_server
 from specdec.server.tls import server_credentials
 from specdec.v1 import specdec_pb2 as pb
@@ -220,15 +221,9 @@ async def serve(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    servicer = SpecDecServicer(
-        engine,
-        engine_loop,
-        keys,
-        router,
-        metrics.observe_route,
-        metrics.observe_feedback,
-        metrics.observe_route_failure,
-    )
+    hooks = Hooks(metrics.observe_route, metrics.observe_feedback, metrics.observe_route_failure)
+    routed = RoutedService(engine, router, keys, hooks)  # both protocols' routed requests
+    servicer = SpecDecServicer(engine, engine_loop, keys, routed)
     add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -244,7 +239,7 @@ async def serve(
     if config.http_port:
         from specdec.server.http import HttpServer, OpenAIApp
 
-        app = OpenAIApp(engine, engine_loop, keys, config.max_message_bytes, config.served_model_name)
+        app = OpenAIApp(engine, engine_loop, keys, config.max_message_bytes, config.served_model_name, routed)
         http = HttpServer(
             app, config.host, config.http_port, config.tls_cert, config.tls_key, config.tls_client_ca
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from specdec.chat import check_message_count
@@ -26,9 +25,10 @@ from specdec.request import (
     TokenLogprob,
 )
 from specdec.router.router import Override
-from specdec.router.tools import Tool, parse_tools
+from specdec.router.tools import parse_tools
 from specdec.router.validators import SchemaCache
 from specdec.sampling import SamplingParams
+from specdec.server.routed import RoutedFields
 from specdec.v1 import specdec_pb2 as pb
 from specdec.validation import check_prompt_chars
 
@@ -139,14 +139,6 @@ def is_routed(msg: pb.GenerateRequest) -> bool:
     return bool(msg.route or msg.json_schema or msg.tools or msg.HasField("route_override"))
 
 
-@dataclass(frozen=True)
-class RoutedFields:
-    messages: list[dict[str, str]]
-    json_schema: Any  # parsed (None: none given)
-    tools: tuple[Tool, ...]
-    override: Override
-
-
 def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields:
     """A routed request's own fields, checked: a route serves chats and chooses its tiers' modes
     itself; a schema, tools and an override need a route."""
@@ -174,7 +166,7 @@ def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields
     if msg.HasField("route_override"):
         o = msg.route_override
         override = Override(o.tier or None, o.confidence_below if o.HasField("confidence_below") else None)
-    return RoutedFields(chat_messages(msg), schema, tools, override)
+    return RoutedFields(msg.route, chat_messages(msg), schema, tools, override)
 
 
 _ENDPOINT_FINISH = {"stop": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}

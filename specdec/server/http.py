@@ -45,6 +45,7 @@ from specdec.request import FinishReason, Request, RequestOutput
 from specdec.server import openai_protocol as oa
 from specdec.server.auth import UNAUTHENTICATED_MESSAGE, ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
+from specdec.server.routed import RoutedService
 from specdec.server.status import http_error_for
 from specdec.validation import check_prompt_chars, validate
 
@@ -73,11 +74,13 @@ class OpenAIApp:
         keys: ApiKeys | None,
         max_body_bytes: int,
         served_name: str | None = None,
+        routed: RoutedService | None = None,
     ):
         self.engine = engine
         self.engine_loop = engine_loop
         self.keys = keys
         self.max_body_bytes = max_body_bytes
+        self.routed = routed or RoutedService(engine, None, keys)  # None: no routes are served
         self.models = oa.ServedModels.of(engine, served_name)
         self.pieces = engine.scheduler.pieces  # the detokenizer's token bytes: one cache
         self.created = oa.now()

@@ -16,22 +16,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from specdec.engine import Engine, merge_outputs
-from specdec.errors import InvalidRequestError, PermissionDeniedError, SpecdecError
+from specdec.errors import SpecdecError
 from specdec.request import FinishReason, GenerationResult, Request, RequestOutput
-from specdec.router.feedback import ResponseLedger, quality
-from specdec.router.router import Override, Router, RouteRecord
-from specdec.router.routes import Drift
-from specdec.router.tools import with_tools
 from specdec.server import convert
 from specdec.server.auth import ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
+from specdec.server.routed import RoutedService
 from specdec.server.status import status_for
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -111,24 +107,11 @@ def peer_host(peer: str) -> str:
 
 
 class SpecDecServicer(pb_grpc.SpecDecServicer):
-    def __init__(
-        self,
-        engine: Engine,
-        loop: EngineLoop,
-        keys: ApiKeys | None = None,
-        router: Router | None = None,
-        on_routed: Callable[[RouteRecord, Drift], None] | None = None,
-        on_feedback: Callable[[str, str, float], None] | None = None,
-        on_route_failed: Callable[[str, str], None] | None = None,
-    ):
+    def __init__(self, engine: Engine, loop: EngineLoop, keys: ApiKeys | None, routed: RoutedService):
         self.engine = engine
         self.engine_loop = loop
         self.keys = keys
-        self.router = router  # None: no --routes; a request naming a route is refused
-        self.on_routed = on_routed  # metrics: each routed answer's record
-        self.on_feedback = on_feedback  # metrics: (route, tier, quality) of each label
-        self.on_route_failed = on_route_failed  # metrics: (route, status) of each failed routed request
-        self.ledger = ResponseLedger()  # routed responses that may get feedback, and whose they are
+        self.routed = routed  # routed requests and their feedback (shared with the HTTP API)
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         """Who is calling, for per-client limits and fair admission: the API key (the interceptor
@@ -176,8 +159,9 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
     async def _routed(
         self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        """A request naming a route: the router answers, each local tier's request through the
-        engine loop like any other (same queue, same per-client limit, cancelled with the call)."""
+        """A request naming a route: the router answers (`routed.RoutedService`), each local tier's
+        request through the engine loop like any other (same queue, same per-client limit,
+        cancelled with the call)."""
         client = self._client(context)
         loop = asyncio.get_running_loop()
 
@@ -188,80 +172,41 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
             return merge_outputs([out async for out in self._outputs(sub, context)])
 
         try:
-            if self.router is None:
-                raise InvalidRequestError(
-                    "route", "this server serves no routes (start it with --routes FILE)"
-                )
-            fields = convert.routed_fields(msg, self.router.schemas)
-            self._check_grants(fields.override, client)
+            fields = convert.routed_fields(msg, self.routed.schemas)
             convert.check_text_fits(self.engine, msg)
-            ids = await asyncio.to_thread(self.engine.render_chat, with_tools(fields.messages, fields.tools))
+            ids = await self.routed.prompt(fields, client)
             params = convert.request_from_proto(self.engine, msg, ids).params
-            routed = await self.router.agenerate(
-                msg.route, fields.messages, params, fields.json_schema, run,
-                prompt=ids, tools=fields.tools, override=fields.override,
-            )  # fmt: skip
+            routed, response_id = await self.routed.answer(fields, ids, params, client, run)
         except SpecdecError as e:
             code = status_for(e)
-            self._route_failed(msg.route, code)
+            self.routed.failed(msg.route, code.name.lower())
             await context.abort(code, str(e))
             raise  # unreachable: abort raises
-        except (
-            Exception
-        ):  # a tier's request aborted the call already (its row failed, or the server stopped it)
+        except Exception:
+            # A tier's request aborted the call already: its row failed, or the server stopped it.
             code = context.code()
-            self._route_failed(
-                msg.route, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+            self.routed.failed(
+                msg.route,
+                (code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL).name.lower(),
             )
             raise
-        if self.on_routed is not None:
-            self.on_routed(routed.record, self.router.route(msg.route).drift)
         response = convert.routed_response(self.engine.tokenizer, routed, msg)
-        response.route.response_id = self.ledger.issue(client, routed.record.route, routed.record.tier)
+        response.route.response_id = response_id
         return response
-
-    def _route_failed(self, route: str, code: grpc.StatusCode) -> None:
-        # Only a configured route is a label: a client's made-up name must not grow the metrics.
-        if (
-            self.on_route_failed is not None
-            and self.router is not None
-            and route in self.router.config.routes
-        ):
-            self.on_route_failed(route, code.name.lower())
-
-    def _check_grants(self, override: Override, client: str) -> None:
-        """A request's route_override needs its API key granted what it overrides."""
-        needed = [grant for grant, asked in (
-            ("route:force", override.tier is not None),
-            ("route:threshold", override.confidence_below is not None),
-        ) if asked]  # fmt: skip
-        if not needed:
-            return
-        if self.keys is None:
-            raise PermissionDeniedError(
-                "route_override",
-                f"needs an API key granted {needed[0]}; this server has no --api-key-file",
-            )
-        missing = [g for g in needed if g not in self.keys.grants(client)]
-        if missing:
-            raise PermissionDeniedError(
-                "route_override", f"this API key is not granted {missing[0]} (the key file grants it)"
-            )
 
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.FeedbackResponse:
         try:
-            score = quality(
+            self.routed.feedback(
+                request.response_id,
                 request.score if request.HasField("score") else None,
                 request.correct if request.HasField("correct") else None,
+                self._client(context),
             )
-            answered = self.ledger.take(request.response_id, self._client(context))
         except SpecdecError as e:
             await context.abort(status_for(e), str(e))
             raise  # unreachable: abort raises
-        if self.on_feedback is not None:
-            self.on_feedback(answered.route, answered.tier, score)
         return pb.FeedbackResponse()
 
     async def Generate(

@@ -99,6 +99,16 @@ def tools_message(tools: tuple[Tool, ...]) -> str:
     )
 
 
+def call_block(name: str, arguments: Any) -> str:
+    """One call, written in the format the model is asked for."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}</tool_call>"
+
+
+def without_calls(text: str) -> str:
+    """The answer's text around its call blocks (OpenAI's `content` beside `tool_calls`)."""
+    return _CALL.sub("", text).strip()
+
+
 def with_tools(messages: list[dict[str, str]], tools: tuple[Tool, ...]) -> list[dict[str, str]]:
     """The messages a local tier reads: the tools' description joins the system message (the first
     message, made one when there is none)."""

@@ -39,14 +39,16 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from specdec.engine import Engine
+from specdec.engine import Engine, merge_outputs
 from specdec.errors import InvalidRequestError, ShuttingDownError, SpecdecError
-from specdec.request import FinishReason, Request, RequestOutput
+from specdec.request import FinishReason, GenerationResult, Request, RequestOutput
+from specdec.router.router import Override
+from specdec.router.tools import Tool, calls_in, check_calls, parse_tools, with_tools
 from specdec.server import openai_protocol as oa
 from specdec.server.auth import UNAUTHENTICATED_MESSAGE, ApiKeys
 from specdec.server.engine_loop import EngineLoop, Subscription
-from specdec.server.routed import RoutedService
-from specdec.server.status import http_error_for
+from specdec.server.routed import RoutedFields, RoutedService
+from specdec.server.status import http_error_for, status_for
 from specdec.validation import check_prompt_chars, validate
 
 log = logging.getLogger("specdec.server")
@@ -132,7 +134,7 @@ class OpenAIApp:
             return _error_response(e.status, e.kind, str(e), e.param, e.code)
         except SpecdecError as e:
             status, kind, code = http_error_for(e)
-            param = e.field if isinstance(e, InvalidRequestError) else None
+            param = getattr(e, "field", None)  # the field an InvalidRequest- or PermissionDeniedError names
             return _error_response(status, kind, str(e), param, code)
         except ClientDisconnect:  # gone while sending its body: nobody reads an answer
             return _error_response(499, "invalid_request_error", "client disconnected")
@@ -191,7 +193,13 @@ class OpenAIApp:
         parsed = oa.parse_chat(body, self.models) if chat else oa.parse_completion(body, self.models)
         rid, created = oa.new_id(chat), oa.now()
         try:
-            prompts = await asyncio.to_thread(self._prompt_ids, parsed)
+            tools = parse_tools(parsed.tools, self.routed.schemas)
+        except InvalidRequestError as e:
+            raise oa.tool_field(e) from None
+        if parsed.route:
+            return await self._routed(request, parsed, tools, client, rid, created)
+        try:
+            prompts = await asyncio.to_thread(self._prompt_ids, parsed, tools)
             prediction = await asyncio.to_thread(self._prediction_ids, parsed)
             subs, queue, index_of = self._submit(parsed, prompts, prediction, client, rid)
         except InvalidRequestError as e:
@@ -223,15 +231,75 @@ class OpenAIApp:
                 503, "service_unavailable", cancelled.error or "the server cancelled this request"
             )
         want_logprobs = parsed.logprobs is not None
+        calls = None
+        if tools:
+            calls = {c.index: check_calls(calls_in(c.text), tools, self.routed.schemas) for c in choices}
         body = oa.response_body(
-            chat, rid, created, parsed.model, choices, prompt_tokens, self.pieces, want_logprobs
+            chat, rid, created, parsed.model, choices, prompt_tokens, self.pieces, want_logprobs, calls
         )
         return self._json(body)
 
-    def _prompt_ids(self, parsed: oa.ParsedRequest) -> list[list[int]]:
+    async def _routed(
+        self,
+        request: Any,
+        parsed: oa.ParsedRequest,
+        tools: tuple[Tool, ...],
+        client: str,
+        rid: str,
+        created: int,
+    ) -> Any:
+        """A chat naming a route: the router answers (`routed.RoutedService`, as over gRPC), each
+        local tier's request through the engine loop like any other; a client that leaves cancels
+        the tier running. A stream is the answer in one chunk, once its tier is decided."""
+        fields = RoutedFields(
+            parsed.route, parsed.messages, parsed.json_schema, tools, Override(*parsed.override)
+        )
+        loop = asyncio.get_running_loop()
+
+        async def run(tier_request: Request) -> GenerationResult:
+            tier_request.client, tier_request.request_id, tier_request.user = client, rid, parsed.user
+            queue: asyncio.Queue = asyncio.Queue()
+            sub = self.engine_loop.submit(tier_request, loop, queue)
+            outputs: list[RequestOutput] = []
+            try:
+                while not outputs or not outputs[-1].finished:
+                    outputs.append(await queue.get())
+            finally:
+                self.engine_loop.cancel(sub)
+            return merge_outputs(outputs)
+
+        try:
+            try:
+                prompt = await self.routed.prompt(fields, client)
+                params = dataclasses.replace(
+                    parsed.params, max_new_tokens=parsed.max_tokens_for(len(prompt), self.engine.max_context)
+                )
+                answering = asyncio.ensure_future(self.routed.answer(fields, prompt, params, client, run))
+            except InvalidRequestError as e:
+                raise parsed.wire_field(e) from None
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                done, _ = await asyncio.wait({answering, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if answering not in done:
+                    answering.cancel()
+                    return self._json({}, status=499)  # nobody reads it
+                routed, response_id = answering.result()
+            finally:
+                gone.cancel()
+        except SpecdecError as e:
+            self.routed.failed(parsed.route, status_for(e).name.lower())
+            raise
+        body = oa.routed_body(
+            rid, created, parsed.model, routed, response_id, self.pieces, parsed.logprobs is not None
+        )
+        if not parsed.stream:
+            return self._json(body)
+        return _EventStream(_routed_events(body, parsed.include_usage), lambda: None)
+
+    def _prompt_ids(self, parsed: oa.ParsedRequest, tools: tuple[Tool, ...] = ()) -> list[list[int]]:
         """Token ids of each prompt (a worker thread: the event loop never waits on a tokenizer)."""
         if parsed.chat:
-            return [self.engine.render_chat(parsed.messages)]
+            return [self.engine.render_chat(with_tools(parsed.messages, tools))]
         out = []
         for i, prompt in enumerate(parsed.prompts):
             if isinstance(prompt, str):
@@ -412,6 +480,26 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+async def _routed_events(body: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+    """A routed stream: the whole answer (`oa.routed_body`) as chunks - role and content, the
+    finish with the route record, usage if asked - then [DONE]."""
+    [choice] = body["choices"]
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
+        return oa.stream_chunk(True, body["id"], body["created"], body["model"], choices, **more)
+
+    delta = {k: v for k, v in choice["message"].items() if v is not None}
+    yield _sse(
+        chunk([{"index": 0, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}], **extra)
+    )
+    end = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}
+    yield _sse(chunk([end], **extra, specdec=body["specdec"]))
+    if include_usage:
+        yield _sse(chunk([], usage=body["usage"]))
+    yield "data: [DONE]\n\n"
 
 
 async def _disconnected(request: Any) -> None:

@@ -15,11 +15,15 @@ Fields, in brief (docs/API.md has the whole table):
   (OpenAI's Predicted Outputs: the predicted text is verified as an external draft, which is what
   speculative decoding is for); vLLM's extras top_k, ignore_eos, stop_token_ids; specdec's own
   mode and num_speculative_tokens.
+- tools (function tools; tool_choice auto or none): the model is asked for the call format of
+  `specdec.router.tools`, and the calls in its answer come back as `message.tool_calls` (finish
+  reason `tool_calls`), each checked against its parameters in `specdec.choices[i].tool_calls`.
+  An assistant message's tool_calls (a conversation's history) are written back in that format.
+- specdec's router (chat only; docs/ROUTING.md): route, json_schema (a JSON Schema object), and
+  route_override {tier, confidence_below}; the route record rides in `specdec.choices[0].route`.
 - accepted only at their no-op values (stock clients send them): frequency_penalty, presence_penalty
-  0; logit_bias null or {}; best_of 1; echo false; suffix null; response_format {type: text};
-  tools [], tool_choice none / auto without tools; and the like (`_NO_OP`). Any other value is
-  refused naming the field, never ignored.
-- refused by name until the router exists: route, json_schema.
+  0; logit_bias null or {}; best_of 1; echo false; suffix null; response_format {type: text}; and
+  the like (`_NO_OP`). Any other value is refused naming the field, never ignored.
 - anything else: refused as an unknown field.
 """
 
@@ -115,6 +119,10 @@ class ParsedRequest:
     num_speculative_tokens: int = 0
     prediction: str | None = None
     user: str = ""
+    tools: list[tuple[str, str, str]] = field(default_factory=list)  # (name, description, parameters JSON)
+    route: str = ""  # the router answers (chat only)
+    json_schema: Any = None  # with route: parsed (None: none given)
+    override: tuple[str | None, float | None] = (None, None)  # with route: (tier, confidence_below)
     # Core field name -> the name this client used (for errors raised by the core's validation).
     names: dict[str, str] = field(default_factory=dict)
 
@@ -159,8 +167,6 @@ _NO_OP_COMPLETIONS = {**_NO_OP_COMMON, "best_of": (None, 1), "echo": (None, Fals
 _NO_OP_CHAT = {
     **_NO_OP_COMMON,
     "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
@@ -177,24 +183,29 @@ _NO_OP_CHAT = {
 # Why a refused no-op field is refused (what specdec would need to honour it).
 _NOT_YET = {
     "response_format": "structured output is not implemented yet",
-    "tools": "tool calling is not implemented yet (the router issue maps tools onto its format)",
-    "tool_choice": "tool calling is not implemented yet",
     "functions": "function calling is not implemented yet",
     "function_call": "function calling is not implemented yet",
     "echo": "echoing the prompt is not implemented",
     "best_of": "best_of is not implemented; use n",
     "suffix": "insertion (suffix) is not implemented",
 }
-_ROUTER_FIELDS = {
-    "route": "the router serves routes over gRPC only so far (GenerateRequest.route, docs/ROUTING.md); use model here",
-    "json_schema": "the router checks schemas over gRPC only so far (GenerateRequest.json_schema, with a route)",
+# Fields of chat completions that a completion cannot take, and why.
+_CHAT_ONLY = {
+    "route": "only on /v1/chat/completions: a route serves chats (docs/ROUTING.md)",
+    "json_schema": "only on /v1/chat/completions, with a route",
+    "route_override": "only on /v1/chat/completions, with a route",
+    "tools": "only on /v1/chat/completions",
+    "tool_choice": "only on /v1/chat/completions",
 }
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
     "user", "logprobs", "top_k", "ignore_eos", "stop_token_ids", "mode", "num_speculative_tokens",
 }  # fmt: skip
 _COMPLETIONS = _COMMON | {"prompt"}
-_CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "prediction"}
+_CHAT = _COMMON | {
+    "messages", "max_completion_tokens", "top_logprobs", "prediction", "tools", "tool_choice",
+    "route", "json_schema", "route_override",
+}  # fmt: skip
 
 
 def parse_completion(body: Any, models: ServedModels) -> ParsedRequest:
@@ -233,8 +244,88 @@ def parse_chat(body: Any, models: ServedModels) -> ParsedRequest:
         raise InvalidRequestError(
             "max_completion_tokens", "give max_completion_tokens or max_tokens (its old name), not both"
         )
+    parsed.tools = _tools(body.get("tools"), body.get("tool_choice"))
+    if parsed.tools and parsed.stream and not body.get("route"):
+        raise InvalidRequestError("stream", "tool calls are not streamed yet; use stream: false with tools")
+    _route_fields(parsed, body, models)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return _finish(parsed, body, max_tokens_name=name)
+
+
+def _tools(value: Any, choice: Any) -> list[tuple[str, str, str]]:
+    """OpenAI's function tools as (name, description, parameters as JSON text); their contents
+    are checked by `router.tools.parse_tools`. tool_choice: auto (the default with tools) or none
+    (the tools are not offered)."""
+    if choice not in (None, "auto", "none"):
+        raise InvalidRequestError(
+            "tool_choice",
+            "auto or none; forcing a call (required, or a named function) needs constrained decoding, "
+            "not implemented yet",
+        )
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequestError("tools", "a list of function tools")
+    out = []
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(tool.get("function"), dict)
+        ):
+            raise InvalidRequestError(
+                where, '{"type": "function", "function": {"name": ..., "parameters": ...}}'
+            )
+        function = tool["function"]
+        unknown = sorted(set(function) - {"name", "description", "parameters", "strict"})
+        if unknown:
+            raise InvalidRequestError(f"{where}.function.{unknown[0]}", "unknown function field")
+        name, description = function.get("name"), function.get("description", "")
+        if not isinstance(name, str):
+            raise InvalidRequestError(f"{where}.function.name", "required, a string")
+        if not isinstance(description, str):
+            raise InvalidRequestError(f"{where}.function.description", "must be a string")
+        parameters = function.get("parameters")
+        out.append((name, description, "" if parameters is None else json.dumps(parameters)))
+    return [] if choice == "none" else out
+
+
+def _route_fields(parsed: ParsedRequest, body: dict[str, Any], models: ServedModels) -> None:
+    """specdec's router fields: a route, and the fields only a route reads."""
+    route = body.get("route")
+    rest = [k for k in ("json_schema", "route_override") if body.get(k) is not None]
+    if route is None:
+        if rest:
+            raise InvalidRequestError(rest[0], "needs a route: only the router reads it")
+        return
+    if not isinstance(route, str) or not route:
+        raise InvalidRequestError("route", "a route name of the server's --routes file")
+    if body.get("mode") is not None or parsed.model != models.name:
+        field = "mode" if body.get("mode") is not None else "model"
+        raise InvalidRequestError(
+            field, f"a route chooses its tiers' modes: use model {models.name!r} and leave mode unset"
+        )
+    for name, given in (
+        ("num_speculative_tokens", bool(parsed.num_speculative_tokens)),
+        ("n", parsed.n != 1),
+        ("prediction", parsed.prediction is not None),
+    ):
+        if given:
+            raise InvalidRequestError(name, "a route chooses its tiers and answers once; leave it unset")
+    parsed.route = route
+    if body.get("json_schema") is not None:
+        parsed.json_schema = body["json_schema"]
+    override = body.get("route_override")
+    if override is not None:
+        if not isinstance(override, dict) or set(override) - {"tier", "confidence_below"}:
+            raise InvalidRequestError("route_override", "an object with tier and/or confidence_below")
+        tier, threshold = override.get("tier"), override.get("confidence_below")
+        if tier is not None and (not isinstance(tier, str) or not tier):
+            raise InvalidRequestError("route_override.tier", "a tier of the route's cascade")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise InvalidRequestError("route_override.confidence_below", "a number in [0, 1]")
+        parsed.override = (tier, None if threshold is None else float(threshold))
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -247,8 +338,8 @@ def _check_fields(body: dict[str, Any], known: set[str], no_op: dict[str, tuple[
     for name, value in body.items():
         if name in known:
             continue
-        if name in _ROUTER_FIELDS:
-            raise InvalidRequestError(name, _ROUTER_FIELDS[name])
+        if name in _CHAT_ONLY:
+            raise InvalidRequestError(name, _CHAT_ONLY[name])
         if name in no_op:
             if any(_same_value(value, allowed) for allowed in no_op[name]):
                 continue
@@ -457,6 +548,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
         for key, v in m.items():
             if key in ("role", "content") or (key in _EMPTY_MESSAGE_FIELDS and not v):
                 continue
+            if key == "tool_calls" and role == "assistant":
+                message["content"] += _written_calls(v, f"{where}.tool_calls")
+                continue
             if key in _PASSED_MESSAGE_FIELDS and isinstance(v, str):
                 message[key] = v  # for templates that use them (the rest ignore them, as vLLM's do)
                 continue
@@ -472,11 +566,34 @@ def _messages(value: Any) -> list[dict[str, str]]:
 _PASSED_MESSAGE_FIELDS = ("name", "tool_call_id")
 _EMPTY_MESSAGE_FIELDS = ("tool_calls", "function_call", "refusal", "audio")
 _MESSAGE_FIELD_PROBLEMS = {
-    "tool_calls": "tool calling is not implemented yet (only an empty list)",
+    "tool_calls": "only an assistant message makes tool calls",
     "function_call": "function calling is not implemented yet",
     "name": "must be a string",
     "tool_call_id": "must be a string",
 }
+
+
+def _written_calls(value: Any, where: str) -> str:
+    """An assistant message's earlier tool calls, written back as the model was asked to write them
+    (`router.tools`), so the conversation reads as it went."""
+    from specdec.router.tools import call_block
+
+    if not isinstance(value, list):
+        raise InvalidRequestError(where, "a list of tool calls")
+    blocks = []
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(
+                f"{where}[{j}]", '{"type": "function", "function": {"name": ..., "arguments": ...}}'
+            )
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise InvalidRequestError(f"{where}[{j}].function.arguments", "not valid JSON") from None
+        blocks.append(call_block(function["name"], arguments))
+    return "".join(blocks)
 
 
 def _content(value: Any, where: str) -> str:
@@ -545,6 +662,40 @@ class Choice:
             self.last = out
 
 
+def tool_field(error: InvalidRequestError) -> InvalidRequestError:
+    """`router.tools`' error for a tool, naming the field as this wire format nests it
+    (tools[0].name -> tools[0].function.name)."""
+    head, dot, rest = error.field.partition("].")
+    if not error.field.startswith("tools[") or not dot:
+        return error
+    name = f"{head}].function.{rest}"
+    return InvalidRequestError(name, str(error).removeprefix(f"{error.field}: "))
+
+
+def tool_message(text: str, calls: tuple[Any, ...]) -> tuple[dict[str, Any], str | None]:
+    """The chat message of an answer that may call tools (its calls checked: router.tools), and
+    the finish reason the calls set (None: they set none)."""
+    from specdec.router.tools import without_calls
+
+    if not calls:
+        return {"role": "assistant", "content": text}, None
+    tool_calls = [
+        {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+         "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]  # fmt: skip
+    return {
+        "role": "assistant",
+        "content": without_calls(text) or None,
+        "tool_calls": tool_calls,
+    }, "tool_calls"
+
+
+def checked_calls(calls: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Each call's verdict, for the `specdec` key (OpenAI's objects have no place for it)."""
+    return [{"name": c.name, "valid": c.valid, "error": c.error} for c in calls]
+
+
 def specdec_extra(index: int, out: RequestOutput) -> dict[str, Any]:
     """specdec's figures for one finished choice (the `specdec` key's entries)."""
     stats = out.stats or SpecStats()
@@ -576,15 +727,17 @@ def response_body(
     prompt_tokens: int,
     pieces: TokenPieces,
     logprobs: bool,
+    calls: dict[int, tuple[Any, ...]] | None = None,
 ) -> dict[str, Any]:
-    """A unary response: `chat.completion`, or the legacy `text_completion`."""
+    """A unary response: `chat.completion`, or the legacy `text_completion`. `calls`: each chat
+    choice's tool calls, checked (the request offered tools)."""
 
     def one(c: Choice) -> dict[str, Any]:
         reason = finish_reason(c.last.finish_reason if c.last else None)
         if chat:
             lp = {"content": chat_logprobs(pieces, c.logprobs)} if logprobs else None
-            return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
-                    "finish_reason": reason}  # fmt: skip
+            message, by_calls = tool_message(c.text, (calls or {}).get(c.index, ()))
+            return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": by_calls or reason}
         lp = completion_logprobs(pieces, c.logprobs, 0) if logprobs else None
         return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": reason}
 
@@ -595,7 +748,48 @@ def response_body(
         "model": model,
         "choices": [one(c) for c in choices],
         "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices)),
-        "specdec": {"choices": [specdec_extra(c.index, c.last) for c in choices if c.last]},
+        "specdec": {"choices": [
+            {**specdec_extra(c.index, c.last), **({"tool_calls": checked_calls(calls.get(c.index, ()))} if calls else {})}
+            for c in choices if c.last
+        ]},
+    }  # fmt: skip
+
+
+_ENDPOINT_REASONS = ("stop", "length", "tool_calls", "content_filter")
+
+
+def routed_body(
+    rid: str, created: int, model: str, routed: Any, response_id: str, pieces: TokenPieces, logprobs: bool
+) -> dict[str, Any]:
+    """A routed answer (router.RoutedResult) as a `chat.completion`: usage and figures are the
+    answering tier's (every tier's spend is in the record), the route record - with the
+    response id `Feedback` names - in `specdec.choices[0].route`."""
+    result = routed.result  # the answering local tier's (None: an endpoint answered)
+    record = {**dataclasses.asdict(routed.record), "response_id": response_id}
+    if result is not None:
+        reason = finish_reason(result.finish_reason)
+        tokens = (result.prompt_tokens, result.completion_tokens)
+        extra = {"index": 0, "mode": routed.record.tier, "seed": result.seed,
+                 "stats": result.stats.as_dict(), "timing": result.timing.as_dict()}  # fmt: skip
+        lp = {"content": chat_logprobs(pieces, result.logprobs)} if logprobs else None
+    else:
+        reason = routed.finish_reason if routed.finish_reason in _ENDPOINT_REASONS else "stop"
+        spent = routed.record.spent[-1]
+        tokens = (spent.prompt_tokens, spent.completion_tokens)
+        extra = {"index": 0, "mode": None, "seed": None, "stats": None, "timing": None}
+        lp = None
+    message, by_calls = tool_message(routed.text, routed.tool_calls)
+    extra["route"] = record
+    if routed.record.tool_calls_valid is not None:
+        extra["tool_calls"] = checked_calls(routed.tool_calls)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": by_calls or reason}],
+        "usage": usage(*tokens),
+        "specdec": {"choices": [extra]},
     }
 
 

@@ -18,6 +18,7 @@ from specdec.router.feedback import Answered, ResponseLedger, quality
 from specdec.router.router import Override, RoutedResult, Router, RouteRecord
 from specdec.router.routes import Drift
 from specdec.router.tools import Tool, with_tools
+from specdec.router.validators import SchemaCache
 from specdec.sampling import SamplingParams
 from specdec.server.auth import ApiKeys
 
@@ -49,10 +50,9 @@ class RoutedService:
         self.keys = keys
         self.hooks = hooks or Hooks()
         self.ledger = ResponseLedger()  # routed responses that may get feedback, and whose they are
-
-    @property
-    def schemas(self) -> Any:
-        return self.serving().schemas
+        # Compiled JSON Schemas (json_schema, tool parameters): the router's, or one of our own for
+        # tools on plain chats of a server without routes.
+        self.schemas = router.schemas if router is not None else SchemaCache()
 
     def serving(self) -> Router:
         if self.router is None:

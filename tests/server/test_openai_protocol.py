@@ -115,7 +115,8 @@ def test_chat_messages_and_parts():
     assert named.messages == [{"role": "user", "content": "a", "name": "bob"}]  # for templates that use it
     for bad, where in (
         ({"role": ["user"], "content": "a"}, "messages[0].role"),  # no TypeError (a 500)
-        ({"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}, "messages[0].tool_calls"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}, "messages[0].tool_calls[0]"),
+        ({"role": "user", "content": "", "tool_calls": [{"id": "x"}]}, "messages[0].tool_calls"),
         ({"role": "user", "content": "a", "name": 3}, "messages[0].name"),
     ):
         with pytest.raises(InvalidRequestError) as e:

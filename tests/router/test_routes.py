@@ -213,3 +213,8 @@ def test_the_documented_example_file_loads():
     example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "routes-demo.yaml"
     route = load_routes(example).routes["code"]
     assert route.primary == "draft" and route.rules.confidence_below == 0.05
+    smollm2 = load_routes(example.with_name("routes-smollm2.yaml"))
+    route = smollm2.routes["assistant"]
+    assert route.primary == "speculative" and route.escalate_to == ("frontier",)
+    assert route.rules.tools_needed == Comparison(">", 1) and route.on_endpoint_failure == "primary_answer"
+    assert smollm2.endpoints["frontier"].base_url == "http://127.0.0.1:8101/v1"

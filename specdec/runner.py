@@ -64,12 +64,20 @@ class ModelRunner:
         """Write the next `n` prompt tokens of each (row, n) into the caches that serve the row, in
         one ragged pass per model with no logits. A row's prompt but its last token is prefilled
         in chunks (`Sequence.prefilled`); the last token is the first input of its first decoding
-        pass, which yields logits."""
+        pass, which yields logits.
+
+        A row with an external draft (a routed answer, a predicted output) leaves its prompt's
+        last chunk out of the target's pass: its first verify pass reads that chunk and the draft
+        together (`speculative._verify_groups` gives it a pass apart from decoding rows), so an
+        answer the target agrees with costs ⌈(prompt + answer) / budget⌉ target passes, not a
+        prefill pass more."""
         for model, cache, modes in (
             (self.target, self.target_cache, _TARGET_MODES),
             (self.draft, self.draft_cache, _DRAFT_MODES),
         ):
             rows = [(s, n) for s, n in chunks if s.mode in modes and n > 0]
+            if model is self.target:
+                rows = [(s, n) for s, n in rows if not _defers_last_chunk(s, n)]
             if model is None or cache is None or not rows:
                 continue
             batch = make_batch(
@@ -80,8 +88,9 @@ class ModelRunner:
             )
             model.model(batch, cache)
         for s, n in chunks:
+            deferred = _defers_last_chunk(s, n)
             s.prefilled += n
-            if s.mode in _TARGET_MODES:
+            if s.mode in _TARGET_MODES and not deferred:
                 s.target_len = s.prefilled
             if s.mode in _DRAFT_MODES:
                 s.draft_len = s.prefilled
@@ -146,3 +155,11 @@ class ModelRunner:
                 key = (t.kind, t.batch, t.width)
                 best[key] = min(t.seconds, best.get(key, float("inf")))
         return [PassTiming(kind, b, width, seconds) for (kind, b, width), seconds in best.items()]
+
+
+def _defers_last_chunk(seq: Sequence, n: int) -> bool:
+    """Whether this chunk completes the prompt of a row whose target verifies an external draft
+    next: then the verify pass, not the target's prefill pass, writes it (`ModelRunner.prefill`)."""
+    return (
+        bool(seq.external_pending) and seq.mode in _TARGET_MODES and seq.prefilled + n >= seq.num_prompt - 1
+    )

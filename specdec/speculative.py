@@ -130,31 +130,49 @@ class SpeculativeStep:
         drafts = self._draft(drafting, passes, len(model_drafted), needed) if drafting else None
         scored = [p for p in plans if p.external is not None and p.external_q]
         external_q = self._score_externals(scored) if scored else None
-        verified = self._verify(plans, drafts, external_q) if plans else None
+        # Where each plan's proposals and q are: its row of the draft passes (model drafts), or of
+        # the q stacked after theirs (scored external chunks); -1: none.
+        draft_row = {id(p): i for i, p in enumerate(model_drafted)}
+        q_offset = drafts.probs.shape[0] if drafts is not None and drafts.probs is not None else 0
+        q_row = {id(p): q_offset + i for i, p in enumerate(scored)} | draft_row
+        order: list[int] = []  # the plans' indices in the order of the verified rows
+        verified = None
+        if plans:
+            top_n = max(
+                (p.seq.request.params.top_logprobs for p in plans if p.seq.request.params.logprobs),
+                default=-1,
+            )
+            q = _stack_q(drafts.probs if drafts else None, external_q)
+            parts = []
+            for group in _verify_groups(plans):
+                chosen = [plans[b] for b in group]
+                rows_of = ([draft_row.get(id(p), -1) for p in chosen], [q_row.get(id(p), -1) for p in chosen])
+                parts.append(self._verify(chosen, drafts, q, rows_of, top_n))
+                order += group
+            verified = _stack_verified(parts)
         readback = _read_back(self.device, verified, drafts)
 
         outcomes: list[RowOutcome] = []
-        draft_index = 0
         verify, draft = readback.verify, readback.draft
-        for b, plan in enumerate(plans):
+        for r, b in enumerate(order):
+            plan = plans[b]
             assert verify is not None
-            accepted = verify.accepted[b]
+            accepted = verify.accepted[r]
             error, draft_fed = None, None
             if plan.gamma > 0 and plan.external is None:
                 assert draft is not None
                 # Proposals 1..passes-1 went through the draft; the accepted ones among them are
                 # valid draft cache (the last proposal and the correction/bonus are not in it).
                 draft_fed = min(accepted, passes - 1)
-                error = _row_error(draft.status[draft_index], "draft")
-                draft_index += 1
+                error = _row_error(draft.status[draft_row[id(plan)]], "draft")
             elif plan.external is not None and plan.external_q:
                 # The wide pass fed every unseen token and the chunk but its last token.
                 draft_fed = min(accepted, len(plan.external) - 1)
-            error = _row_error(verify.status[b], "target") or error
-            emitted = verify.tokens[b][: accepted + 1]
-            logprobs = _logprobs_of(plan.seq, verify.logprobs, b, emitted)
+            error = _row_error(verify.status[r], "target") or error
+            emitted = verify.tokens[r][: accepted + 1]
+            logprobs = _logprobs_of(plan.seq, verify.logprobs, r, emitted)
             outcomes.append(RowOutcome(plan.seq, emitted, plan.gamma, accepted, draft_fed, error, logprobs))
-        for r, seq in enumerate(draft_only, start=draft_index):
+        for r, seq in enumerate(draft_only, start=len(model_drafted)):
             assert draft is not None
             error = _row_error(draft.status[r], "draft")
             tokens = draft.tokens[r]
@@ -250,32 +268,30 @@ class SpeculativeStep:
     # ------------------------------------------------------------------------- verify + accept
 
     def _verify(
-        self, plans: list[RowPlan], drafts: _Drafts | None, external_q: torch.Tensor | None = None
+        self,
+        plans: list[RowPlan],
+        drafts: _Drafts | None,
+        q: torch.Tensor | None,
+        rows_of: tuple[list[int], list[int]],
+        top_n: int,
     ) -> _Verified:
-        """Target pass over [pending tokens, drafts] per row, and acceptance. `external_q`: the
-        scored external chunks' q (`_score_externals`), in the order of their rows in `plans`."""
+        """One target pass over [pending tokens, drafts] per row, and acceptance. `q`: the model
+        drafts' and scored external chunks' q, stacked (`_stack_q`); rows_of: each plan's row of
+        the draft passes' proposals and of `q` (-1: none). top_n: the step's most top logprobs
+        asked (-1: no row asks), so that the groups' logprobs stack."""
         device = self.device
         rows, columns, placements = [], [], []
-        q_row, point_mass = [], []  # where each row's q comes from
-        q_model = drafts.probs if drafts is not None else None
-        di = 0
-        xi = q_model.shape[0] if q_model is not None else 0  # scored chunks follow the model drafts' q
+        point_mass = [p.external is not None and not p.external_q for p in plans]
+        draft_rows, q_row = rows_of
         for b, plan in enumerate(plans):
             seq = plan.seq
             pending = seq.tokens[seq.target_len :]
-            q_row.append(-1)
-            point_mass.append(plan.external is not None and not plan.external_q)
             if plan.external is not None:
-                if plan.external_q:
-                    q_row[-1] = xi
-                    xi += 1
                 inputs = pending + plan.external
             else:
                 inputs = pending + [0] * plan.gamma  # model drafts are placed on the device below
                 if plan.gamma:
-                    placements.append((b, len(pending), di, plan.gamma))
-                    q_row[-1] = di
-                    di += 1
+                    placements.append((b, len(pending), draft_rows[b], plan.gamma))
             rows.append(Row(seq.slot, seq.target_len, inputs))
             columns.append([len(pending) - 1 + i for i in range(plan.gamma + 1)])
         batch = make_batch(rows, device, self.capacity, logits_columns=columns)
@@ -296,7 +312,6 @@ class SpeculativeStep:
         cols = (first[:, None] + torch.arange(g, device=device)[None, :]).clamp(max=batch.tokens.shape[1] - 1)
         draft_tokens = torch.gather(batch.tokens, 1, cols)  # [B, G]
         num_drafts = _device_ints([p.gamma for p in plans], device)
-        q = _stack_q(q_model, external_q)
         q_rows = _device_ints(q_row, device)
         point_masses = torch.tensor(point_mass).to(device, non_blocking=True)
         with self.timer.measure(PassKind.VERIFY, len(plans), g + 1):
@@ -305,9 +320,8 @@ class SpeculativeStep:
                 logits, draft_tokens, num_drafts, plans, q, q_rows, point_masses
             )
         logprobs = None
-        want = [p.seq.request.params for p in plans if p.seq.request.params.logprobs]
-        if want:
-            logprobs = Logprobs.of(logits, tokens, max(p.top_logprobs for p in want), self.vocab_size)
+        if top_n >= 0:
+            logprobs = Logprobs.of(logits, tokens, top_n, self.vocab_size)
         return _Verified(accepted, status, tokens, logprobs)
 
     def accept(
@@ -345,6 +359,45 @@ class SpeculativeStep:
             torch.where(greedy[:, None], tokens, s_tok),
             torch.where(greedy, status, s_status),
         )
+
+
+def _verify_groups(plans: list[RowPlan]) -> list[list[int]]:
+    """The plans' indices, grouped into target passes: rows that still have prompt tokens to
+    prefill - a row with an external draft defers its prompt's last chunk to this pass, so that
+    prompt + draft cost one pass (`runner.prefill`) - pass apart from the rest, which a pass padded
+    to their width would slow. A row of the rest has 1 or 2 pending tokens."""
+    wide = [b for b, p in enumerate(plans) if len(p.seq.tokens) - p.seq.target_len > 2]
+    narrow = [b for b in range(len(plans)) if b not in set(wide)]
+    return [group for group in (narrow, wide) if group]
+
+
+def _stack_verified(parts: list[_Verified]) -> _Verified:
+    """The groups' acceptance as one (rows in group order; tokens and logprobs padded to the
+    widest), so the step still reads the device once."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.tokens.shape[1] for p in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    logprobs = None
+    if parts[0].logprobs is not None:
+        padded = [
+            Logprobs(
+                pad(p.logprobs.chosen),
+                torch.nn.functional.pad(p.logprobs.top_values, (0, 0, 0, width - p.tokens.shape[1])),
+                torch.nn.functional.pad(p.logprobs.top_ids, (0, 0, 0, width - p.tokens.shape[1])),
+            )
+            for p in parts
+            if p.logprobs is not None
+        ]
+        logprobs = Logprobs(
+            *(torch.cat([getattr(lp, f) for lp in padded]) for f in ("chosen", "top_values", "top_ids"))
+        )
+    return _Verified(
+        torch.cat([p.accepted for p in parts]),
+        torch.cat([p.status for p in parts]),
+        torch.cat([pad(p.tokens) for p in parts]),
+        logprobs,
+    )
 
 
 def _stack_q(model: torch.Tensor | None, external: torch.Tensor | None) -> torch.Tensor | None:

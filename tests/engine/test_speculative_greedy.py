@@ -117,6 +117,35 @@ def test_external_draft_equal_to_the_target_is_accepted_whole(engines):
     assert result.stats.verify_steps == 1 and result.stats.accepted_tokens == 19  # one verify pass
 
 
+def test_an_external_draft_reads_its_prompt_in_a_pass_apart_from_decoding_rows(engines, monkeypatch):
+    """A row with an external draft defers its prompt's last chunk to its first verify pass, which
+    runs apart from the decoding rows (a pass padded to its width would slow them): every row's
+    output is still the target's own, and no verify pass wider than γ + 1 holds another row."""
+    engine = engines("llama")
+    prompts = [p for p in _prompts(9, 12) if len(p) > 8][:3]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    references = engine.generate(prompts, params, mode=Mode.TARGET)
+    passes = []  # (rows, width) of each target pass that yields logits (a verify pass)
+    model = engine.target.model
+    real = model.forward
+
+    def record(batch, *args, **kwargs):
+        if batch.logits_index is None or batch.logits_index.shape[1]:
+            passes.append(tuple(batch.tokens.shape))
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", record)
+    requests = [engine.make_request(p, params, Mode.SPECULATIVE, 2) for p in prompts[:2]]
+    requests.append(
+        engine.make_request(prompts[2], params, Mode.SPECULATIVE, external_draft=references[2].token_ids[:11])
+    )
+    results = engine.generate(requests)
+    assert [r.token_ids for r in results] == [r.token_ids for r in references]
+    assert results[2].stats.verify_steps == 1 and results[2].stats.accepted_tokens == 11
+    wide = [(rows, width) for rows, width in passes if width > 3]
+    assert wide == [(1, len(prompts[2]) + 11)], passes  # the prompt and the draft, in one pass alone
+
+
 def test_wrong_external_draft_is_corrected(engines):
     engine = engines("llama")
     prompt = _prompts(6, 1)[0]

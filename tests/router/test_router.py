@@ -93,8 +93,8 @@ def test_a_long_input_skips_the_small_tier(engine):
 
 def test_an_agreeing_answer_costs_no_per_token_decoding(engine, monkeypatch):
     """primary: target, then speculative: the second tier's target agrees with every token and
-    verifies the whole answer in one wide pass after its prefill (96 tokens: past the 64 a pass
-    once took), where the primary took a pass per token."""
+    reads prompt + answer in one pass - ⌈(prompt + answer) / prefill budget⌉ = 1 - where the
+    primary took a pass per token (96 tokens: past the 64 a pass once took)."""
     params = SamplingParams(max_new_tokens=96, ignore_eos=True)
     router = _router(engine, {"confidence_below": 1.0}, primary="target", escalate_to="speculative")
     model = engine.target.model
@@ -109,9 +109,9 @@ def test_an_agreeing_answer_costs_no_per_token_decoding(engine, monkeypatch):
     routed = router.generate("r", MESSAGES, params)
     assert routed.token_ids == alone.token_ids and routed.record.spent[1].draft_tokens_reused == 96
     prompt = len(engine.render_chat(MESSAGES))
-    assert per_token >= 96 and len(widths) == per_token + 2
-    # The prompt but its last token, then one pass over [its last token + 95 drafts]: 96 tokens.
-    assert widths[per_token:] == [prompt - 1, 96], widths
+    assert per_token >= 96 and len(widths) == per_token + 1
+    # One pass: the prompt and the answer's first 95 tokens as drafts (the 96th is the bonus).
+    assert widths[per_token:] == [prompt + 95], widths
 
 
 def test_a_sampled_small_answer_is_scored_in_one_draft_pass(engine, monkeypatch):
@@ -131,13 +131,13 @@ def test_a_sampled_small_answer_is_scored_in_one_draft_pass(engine, monkeypatch)
     small, escalated = routed.record.spent
     assert routed.record.tier == "speculative" and small.completion_tokens == 40
     prompt = len(engine.render_chat(MESSAGES))
-    # The draft tier: prefill, then a pass per token. Then the speculative tier's prefill (both
-    # models) and its first step: the answer's first 39 tokens are the chunk (a step emits at most
-    # chunk + 1 tokens, and 40 may be emitted), scored in one draft pass over the last prompt token
-    # and the chunk but its last token, and verified in one target pass.
+    # The draft tier: prefill, then a pass per token. Then the speculative tier's draft prefill
+    # and its first step: the answer's first 39 tokens are the chunk (a step emits at most chunk +
+    # 1 tokens, and 40 may be emitted), scored in one draft pass over the last prompt token and the
+    # chunk but its last token, and verified in one target pass that reads the prompt too.
     first = draft_widths.index(prompt - 1, 1)  # the second prefill: the speculative tier's
     assert draft_widths[first + 1] == 39, draft_widths
-    assert target_widths[1] == 40, target_widths  # [last prompt token + 39 drafts]
+    assert target_widths[0] == prompt + 39, target_widths  # [the prompt + 39 drafts]
     assert escalated.draft_tokens_reused >= 1  # the tiny pair agrees at its first token, at least
 
 

@@ -314,7 +314,10 @@ class SpeculativeStep:
         num_drafts = _device_ints([p.gamma for p in plans], device)
         q_rows = _device_ints(q_row, device)
         point_masses = torch.tensor(point_mass).to(device, non_blocking=True)
-        with self.timer.measure(PassKind.VERIFY, len(plans), g + 1):
+        # The cost model prices a verify pass by γ + 1; a pass that also reads a prompt's last
+        # chunk (`_verify_groups`) is priced by what it reads.
+        width = batch.tokens.shape[1] if batch.tokens.shape[1] > g + 2 else g + 1
+        with self.timer.measure(PassKind.VERIFY, len(plans), width):
             logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
             accepted, tokens, status = self.accept(
                 logits, draft_tokens, num_drafts, plans, q, q_rows, point_masses
@@ -366,9 +369,9 @@ def _verify_groups(plans: list[RowPlan]) -> list[list[int]]:
     prefill - a row with an external draft defers its prompt's last chunk to this pass, so that
     prompt + draft cost one pass (`runner.prefill`) - pass apart from the rest, which a pass padded
     to their width would slow. A row of the rest has 1 or 2 pending tokens."""
-    wide = [b for b, p in enumerate(plans) if len(p.seq.tokens) - p.seq.target_len > 2]
-    narrow = [b for b in range(len(plans)) if b not in set(wide)]
-    return [group for group in (narrow, wide) if group]
+    wide = {b for b, p in enumerate(plans) if len(p.seq.tokens) - p.seq.target_len > 2}
+    narrow = [b for b in range(len(plans)) if b not in wide]
+    return [group for group in (narrow, sorted(wide)) if group]
 
 
 def _stack_verified(parts: list[_Verified]) -> _Verified:

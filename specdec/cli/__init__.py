@@ -7,6 +7,7 @@ import logging
 import sys
 
 from specdec.cli import bench, convert, distill, generate, serve
+from specdec.cli import eval as eval_command
 from specdec.errors import SpecdecError
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     distill.add_parsers(sub)
     convert.add_parser(sub)
+    eval_command.add_parser(sub)
     return parser
 
 

@@ -41,7 +41,7 @@ import torch
 from specdec.errors import InvalidRequestError, SpecdecError
 from specdec.request import GenerationResult, Mode, Request
 from specdec.router.endpoints import EndpointError
-from specdec.router.routes import LOCAL_MODES, Route, RoutesConfig, RoutesError
+from specdec.router.routes import LOCAL_MODES, Route, RoutesConfig, RoutesError, Rules
 from specdec.router.tools import Tool, ToolCall, calls_in, check_calls, with_tools
 from specdec.router.validators import SchemaCache, check_json
 from specdec.sampling import SamplingParams
@@ -154,13 +154,13 @@ class Router:
         reasons: list[str] = []
         fired: list[str] = []
         tiers = list(route.tiers)
-        limit = route.rules.input_tokens_above
+        too_long = input_too_long(route.rules, len(prompt))
         if override.tier is not None:
             reasons.append(f"route_override.tier {override.tier}")
             fired.append("override")
             tiers = [override.tier]
-        elif limit is not None and len(prompt) > limit and len(tiers) > 1:
-            reasons.append(f"input_tokens {len(prompt)} > {limit}")
+        elif too_long is not None and len(tiers) > 1:
+            reasons.append(too_long)
             fired.append("input_tokens_above")
             tiers = tiers[-1:]  # the earlier tiers' answers would not be used
         spent: list[TierSpend] = []
@@ -347,6 +347,67 @@ def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> 
             )
 
 
+@dataclass(frozen=True)
+class AnswerFacts:
+    """What the rules read of one answer: measured live (`facts_of`), or recorded (`specdec eval`
+    replays a route over recorded answers with the very same `rules_fired`)."""
+
+    confidence: float | None  # raw (None: no token probabilities, an endpoint's answer)
+    calibrated: float | None  # through the route's calibration, when it has one
+    schema_valid: bool | None  # against json_schema (None: none given, or the answer calls tools)
+    schema_error: str | None = None  # why not
+    tool_calls: tuple[ToolCall, ...] | None = None  # checked (None: the request offered no tools)
+
+
+def facts_of(
+    route: Route,
+    text: str,
+    token_probs: torch.Tensor | None,
+    validator: Any,
+    tool_calls: tuple[ToolCall, ...] | None = None,
+) -> AnswerFacts:
+    confidence = calibrated = None
+    if token_probs is not None:
+        confidence = route.confidence(token_probs)
+        calibrated = route.calibration(confidence) if route.calibration is not None else None
+    schema_valid = schema_error = None
+    if validator is not None and not tool_calls:  # an answer that calls tools is checked by its calls
+        verdict = check_json(text, validator)
+        schema_valid, schema_error = verdict.valid, verdict.error
+    return AnswerFacts(confidence, calibrated, schema_valid, schema_error, tool_calls)
+
+
+def rules_fired(rules: Rules, facts: AnswerFacts) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The rules that fire on an answer: (reasons with their values, rule names)."""
+    reasons, fired = [], []
+    judged = facts.calibrated if facts.calibrated is not None else facts.confidence
+    threshold = rules.confidence_below
+    if threshold is not None and judged is not None and judged < threshold:
+        name = "calibrated confidence" if facts.calibrated is not None else "confidence"
+        reasons.append(f"{name} {judged:.3f} < {threshold:g}")
+        fired.append("confidence_below")
+    if rules.schema_invalid and facts.schema_valid is False:
+        reasons.append(f"schema_invalid: {facts.schema_error}")
+        fired.append("schema_invalid")
+    if facts.tool_calls is not None:
+        invalid = [(i, c) for i, c in enumerate(facts.tool_calls) if not c.valid]
+        if rules.schema_invalid and invalid:
+            i, call = invalid[0]
+            reasons.append(f"schema_invalid: tool call {i}: {call.error}")
+            fired.append("schema_invalid")
+        needed = rules.tools_needed
+        if needed is not None and needed.holds(len(facts.tool_calls)):
+            reasons.append(f"tool calls {len(facts.tool_calls)} {needed}")
+            fired.append("tools_needed")
+    return tuple(reasons), tuple(fired)
+
+
+def input_too_long(rules: Rules, prompt_tokens: int) -> str | None:
+    """The reason `input_tokens_above` fires on a prompt of this length, or None."""
+    limit = rules.input_tokens_above
+    return f"input_tokens {prompt_tokens} > {limit}" if limit is not None and prompt_tokens > limit else None
+
+
 def check_answer(
     route: Route,
     text: str,
@@ -355,35 +416,9 @@ def check_answer(
     tool_calls: tuple[ToolCall, ...] | None = None,  # checked (None: the request offered no tools)
 ) -> Verdict:
     """The route's rules on one tier's answer: the reasons that fire, with their values."""
-    reasons, fired = [], []
-    confidence = calibrated = None
-    if token_probs is not None:
-        confidence = route.confidence(token_probs)
-        calibrated = route.calibration(confidence) if route.calibration is not None else None
-        threshold = route.rules.confidence_below
-        judged = calibrated if calibrated is not None else confidence
-        if threshold is not None and judged < threshold:
-            name = "calibrated confidence" if calibrated is not None else "confidence"
-            reasons.append(f"{name} {judged:.3f} < {threshold:g}")
-            fired.append("confidence_below")
-    schema_valid = None
-    if validator is not None and not tool_calls:  # an answer that calls tools is checked by its calls
-        verdict = check_json(text, validator)
-        schema_valid = verdict.valid
-        if route.rules.schema_invalid and not verdict.valid:
-            reasons.append(f"schema_invalid: {verdict.error}")
-            fired.append("schema_invalid")
-    if tool_calls is not None:
-        invalid = [(i, c) for i, c in enumerate(tool_calls) if not c.valid]
-        if route.rules.schema_invalid and invalid:
-            i, call = invalid[0]
-            reasons.append(f"schema_invalid: tool call {i}: {call.error}")
-            fired.append("schema_invalid")
-        needed = route.rules.tools_needed
-        if needed is not None and needed.holds(len(tool_calls)):
-            reasons.append(f"tool calls {len(tool_calls)} {needed}")
-            fired.append("tools_needed")
-    return Verdict(tuple(reasons), tuple(fired), confidence, calibrated, schema_valid, tool_calls)
+    facts = facts_of(route, text, token_probs, validator, tool_calls)
+    reasons, fired = rules_fired(route.rules, facts)
+    return Verdict(reasons, fired, facts.confidence, facts.calibrated, facts.schema_valid, tool_calls)
 
 
 def draft_request(

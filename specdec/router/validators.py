@@ -94,7 +94,7 @@ def check_json(text: str, validator: Any) -> Verdict:
     if validator.schema is True or validator.schema == {}:
         return Verdict(True)
     try:
-        document = json.loads(_unfenced(text))
+        document = json.loads(unfenced(text))
     except ValueError as e:
         return Verdict(False, f"not JSON: {e}")
     return check_document(document, validator)
@@ -114,7 +114,8 @@ def check_document(document: Any, validator: Any) -> Verdict:
     return Verdict(False, f"at {where}: {error.message}")
 
 
-def _unfenced(text: str) -> str:
+def unfenced(text: str) -> str:
+    """The answer without one Markdown code fence around it (```json ... ```)."""
     body = text.strip()
     if body.startswith("```") and body.endswith("```") and len(body) >= 6:
         body = body[3:-3]

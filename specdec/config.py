@@ -25,8 +25,10 @@ class EngineConfig:
     max_gamma: int = 8  # γmax: the most drafts per row per step
     default_gamma: int = 4  # γ for speculative rows that do not force one, until adaptive γ decides
     # External draft tokens verified per row per step (the rest wait); within it the step's budget
-    # below holds them too. As large as that budget: a whole routed answer verifies in one pass.
-    max_external_draft: int = 2048
+    # below holds them too. 512 lets a whole routed answer (128 tokens by default) verify in one
+    # pass while bounding the pass's [tokens, vocabulary] float32 tensors (p, q, logprobs: 100 MB
+    # each at 49k vocabulary).
+    max_external_draft: int = 512
     # Prompt tokens prefilled per step, padding included (rows x the widest chunk), and the budget
     # external drafts share in the verify pass: long prompts are chunked across steps while the
     # running rows go on decoding. 2048 (vLLM's long-standing default for chunked prefill) bounds a

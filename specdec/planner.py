@@ -236,7 +236,10 @@ class GammaPlanner:
             return
         for t in timings:
             if t.kind is PassKind.VERIFY:
-                self.costs.observe_verify(t.batch, t.width, t.seconds)
+                # The policy chooses among widths up to γmax + 1; a pass over a long external draft
+                # or a deferred prompt chunk would only pull that curve's level about.
+                if t.width <= self.config.max_gamma + 1:
+                    self.costs.observe_verify(t.batch, t.width, t.seconds)
             elif t.kind is PassKind.DRAFT:
                 self.costs.observe_draft(t.batch, t.seconds)
             elif t.kind is PassKind.CATCHUP:

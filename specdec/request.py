@@ -40,7 +40,9 @@ class Request:
     # The external draft was sampled by this engine's draft model from this same prompt under these
     # same sampling settings (the router's small answer): a sampled speculative row then verifies
     # it against the draft's own q - recomputed for the whole chunk in one wide draft pass - instead
-    # of as point masses. Both are exact; q accepts more (min(1, p/q) instead of p).
+    # of as point masses. Both are exact - q as far as the recomputed q is the one sampled from,
+    # which is why the router asks for it only with a float32 draft and no top-k / top-p
+    # (`router.draft_request`); q accepts more (min(1, p/q) instead of p).
     external_draft_from_draft: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     # Who sent it (an API key's name, a peer host; "" in-process): waiting requests are admitted

@@ -53,7 +53,7 @@ class ModelRunner:
             sorted(set(target.config.eos_token_ids) | ({target.tokenizer.eos_token_id} - {None}))
         )
         self.step = SpeculativeStep(
-            target, draft, self.target_cache, self.draft_cache, self.vocab_size, kernels
+            target, draft, self.target_cache, self.draft_cache, self.vocab_size, kernels, config.max_gamma
         )
 
     @property

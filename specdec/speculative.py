@@ -106,7 +106,9 @@ class SpeculativeStep:
         draft_cache: KVCache | None,
         vocab_size: int,
         kernels: AcceptKernels | None = None,
+        max_gamma: int = 8,
     ):
+        self.max_gamma = max_gamma  # a verify pass wider than γmax + 2 is run apart (_verify_groups)
         self.target = target
         self.draft = draft
         self.target_cache = target_cache
@@ -133,8 +135,9 @@ class SpeculativeStep:
         # Where each plan's proposals and q are: its row of the draft passes (model drafts), or of
         # the q stacked after theirs (scored external chunks); -1: none.
         draft_row = {id(p): i for i, p in enumerate(model_drafted)}
-        q_offset = drafts.probs.shape[0] if drafts is not None and drafts.probs is not None else 0
-        q_row = {id(p): q_offset + i for i, p in enumerate(scored)} | draft_row
+        has_model_q = drafts is not None and drafts.probs is not None  # only when a drafting row samples
+        q_offset = drafts.probs.shape[0] if has_model_q else 0
+        q_row = {id(p): q_offset + i for i, p in enumerate(scored)} | (draft_row if has_model_q else {})
         order: list[int] = []  # the plans' indices in the order of the verified rows
         verified = None
         if plans:
@@ -144,7 +147,7 @@ class SpeculativeStep:
             )
             q = _stack_q(drafts.probs if drafts else None, external_q)
             parts = []
-            for group in _verify_groups(plans):
+            for group in _verify_groups(plans, self.max_gamma):
                 chosen = [plans[b] for b in group]
                 rows_of = ([draft_row.get(id(p), -1) for p in chosen], [q_row.get(id(p), -1) for p in chosen])
                 parts.append(self._verify(chosen, drafts, q, rows_of, top_n))
@@ -364,12 +367,13 @@ class SpeculativeStep:
         )
 
 
-def _verify_groups(plans: list[RowPlan]) -> list[list[int]]:
-    """The plans' indices, grouped into target passes: rows that still have prompt tokens to
-    prefill - a row with an external draft defers its prompt's last chunk to this pass, so that
-    prompt + draft cost one pass (`runner.prefill`) - pass apart from the rest, which a pass padded
-    to their width would slow. A row of the rest has 1 or 2 pending tokens."""
-    wide = {b for b, p in enumerate(plans) if len(p.seq.tokens) - p.seq.target_len > 2}
+def _verify_groups(plans: list[RowPlan], max_gamma: int) -> list[list[int]]:
+    """The plans' indices, grouped into target passes: rows wider than any decoding row can be -
+    a long external draft, or a prompt's last chunk that a row with an external draft defers to
+    this pass so that prompt + draft cost one pass (`runner.prefill`) - pass apart from the rest,
+    which a pass padded to their width would slow. A decoding row reads 1 or 2 pending tokens and
+    at most γmax drafts."""
+    wide = {b for b, p in enumerate(plans) if len(p.seq.tokens) - p.seq.target_len + p.gamma > max_gamma + 2}
     narrow = [b for b in range(len(plans)) if b not in wide]
     return [group for group in (narrow, sorted(wide)) if group]
 

@@ -21,7 +21,7 @@ import torch
 from specdec.eval.data import Example
 from specdec.eval.scorers import score
 from specdec.router.confidence import DEFAULT_Q, METHODS, ConfidenceMethod
-from specdec.router.router import Override, Router, facts_of
+from specdec.router.router import Override, Router, answering_spend, facts_of
 from specdec.router.routes import LOCAL_MODES, Route
 from specdec.router.tools import Tool, ToolCall, parse_tools
 from specdec.router.validators import SchemaCache
@@ -129,7 +129,7 @@ class LocalTiers:
         probs = None
         if routed.result is not None:
             probs = torch.tensor([lp.logprob for lp in routed.result.logprobs], dtype=torch.float64).exp()
-        spent = routed.record.spent[-1]
+        spent = answering_spend(routed.record)
         return TierReply(routed.text, probs, routed.tool_calls, spent.prompt_tokens, spent.completion_tokens)
 
 

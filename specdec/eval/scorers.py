@@ -70,7 +70,7 @@ def json_fields(answer: str, example: Example) -> float:
         raise ScorerError("json_fields: `fields` must list keys of `expected`")
     try:
         got = json.loads(unfenced(answer))
-    except ValueError:
+    except (ValueError, RecursionError):
         return 0.0
     return float(isinstance(got, dict) and all(f in got and got[f] == example.expected[f] for f in fields))
 

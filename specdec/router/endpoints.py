@@ -146,7 +146,7 @@ class OpenAIEndpoint:
                 if status == 200:
                     try:
                         return json.loads(data), attempt
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         raise EndpointError(
                             self.name, "answered 200 with a body that is not JSON", 200
                         ) from None
@@ -216,6 +216,6 @@ def _error_message(data: bytes) -> str:
         error = json.loads(data).get("error")
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])[:500]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     return data[:200].decode("utf-8", "replace") or "(empty body)"

@@ -72,6 +72,11 @@ class RouteRecord:
     overridden: bool = False  # the request's Override decided (a forced tier or its own threshold)
 
 
+def answering_spend(record: RouteRecord) -> TierSpend:
+    """What the answering tier spent (after a fallback the last spend is the failed tier's)."""
+    return next(s for s in reversed(record.spent) if s.tier == record.tier and s.error is None)
+
+
 @dataclass(frozen=True)
 class RoutedResult:
     text: str
@@ -434,11 +439,23 @@ def draft_request(
 
     An answer of the draft tier, escalated to speculative, is verified against the draft model's
     own q (`Request.external_draft_from_draft`): it was sampled from that q, under these settings.
-    Anything else - the target tier, which keeps no draft cache, or an answer of another tier - is
-    verified as point masses, which is exact for any proposal but accepts only with probability p."""
+    The q is recomputed in one wide pass, so this needs the recomputation to give the numbers the
+    answer was drawn from: a float32 draft (reduced precision differs by ~1e-2 between pass
+    shapes) and no top-k / top-p (a token at the truncation's edge could fall out of the
+    recomputed support, where q = 0 would always accept it). Anything else - those, the target
+    tier (which keeps no draft cache), an answer of another tier - is verified as point masses,
+    which is exact for any proposal but accepts only with probability p."""
     asked = replace(params, logprobs=True, top_logprobs=params.top_logprobs if params.logprobs else 0)
     external = list(draft.token_ids) if draft is not None and draft.token_ids else None
-    from_draft = external is not None and drafted_by == Mode.DRAFT.value and mode is Mode.SPECULATIVE
+    reproducible = engine.draft is not None and engine.draft.dtype == torch.float32
+    untruncated = params.top_k == 0 and params.top_p >= 1
+    from_draft = (
+        external is not None
+        and drafted_by == Mode.DRAFT.value
+        and mode is Mode.SPECULATIVE
+        and reproducible
+        and untruncated
+    )
     return engine.make_request(
         prompt, asked, mode, external_draft=external, external_draft_from_draft=from_draft
     )

@@ -77,7 +77,7 @@ def parse_tools(raw: list[tuple[str, str, str]], schemas: SchemaCache) -> tuple[
         if parameters:
             try:
                 schema = json.loads(parameters)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise InvalidRequestError(f"{at}.parameters", f"not valid JSON ({e})") from None
             if not isinstance(schema, dict) or schema.get("type", "object") != "object":
                 raise InvalidRequestError(
@@ -127,7 +127,7 @@ def calls_in(text: str) -> list[tuple[str, Any]]:
     for block in _CALL.findall(text):
         try:
             call = json.loads(block)
-        except ValueError:
+        except (ValueError, RecursionError):
             calls.append(("", block.strip()))
             continue
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
@@ -149,7 +149,7 @@ def openai_calls(message: dict[str, Any]) -> list[tuple[str, Any]]:
         arguments = function.get("arguments", "{}")
         if isinstance(arguments, str):
             # Text that is not JSON stays text: check_calls says it is not a JSON object.
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 arguments = json.loads(arguments)
         calls.append((function["name"], arguments))
     return calls

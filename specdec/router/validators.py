@@ -95,7 +95,7 @@ def check_json(text: str, validator: Any) -> Verdict:
         return Verdict(True)
     try:
         document = json.loads(unfenced(text))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # nested past the parser's depth: not JSON we can read
         return Verdict(False, f"not JSON: {e}")
     return check_document(document, validator)
 

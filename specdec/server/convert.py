@@ -24,7 +24,7 @@ from specdec.request import (
     Timing,
     TokenLogprob,
 )
-from specdec.router.router import Override
+from specdec.router.router import Override, answering_spend
 from specdec.router.tools import parse_tools
 from specdec.router.validators import SchemaCache
 from specdec.sampling import SamplingParams
@@ -148,7 +148,7 @@ def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields
             ("route_override", msg.HasField("route_override")),
         ) if present)  # fmt: skip
         raise InvalidRequestError(given, "needs a route: only the router reads it")
-    if not msg.messages:
+    if not msg.messages or msg.prompt or msg.prompt_token_ids:
         raise InvalidRequestError(
             "messages", "a routed request is a chat: give messages (not prompt or prompt_token_ids)"
         )
@@ -159,7 +159,7 @@ def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields
     if msg.json_schema:
         try:
             schema = json.loads(msg.json_schema)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise InvalidRequestError("json_schema", f"not valid JSON ({e})") from None
     tools = parse_tools([(t.name, t.description, t.parameters) for t in msg.tools], schemas)
     override = Override()
@@ -187,7 +187,7 @@ def routed_response(tokenizer: Any, routed: Any, msg: pb.GenerateRequest) -> pb.
         if msg.logprobs:
             out.logprobs.extend(_logprobs(tokenizer, result.logprobs))
     else:
-        spent = record.spent[-1]
+        spent = answering_spend(record)
         out.finish_reason = _ENDPOINT_FINISH.get(routed.finish_reason, pb.FINISH_REASON_STOP)
         out.usage.CopyFrom(
             pb.Usage(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens)

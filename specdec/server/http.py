@@ -252,7 +252,12 @@ class OpenAIApp:
         local tier's request through the engine loop like any other; a client that leaves cancels
         the tier running. A stream is the answer in one chunk, once its tier is decided."""
         fields = RoutedFields(
-            parsed.route, parsed.messages, parsed.json_schema, tools, Override(*parsed.override)
+            parsed.route,
+            parsed.messages,
+            parsed.json_schema,
+            tools,
+            Override(*parsed.override),
+            parsed.endpoint_messages,
         )
         loop = asyncio.get_running_loop()
 
@@ -283,7 +288,10 @@ class OpenAIApp:
                 if answering not in done:
                     answering.cancel()
                     return self._json({}, status=499)  # nobody reads it
-                routed, response_id = answering.result()
+                try:
+                    routed, response_id = answering.result()
+                except InvalidRequestError as e:  # a tier's request refused (max_tokens past the room, ...)
+                    raise parsed.wire_field(e) from None
             finally:
                 gone.cancel()
         except SpecdecError as e:
@@ -492,6 +500,8 @@ async def _routed_events(body: dict[str, Any], include_usage: bool) -> AsyncIter
         return oa.stream_chunk(True, body["id"], body["created"], body["model"], choices, **more)
 
     delta = {k: v for k, v in choice["message"].items() if v is not None}
+    if "tool_calls" in delta:  # a stream's tool calls carry their index (OpenAI's chunk schema)
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
     yield _sse(
         chunk([{"index": 0, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}], **extra)
     )

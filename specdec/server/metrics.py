@@ -202,6 +202,9 @@ class Metrics:
             )
         if record.fallback:
             self.route_fallbacks.labels(route=route).inc()
+        if record.overridden:
+            # The caller chose the tier or the threshold: not the traffic's drift, so not in the window.
+            return
         with self._route_lock:
             window = self._windows.setdefault(route, _EscalationWindow(drift.window, drift.baseline))
             rate, baseline = window.add(record.escalated)

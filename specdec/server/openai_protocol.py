@@ -120,6 +120,9 @@ class ParsedRequest:
     prediction: str | None = None
     user: str = ""
     tools: list[tuple[str, str, str]] = field(default_factory=list)  # (name, description, parameters JSON)
+    # The conversation as an endpoint tier is sent it: assistant tool_calls kept as OpenAI's
+    # (`messages` has them written into the content, as a local model reads them).
+    endpoint_messages: list[dict[str, Any]] = field(default_factory=list)
     route: str = ""  # the router answers (chat only)
     json_schema: Any = None  # with route: parsed (None: none given)
     override: tuple[str | None, float | None] = (None, None)  # with route: (tier, confidence_below)
@@ -224,8 +227,9 @@ def parse_chat(body: Any, models: ServedModels) -> ParsedRequest:
     """A /v1/chat/completions body, checked (InvalidRequestError naming the field)."""
     body = _object(body)
     _check_fields(body, _CHAT, _NO_OP_CHAT)
-    messages = _messages(body.get("messages"))
+    messages, endpoint_messages = _messages(body.get("messages"))
     parsed = _common(body, models, chat=True, prompts=[], messages=messages)
+    parsed.endpoint_messages = endpoint_messages
     want = body.get("logprobs")
     top = body.get("top_logprobs")
     if want is not None and not isinstance(want, bool):
@@ -530,11 +534,12 @@ def _prompts(value: Any) -> list[str | list[int]]:
     )
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """The conversation as a local model reads it, and as an OpenAI endpoint is sent it."""
     if not isinstance(value, list) or not value:
         raise InvalidRequestError("messages", "required: a non-empty list of {role, content} objects")
     check_message_count(len(value))
-    out = []
+    out, endpoint = [], []
     for i, m in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -545,20 +550,25 @@ def _messages(value: Any) -> list[dict[str, str]]:
                 f"{where}.role", f"unknown role {role!r}; one of {', '.join(CHAT_ROLES)}"
             )
         message = {"role": CHAT_ROLES[role], "content": _content(m.get("content"), f"{where}.content")}
+        sent: dict[str, Any] = dict(message)
         for key, v in m.items():
             if key in ("role", "content") or (key in _EMPTY_MESSAGE_FIELDS and not v):
                 continue
             if key == "tool_calls" and role == "assistant":
                 message["content"] += _written_calls(v, f"{where}.tool_calls")
+                sent["tool_calls"] = v
                 continue
             if key in _PASSED_MESSAGE_FIELDS and isinstance(v, str):
-                message[key] = v  # for templates that use them (the rest ignore them, as vLLM's do)
+                message[key] = sent[key] = (
+                    v  # for templates that use them (the rest ignore them, as vLLM's do)
+                )
                 continue
             raise InvalidRequestError(
                 f"{where}.{key}", _MESSAGE_FIELD_PROBLEMS.get(key, "unknown message field")
             )
         out.append(message)
-    return out
+        endpoint.append(sent)
+    return out, endpoint
 
 
 # Message fields handed to the chat template as they are, fields accepted only when empty, and why
@@ -590,7 +600,7 @@ def _written_calls(value: Any, where: str) -> str:
         arguments = function.get("arguments", "{}")
         try:
             arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidRequestError(f"{where}[{j}].function.arguments", "not valid JSON") from None
         blocks.append(call_block(function["name"], arguments))
     return "".join(blocks)
@@ -677,12 +687,16 @@ def tool_message(text: str, calls: tuple[Any, ...]) -> tuple[dict[str, Any], str
     the finish reason the calls set (None: they set none)."""
     from specdec.router.tools import without_calls
 
+    # A block not in the asked form names no function: its verdict is in `specdec`, not a call.
+    calls = tuple(c for c in calls if c.name)
+    # A block not in the asked form names no function: its verdict is in `specdec`, not a call.
+    calls = tuple(c for c in calls if c.name)
     if not calls:
         return {"role": "assistant", "content": text}, None
     tool_calls = [
-        {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+        {"index": i, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
          "function": {"name": c.name, "arguments": c.arguments}}
-        for c in calls
+        for i, c in enumerate(calls)
     ]  # fmt: skip
     return {
         "role": "assistant",
@@ -774,7 +788,9 @@ def routed_body(
         lp = {"content": chat_logprobs(pieces, result.logprobs)} if logprobs else None
     else:
         reason = routed.finish_reason if routed.finish_reason in _ENDPOINT_REASONS else "stop"
-        spent = routed.record.spent[-1]
+        from specdec.router.router import answering_spend
+
+        spent = answering_spend(routed.record)
         tokens = (spent.prompt_tokens, spent.completion_tokens)
         extra = {"index": 0, "mode": None, "seed": None, "stats": None, "timing": None}
         lp = None

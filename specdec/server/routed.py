@@ -32,6 +32,9 @@ class RoutedFields:
     json_schema: Any  # parsed (None: none given)
     tools: tuple[Tool, ...]
     override: Override
+    # The conversation as an endpoint tier is sent it, when it differs from `messages` (an
+    # assistant's earlier tool calls, which `messages` writes into the content for local models).
+    endpoint_messages: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class RoutedService:
         """The router's answer and the response id issued for it (scoped to `client`)."""
         router = self.serving()
         routed = await router.agenerate(
-            fields.route, fields.messages, params, fields.json_schema, run,
+            fields.route, fields.endpoint_messages or fields.messages, params, fields.json_schema, run,
             prompt=prompt, tools=fields.tools, override=fields.override,
         )  # fmt: skip
         if self.hooks.routed is not None:

@@ -321,3 +321,46 @@ def test_q_verification_is_for_the_drafts_own_answers_in_speculative_mode(engine
         PROMPT, greedy, Mode.SPECULATIVE, external_draft=answer, external_draft_from_draft=True
     )
     assert engine.generate([request])[0].token_ids == target.token_ids
+
+
+def test_a_scored_answer_beside_greedy_drafting_rows(engine, small_answers):
+    """The step's q holds only the scored chunks when every drafting row is greedy: the greedy rows
+    read none of it, and every row is still right."""
+    from specdec.router.router import draft_request
+
+    answer = small_answers[1]
+    params = dataclasses.replace(REUSE, max_new_tokens=8, seed=11)
+
+    def scored():
+        request = draft_request(engine, PROMPT, params, Mode.SPECULATIVE, answer, "draft")
+        request.num_speculative_tokens = 3
+        return request
+
+    [alone] = engine.generate([scored()])
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    prompts = [[3, 4, 6], [7, 1]]
+    targets = engine.generate(prompts, greedy, mode=Mode.TARGET)
+    batch = engine.generate(
+        [engine.make_request(p, greedy, Mode.SPECULATIVE, 2) for p in prompts] + [scored()]
+    )
+    assert all(r.error is None for r in batch)
+    assert [r.token_ids for r in batch[:2]] == [t.token_ids for t in targets]
+    assert batch[2].token_ids == alone.token_ids
+
+
+def test_q_verification_only_where_the_recomputed_q_is_the_sampled_one(engine, small_answers):
+    from specdec.router.router import draft_request
+
+    answer = small_answers[0]
+
+    def ask(**p):
+        return draft_request(
+            engine, PROMPT, dataclasses.replace(REUSE, **p), Mode.SPECULATIVE, answer, "draft"
+        )
+
+    assert ask().external_draft_from_draft  # float32, untruncated
+    assert not ask(top_p=0.9).external_draft_from_draft and not ask(top_k=5).external_draft_from_draft
+    assert not draft_request(engine, PROMPT, REUSE, Mode.TARGET, answer, "draft").external_draft_from_draft
+    assert not draft_request(
+        engine, PROMPT, REUSE, Mode.SPECULATIVE, answer, "speculative"
+    ).external_draft_from_draft

@@ -95,6 +95,18 @@ def test_bad_completion_fields_are_refused_by_name(fields, param):
     assert e.value.field == param and str(e.value).startswith(param)
 
 
+def test_a_block_not_in_the_asked_form_is_no_tool_call():
+    from specdec.router.tools import ToolCall
+
+    good = ToolCall("w", '{"c": 1}', True)
+    bad = ToolCall("", "garbage", False, "not a tool call of the form asked for")
+    message, reason = oa.tool_message("<tool_call>garbage</tool_call>", (bad,))
+    assert reason is None and "tool_calls" not in message
+    message, reason = oa.tool_message("hi <tool_call>x</tool_call>", (good, bad))
+    assert reason == "tool_calls" and [c["function"]["name"] for c in message["tool_calls"]] == ["w"]
+    assert message["content"] == "hi"
+
+
 def test_chat_messages_and_parts():
     parsed = oa.parse_chat(
         {"model": "tiny", "messages": [

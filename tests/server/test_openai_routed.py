@@ -39,9 +39,10 @@ class _ToolEndpoint(http.server.BaseHTTPRequestHandler):
     """An OpenAI chat endpoint that calls get_weather for each of `cities`."""
 
     cities: ClassVar[list] = ["Paris", "Oslo"]
+    bodies: ClassVar[list] = []
 
     def do_POST(self):  # the stdlib handler's name for it
-        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         calls = [{"id": f"c{i}", "type": "function",
                   "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
                  for i, c in enumerate(type(self).cities)]  # fmt: skip
@@ -164,6 +165,30 @@ def test_an_endpoints_tool_calls_are_the_messages_tool_calls(engine, server):
 SHORT = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}  # the tiny context
 
 
+def test_a_routed_stream_with_tool_calls_and_an_endpoint_gets_the_history_as_openais(engine, server):
+    history = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c0", "content": "sunny"},
+    ]  # fmt: skip
+    _ToolEndpoint.bodies.clear()
+    stream = _client(server).chat.completions.create(
+        **{**_sdk(engine), "messages": history}, tools=[WEATHER], stream=True, extra_body={"route": "agent"}
+    )
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    calls = [call for d in deltas for call in (d.tool_calls or [])]
+    assert [c.index for c in calls] == [0, 1] and [c.function.name for c in calls] == ["get_weather"] * 2
+    # The endpoint got the history in OpenAI's own shape, not the local model's written-out calls.
+    [body] = _ToolEndpoint.bodies
+    assistant, tool = body["messages"][1:]
+    assert (
+        assistant["tool_calls"][0]["function"]["name"] == "get_weather"
+        and "<tool_call>" not in assistant["content"]
+    )
+    assert tool == {"role": "tool", "content": "sunny", "tool_call_id": "c0"}
+
+
 def test_tools_and_their_history_reach_a_plain_chats_prompt(engine, server):
     question = {"role": "user", "content": "Oslo?"}
     history = [
@@ -215,6 +240,10 @@ def test_overrides_need_their_grant_over_http_too(engine, server):
          "tools[0].function.parameters", "arguments object"),
         ({"tools": [{"type": "code_interpreter"}]}, "tools[0]", '"type": "function"'),
         ({"tool_choice": "required", "tools": [WEATHER]}, "tool_choice", "constrained decoding"),
+        ({"route": "careful", "max_tokens": 10_000}, "max_tokens", "room"),  # a tier's check, named as sent
+        ({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "[" * 50_000}}]}]},
+         "messages[0].tool_calls[0].function.arguments", "not valid JSON"),  # nested past the parser: a 400
     ],
 )  # fmt: skip
 def test_bad_routed_and_tool_fields_are_refused_by_name(engine, server, fields, param, message):

@@ -107,6 +107,10 @@ def test_routed_requests_need_messages_and_schemas_need_a_route(stub):
     for msg, field in (
         (build_request("a raw prompt", None, route="careful"), "messages: a routed request is a chat"),
         (build_request(MESSAGES, None, json_schema="{}"), "json_schema: needs a route"),
+        (
+            build_request(MESSAGES, None, route="careful", prompt_token_ids=[5, 6]),
+            "messages: a routed request is a chat",
+        ),
     ):
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(msg)
@@ -204,6 +208,13 @@ def test_drift_flags_an_escalation_rate_that_left_its_baseline():
     for _ in range(10):  # back to none escalating: 0.0 vs 0.2 is within the tolerance
         metrics.observe_route(record(False), drift)
     assert gauge("specdec_route_drift") == 0.0
+    forced = Metrics()  # a caller's override is not the traffic's drift: it stays out of the window
+    metrics, before = forced, None
+    for _ in range(10):
+        forced.observe_route(record(False), drift)
+    before = gauge("specdec_route_escalation_rate")
+    forced.observe_route(RouteRecord("r", "target", True, (), (), 0.5, None, None, overridden=True), drift)
+    assert gauge("specdec_route_escalation_rate") == before == 0.0
     fixed = Metrics()  # a configured baseline applies from the first full window
     for _ in range(10):
         fixed.observe_route(record(True), Drift(window=10, tolerance=0.1, baseline=0.3))

@@ -140,8 +140,11 @@ def _params():
 
 
 def test_the_tools_message_is_documented_as_sent():
-    # docs/ROUTING.md quotes the format line; keep the two the same.
-    assert '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>' in tools_message(())
+    from pathlib import Path
+
+    line = '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "ROUTING.md").read_text()
+    assert line in tools_message(()) and line in docs
 
 
 @pytest.mark.parametrize(
@@ -150,6 +153,7 @@ def test_the_tools_message_is_documented_as_sent():
         (pb.Tool(name="get weather"), "tools[0].name"),
         (pb.Tool(name="f", parameters="{oops"), "tools[0].parameters: not valid JSON"),
         (pb.Tool(name="f", parameters='{"type": "object", "required": "city"}'), "tools[0].parameters: not a valid JSON Schema"),
+        (pb.Tool(name="f", parameters="[" * 50_000), "tools[0].parameters: not valid JSON"),
     ],
 )  # fmt: skip
 def test_bad_tool_definitions_are_invalid_argument_naming_them(server, tool, field):

@@ -175,8 +175,9 @@ def extraction(rng: random.Random) -> list[dict]:
 
 
 VARIANTS = {
-    "terse": "{input}",
     "careful": "Read the task carefully and answer exactly in the format it asks for, with nothing else.\n\n{input}",
+    "one-word": "Answer with a single word from the list, nothing else.\n\n{input}",
+    "json-example": '{input}\n\nAn answer looks like this: {"name": "Ann Lee", "amount": 12.5, "date": "2026-03-04"}',
 }
 
 

@@ -7,6 +7,8 @@
     json_fields the answer is one JSON object (a code fence around it is allowed) whose `fields`
                 (default: every key of `expected`) equal `expected`'s
     regex       `expected` is a regular expression the answer matches (re.search)
+    first_line  the answer's first line of code (blank lines and ``` fences skipped), stripped,
+                equals `expected` stripped (next-line completion)
     MODULE:FUNC a function of yours, called as FUNC(answer, example) -> bool or a number in [0, 1]
 
 A scorer is chosen per example (`scorer`) or for the run (`--scorer`). An unknown scorer, a
@@ -83,8 +85,14 @@ def regex(answer: str, example: Example) -> float:
     return float(pattern.search(answer) is not None)
 
 
+def first_line(answer: str, example: Example) -> float:
+    lines = [x.strip() for x in answer.splitlines() if x.strip() and not x.strip().startswith("```")]
+    return float(bool(lines) and lines[0] == _text(example.expected).strip())
+
+
 BUILT_IN: dict[str, Scorer] = {
     "exact": exact, "contains": contains, "label": label, "json_fields": json_fields, "regex": regex,
+    "first_line": first_line,
 }  # fmt: skip
 
 

@@ -33,6 +33,8 @@ def test_the_built_in_scorers():
     assert score(answer, _example({"name": "John", "age": 30}, fields=["name"]), "json_fields") == 1
     assert score("not json", _example({"name": "John"}), "json_fields") == 0
     assert score("order 12345 shipped", _example(r"\b\d{5}\b"), "regex") == 1
+    assert score("```python\n\n    return x + 1\nmore\n```", _example("return x + 1"), "first_line") == 1
+    assert score("return x", _example("return x + 1"), "first_line") == 0
     # The example's own scorer wins over the run's default.
     assert score("Paris", _example("Paris", scorer="exact"), "regex") == 1
 

@@ -137,3 +137,41 @@ def test_the_command_line(engine, eval_set, pairs, tmp_path, capsys):
     ):
         assert main([*common, *extra, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_running_server_answers_the_tiers_with_a_forcing_key(engine, eval_set, tmp_path):
+    """--server: the same route on a running specdec, each tier forced through route_override by
+    a key granted route:force; the records equal the in-process run's."""
+    from specdec.client import Client
+    from specdec.eval.run import ServerTiers
+    from specdec.testing import serve_in_thread
+
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump(ROUTES))
+    (tmp_path / "keys").write_text("sk-eval route:force\nsk-plain\n")
+    config = load_routes(tmp_path / "routes.yaml")
+    examples = load_examples(eval_set)[:3]
+    settings = EvalSettings(str(eval_set), "r", config.routes["r"], PARAMS)
+    local = evaluate(examples, LocalTiers(Router(engine, config)), settings, tmp_path / "local")
+    srv = serve_in_thread(engine, routes=tmp_path / "routes.yaml", api_key_file=tmp_path / "keys")
+    try:
+        with Client(srv.address, api_key="sk-eval") as client:
+            remote = evaluate(examples, ServerTiers(client), settings, tmp_path / "remote")
+        with Client(srv.address, api_key="sk-plain") as client, pytest.raises(Exception, match="route:force"):
+            evaluate(examples, ServerTiers(client), settings, tmp_path / "refused")
+    finally:
+        srv.stop()
+
+    def records(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "records.jsonl").read_text().splitlines()]
+        return [(r["example"], r["tier"], r["text"], r["score"], r["completion_tokens"]) for r in rows]
+
+    assert records("remote") == records("local")
+    assert remote["tiers_table"][0]["accuracy"] == local["tiers_table"][0]["accuracy"]
+    local_conf = [
+        json.loads(x)["confidence"] for x in (tmp_path / "local" / "records.jsonl").read_text().splitlines()
+    ]
+    remote_conf = [
+        json.loads(x)["confidence"] for x in (tmp_path / "remote" / "records.jsonl").read_text().splitlines()
+    ]
+    for a, b in zip(local_conf, remote_conf):
+        assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-5))

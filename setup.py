@@ -117,6 +117,7 @@ setup(
             "openai>=1.40",  # the HTTP API's tests use the official client
         ],
         "bench": ["matplotlib>=3.7"],
+        "eval": ["matplotlib>=3.7"],  # specdec eval's plots (the report says so when it is missing)
         # The llama.cpp anchor of `specdec bench` (specdec.bench.llama_cpp); builds from source,
         # about 20 minutes on 2 cores. Nothing else uses it and no test needs it.
         "llama-cpp": ["llama-cpp-python>=0.3"],

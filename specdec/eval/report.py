@@ -74,8 +74,16 @@ def markdown(report: dict[str, Any]) -> str:
                   f"the ECE (10 bins) is {_fmt(calibration['ece_raw'])} raw and "
                   f"{_fmt(calibration['ece_calibrated'])} calibrated. The threshold above and in "
                   f"route.yaml applies to the calibrated confidence."]  # fmt: skip
+    if not any(name.endswith(".png") for name in report.get("files", [])) and not _have_matplotlib():
+        lines += ["", "No plots: matplotlib is not installed (pip install 'specdec[eval]')."]
     lines += ["", "## Sizing", "", report["sizing"], ""]
     return "\n".join(lines)
+
+
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _plots(out: Path, report: dict[str, Any]) -> list[Path]:

@@ -50,7 +50,12 @@ def evaluate(
             f"--price {unknown[0]}: not a tier of route {settings.route_name!r} ({', '.join(route.tiers)})"
         )
     out.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(out / "records.jsonl")
+    params = settings.params
+    recorder = Recorder(out / "records.jsonl", {
+        "route": settings.route_name, "tiers": list(route.tiers), "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+        "variants": {v.name: v.template for v in settings.variants},
+    })  # fmt: skip
     answers = run_eval(
         examples, route.tiers, backend, settings.route_name, route, settings.params, recorder,
         settings.default_scorer, settings.variants, route.primary if route.primary in LOCAL_MODES else None, progress,

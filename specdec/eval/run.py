@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from specdec.errors import SpecdecError
 from specdec.eval.data import Example
 from specdec.eval.scorers import score
 from specdec.router.confidence import DEFAULT_Q, METHODS, ConfidenceMethod
@@ -86,12 +87,28 @@ def confidences(token_probs: torch.Tensor, q: float | None) -> dict[str, float]:
 
 @dataclass
 class Recorder:
-    """The records file: read back on start (resume), appended as answers come."""
+    """The records file: read back on start (resume), appended as answers come. `settings` (what
+    makes an answer: the route's tiers, the sampling settings, the variants) is kept beside it, and
+    a directory that holds answers made otherwise is refused rather than mixed in."""
 
     path: Path
+    settings: dict[str, Any] = field(default_factory=dict)
     done: dict[tuple[str, str, str], TierAnswer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        stamp = self.path.with_name("settings.json")
+        if self.path.exists() and stamp.exists():
+            recorded = json.loads(stamp.read_text())
+            if recorded != self.settings:
+                changed = sorted(
+                    k for k in set(recorded) | set(self.settings) if recorded.get(k) != self.settings.get(k)
+                )
+                raise SpecdecError(
+                    f"{self.path.parent}: holds answers made with other settings ({', '.join(changed)}); "
+                    "give another --out, or remove it to start over"
+                )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():

@@ -14,6 +14,7 @@ import yaml
 from specdec import Engine, SamplingParams
 from specdec.cli import main
 from specdec.config import EngineConfig
+from specdec.errors import SpecdecError
 from specdec.eval import analysis
 from specdec.eval.data import load_examples
 from specdec.eval.evaluate import EvalSettings, evaluate
@@ -119,6 +120,10 @@ def test_a_second_run_resumes_from_the_records(engine, eval_set, tmp_path):
     assert len(calls) == 4
     second = evaluate(examples, backend, settings, tmp_path)  # two more examples
     assert len(calls) == 8 and second["examples"] == 4 and first["examples"] == 2
+    # Answers made with other settings are not mixed in.
+    longer = EvalSettings(str(eval_set), "r", config.routes["r"], SamplingParams(max_new_tokens=9))
+    with pytest.raises(SpecdecError, match=r"holds answers made with other settings \(max_new_tokens\)"):
+        evaluate(examples, backend, longer, tmp_path)
 
 
 def test_the_command_line(engine, eval_set, pairs, tmp_path, capsys):

@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
         target, draft = resolve_pair(args.target, args.draft, args.demo)
         backend = LocalTiers(Router(Engine(target=target, draft=draft, config=engine_config(args)), config))
     route = config.routes[args.route]
+    import yaml
+
+    written_endpoints = (yaml.safe_load(args.routes.read_text()) or {}).get("endpoints") or {}
     settings = EvalSettings(
+        endpoints=written_endpoints,
         data=str(args.data), route_name=args.route, route=route,
         params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed),
         default_scorer=args.scorer, prices=dict(parse_price(p) for p in args.price), variants=variants,

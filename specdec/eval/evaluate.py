@@ -15,7 +15,7 @@ from specdec.eval import analysis
 from specdec.eval.data import Example
 from specdec.eval.report import write_report
 from specdec.eval.run import LocalTiers, Recorder, ServerTiers, TierAnswer, Variant, run_eval
-from specdec.router.routes import LOCAL_MODES, Route
+from specdec.router.routes import LOCAL_MODES, Drift, Route
 from specdec.sampling import SamplingParams
 
 
@@ -32,6 +32,8 @@ class EvalSettings:
     max_escalation_rate: float | None = None
     holdout: float = 0.3
     machine: str = ""
+    # The routes file's endpoint entries (as written), for the snippet to carry the route's own.
+    endpoints: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate(
@@ -175,7 +177,13 @@ def _snippet(settings: EvalSettings, chosen, calibrated: bool) -> dict[str, Any]
         entry["calibration"] = "calibration.json"
     if route.on_endpoint_failure != "error":
         entry["on_endpoint_failure"] = route.on_endpoint_failure
-    return {"routes": [entry]}
+    if route.drift != Drift():
+        entry["drift"] = {k: v for k, v in asdict(route.drift).items() if v is not None}
+    snippet: dict[str, Any] = {"routes": [entry]}
+    used = {name: settings.endpoints[name] for name in route.tiers if name in settings.endpoints}
+    if used:
+        snippet["endpoints"] = used
+    return snippet
 
 
 def _sizing(examples, plain, route: Route, points, chosen) -> str:

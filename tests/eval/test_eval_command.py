@@ -180,3 +180,22 @@ def test_a_running_server_answers_the_tiers_with_a_forcing_key(engine, eval_set,
     ]
     for a, b in zip(local_conf, remote_conf):
         assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-5))
+
+
+def test_the_route_snippet_carries_its_endpoints_and_loads():
+    from specdec.eval.analysis import SweepPoint
+    from specdec.eval.evaluate import _snippet
+
+    ep = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "big", "retries": 1}
+    data = {"routes": [{"name": "r", "primary": "speculative", "escalate_to": ["target", "ep"], "q": 0.2,
+                        "escalate_if": [{"confidence_below": 0.4}, {"tools_needed": ">= 2"}],
+                        "on_endpoint_failure": "primary_answer"}],
+            "endpoints": {"ep": ep, "unused": {**ep, "model": "other"}}}  # fmt: skip
+    route = parse_routes(data, "test").routes["r"]
+    settings = EvalSettings("set", "r", route, endpoints=data["endpoints"])
+    snippet = _snippet(settings, SweepPoint(0.25, 0.9, 0.3, 0.0, 10.0), calibrated=False)
+    assert set(snippet["endpoints"]) == {"ep"}
+    loaded = parse_routes(yaml.safe_load(yaml.safe_dump(snippet)), "snippet").routes["r"]
+    assert loaded.tiers == route.tiers and loaded.rules.confidence_below == 0.25
+    assert loaded.rules.tools_needed == route.rules.tools_needed and loaded.confidence == route.confidence
+    assert loaded.on_endpoint_failure == "primary_answer"

@@ -4,6 +4,7 @@ at every threshold and a calibrated threshold chosen (docs/ROUTING.md, *Evaluati
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -59,10 +60,16 @@ def parse_price(text: str):
     try:
         if not sep or not tier:
             raise ValueError
-        if value.startswith("hour:"):
-            return tier, Price(per_hour=float(value.removeprefix("hour:")))
-        inp, out = value.split(",")
-        return tier, Price(float(inp), float(out))
+        numbers = (
+            [float(value.removeprefix("hour:"))]
+            if value.startswith("hour:")
+            else [float(x) for x in value.split(",")]
+        )
+        if len(numbers) not in (1, 2) or (len(numbers) == 1) != value.startswith("hour:"):
+            raise ValueError
+        if not all(math.isfinite(x) and x >= 0 for x in numbers):
+            raise ValueError
+        return tier, Price(per_hour=numbers[0]) if len(numbers) == 1 else Price(*numbers)
     except ValueError:
         raise SpecdecError(f"--price {text!r}: TIER=IN,OUT ($ per million tokens) or TIER=hour:X") from None
 
@@ -90,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
         variants = tuple(Variant.load(p) for p in args.prompt_variant)
     except (OSError, ValueError) as e:
         raise SpecdecError(f"--prompt-variant: {e}") from None
+    names = [v.name for v in variants]
+    if len(set(names)) < len(names):
+        raise SpecdecError(
+            f"--prompt-variant: two files are named {max(names, key=names.count)!r} (a variant is named by its file)"
+        )
     if args.server:
         from specdec.client import Client
 
@@ -114,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
         default_scorer=args.scorer, prices=dict(parse_price(p) for p in args.price), variants=variants,
         target_quality=args.target_quality, max_escalation_rate=args.max_escalation_rate, holdout=args.holdout,
     )  # fmt: skip
+    from specdec.router.routes import LOCAL_MODES
+
+    if variants and route.primary not in LOCAL_MODES:
+        raise SpecdecError(
+            f"--prompt-variant: the primary {route.primary!r} is an endpoint; variants are scored on a local small tier"
+        )
     jobs = len(examples) * (len(route.tiers) + len(variants))
     with tqdm(total=jobs, desc="eval", unit="answer", file=sys.stderr) as bar:
         report = evaluate(examples, backend, settings, args.out, bar.update)

@@ -8,8 +8,10 @@ Definitions (the tests compute them by hand):
 - accuracy: the mean score; its interval is Wilson's for right/wrong scores, else mean ± 1.96 s/√n.
 - escalation rate at threshold T: the share of examples the replayed route answers past its
   primary; quality: the mean score of the answers it returns.
-- candidate thresholds: 0, every distinct (calibrated, when calibrated) primary confidence, and 1:
-  `confidence_below: T` fires below T, so these are every distinct policy.
+- candidate thresholds: 0, every distinct (calibrated, when calibrated) confidence of every tier
+  but the last, and 1: `confidence_below: T` fires below T, so these are every distinct policy.
+  The threshold written is the midpoint between the chosen candidate and the one below it (the
+  same policy, away from the recorded values).
 - AUC: the area under quality against escalation rate over [0, 1], the curve held flat to its
   left of its first point and right of its last (1 = perfect quality at no escalation).
 - the chosen threshold: with a target quality, the lowest escalation rate that reaches it (ties:
@@ -18,7 +20,8 @@ Definitions (the tests compute them by hand):
   own quality (`specdec eval`'s default).
 - ECE: 10 equal-width bins over [0, 1] (the last closed), each |mean confidence - mean score|
   weighted by its share of the examples.
-- calibration split: an example is held out when sha256(id) mod 1000 < 1000 x holdout.
+- calibration split: an example is held out when the first 8 bytes of sha256(id), as a big-endian
+  integer, mod 1000 are below 1000 x holdout.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ def interval(scores: Sequence[float]) -> tuple[float, float, float]:
         centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return (mean, max(0.0, centre - half), min(1.0, centre + half))
-    sd = statistics.stdev(scores) if n > 1 else 0.0
+    if n < 2:
+        return (mean, math.nan, math.nan)  # one fractional score: no interval to speak of
+    sd = statistics.stdev(scores)
     half = z * sd / math.sqrt(n)
     return (mean, max(0.0, mean - half), min(1.0, mean + half))
 
@@ -196,8 +201,10 @@ def sweep(
     calibration: Calibration | None,
     prices: dict[str, Price],
 ) -> list[SweepPoint]:
-    values = {judged(answers[(e.id, route.primary)], route, calibration) for e in examples}
-    candidates = sorted({0.0, 1.0} | {v for v in values if v is not None})
+    # Every tier but the last is judged by the threshold: each confidence any of them gave is a
+    # point where the policy changes.
+    values = {judged(answers[(e.id, t)], route, calibration) for e in examples for t in route.tiers[:-1]}
+    candidates = sorted({0.0, 1.0} | {v for v in values if v is not None and not math.isnan(v)})
     points = []
     for t in candidates:
         outcomes = replay(route, examples, answers, t, calibration, prices)
@@ -256,10 +263,15 @@ def isotonic(xs: Sequence[float], ys: Sequence[float]) -> Calibration:
     block's value from its smallest to its largest x, linear between blocks, flat beyond."""
     if len(xs) < 2:
         raise ValueError("a calibration needs at least two labelled answers")
-    pairs = sorted(zip(xs, ys))
+    merged: dict[float, list[float]] = {}  # equal confidences are one point: [sum of y, count]
+    for x, y in zip(xs, ys):
+        entry = merged.setdefault(x, [0.0, 0])
+        entry[0] += y
+        entry[1] += 1
     blocks: list[list[float]] = []  # [sum of y, count, min x, max x]
-    for x, y in pairs:
-        blocks.append([y, 1, x, x])
+    for x in sorted(merged):
+        total, count = merged[x]
+        blocks.append([total, count, x, x])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
             y2, n2, _, hi = blocks.pop()
             blocks[-1][0] += y2
@@ -288,6 +300,8 @@ def ece(confidences: Sequence[float], scores: Sequence[float], bins: int = 10) -
         return math.nan
     groups: dict[int, list[tuple[float, float]]] = {}
     for c, s in zip(confidences, scores):
+        if math.isnan(c):
+            raise ValueError("a confidence is NaN")
         groups.setdefault(min(int(c * bins), bins - 1), []).append((c, s))
     return sum(
         len(g) / n * abs(sum(c for c, _ in g) / len(g) - sum(s for _, s in g) / len(g))

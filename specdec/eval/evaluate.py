@@ -57,6 +57,7 @@ def evaluate(
         "route": settings.route_name, "tiers": list(route.tiers), "max_new_tokens": params.max_new_tokens,
         "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
         "variants": {v.name: v.template for v in settings.variants},
+        "q": route.confidence.q, "models": backend.describe(),
     })  # fmt: skip
     answers = run_eval(
         examples, route.tiers, backend, settings.route_name, route, settings.params, recorder,
@@ -83,7 +84,9 @@ def build_report(
     chosen, why = analysis.choose(points, target_quality, settings.max_escalation_rate)
     if default_goal:
         why = f"the {route.tiers[-1]} tier's own quality ({target_quality:.3f}) with the fewest escalations"
-    snippet_route = _snippet(settings, chosen, calibration is not None)
+    written = _written_threshold(points, chosen) if route.primary in LOCAL_MODES else None
+    # Without a chosen threshold the route's own stands, and it was set for raw confidence.
+    snippet_route = _snippet(settings, written, calibration is not None and chosen is not None)
     return {
         "data": settings.data,
         "route": settings.route_name,
@@ -152,13 +155,24 @@ def _bins(confidences: list[float], scores: list[float]) -> list[dict[str, float
     ]
 
 
-def _snippet(settings: EvalSettings, chosen, calibrated: bool) -> dict[str, Any]:
-    """The route as the routes file writes it, with the chosen threshold (and the calibration)."""
+def _written_threshold(points, chosen) -> float | None:
+    """The threshold to write for the chosen candidate: the midpoint between it and the candidate
+    below - the same policy (`confidence_below` fires below it), away from any recorded value, so
+    neither rounding nor a tie flips an answer; None when none was chosen."""
+    if chosen is None:
+        return None
+    below = [p.threshold for p in points if p.threshold < chosen.threshold]
+    return (max(below) + chosen.threshold) / 2 if below else chosen.threshold
+
+
+def _snippet(settings: EvalSettings, threshold: float | None, calibrated: bool) -> dict[str, Any]:
+    """The route as the routes file writes it, with the threshold to write (None: the route's
+    own) and the calibration when one was fitted and a threshold chosen for it."""
     route = settings.route
     rules: list[dict[str, Any]] = []
-    threshold = chosen.threshold if chosen else route.rules.confidence_below
+    threshold = threshold if threshold is not None else route.rules.confidence_below
     if threshold is not None:
-        rules.append({"confidence_below": round(float(threshold), 6)})
+        rules.append({"confidence_below": float(threshold)})
     if route.rules.schema_invalid:
         rules.append({"schema_invalid": True})
     if route.rules.tools_needed is not None:

@@ -32,7 +32,9 @@ def write_report(out: Path, report: dict[str, Any]) -> list[Path]:
     snippet = out / "route.yaml"
     snippet.write_text(yaml.safe_dump(report["route_snippet"], sort_keys=False))
     written.append(snippet)
-    written += _plots(out, report)
+    plots = _plots(out, report)
+    written += plots
+    report["plots"] = [p.name for p in plots]
     md = out / "report.md"
     md.write_text(markdown(report))
     written.append(md)
@@ -74,16 +76,10 @@ def markdown(report: dict[str, Any]) -> str:
                   f"the ECE (10 bins) is {_fmt(calibration['ece_raw'])} raw and "
                   f"{_fmt(calibration['ece_calibrated'])} calibrated. The threshold above and in "
                   f"route.yaml applies to the calibrated confidence."]  # fmt: skip
-    if not any(name.endswith(".png") for name in report.get("files", [])) and not _have_matplotlib():
+    if not report.get("plots"):
         lines += ["", "No plots: matplotlib is not installed (pip install 'specdec[eval]')."]
     lines += ["", "## Sizing", "", report["sizing"], ""]
     return "\n".join(lines)
-
-
-def _have_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _plots(out: Path, report: dict[str, Any]) -> list[Path]:
@@ -93,7 +89,7 @@ def _plots(out: Path, report: dict[str, Any]) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []  # the report says so (`plots: []`); pip install matplotlib for them
+        return []  # report.md says so
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     alone = [r for r in report["tiers_table"] if r["slice"] == "all" and not r["variant"]]

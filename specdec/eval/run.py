@@ -9,10 +9,11 @@ an (example, tier, variant) already recorded is not run again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from specdec.errors import SpecdecError
 from specdec.eval.data import Example
-from specdec.eval.scorers import score
+from specdec.eval.scorers import resolve, score
 from specdec.router.confidence import DEFAULT_Q, METHODS, ConfidenceMethod
 from specdec.router.router import Override, Router, answering_spend, facts_of
 from specdec.router.routes import LOCAL_MODES, Route
@@ -45,6 +46,7 @@ class TierAnswer:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    asked: str = ""  # a digest of what was asked (messages, schema, tools): a changed example is rerun
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -69,7 +71,12 @@ class Variant:
         return Variant(path.stem, template)
 
     def apply(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise SpecdecError(
+                f"prompt variant {self.name!r}: the example has no user message to put in {{input}}"
+            )
+        last = users[-1]
         out = [dict(m) for m in messages]
         out[last]["content"] = self.template.replace("{input}", messages[last]["content"])
         return out
@@ -110,10 +117,19 @@ class Recorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
+            text = self.path.read_text()
+            lines = text.splitlines()
+            if lines and not text.endswith("\n"):
+                lines.pop()  # a run stopped while writing its last answer: that one is run again
+                self.path.write_text("".join(line + "\n" for line in lines))
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
                     answer = TierAnswer(**json.loads(line))
-                    self.done[answer.key] = answer
+                except (ValueError, TypeError) as e:
+                    raise SpecdecError(f"{self.path}: line {number}: not a recorded answer ({e})") from None
+                self.done[answer.key] = answer
 
     def add(self, answer: TierAnswer) -> None:
         self.done[answer.key] = answer
@@ -138,6 +154,13 @@ class LocalTiers:
     def __init__(self, router: Router):
         self.router = router
 
+    def describe(self) -> str:
+        """Which models answer (recorded answers of other models are not mixed in)."""
+        engine = self.router.engine
+        return f"in-process: {engine.target.name}" + (
+            f" + {engine.draft.name}" if engine.draft is not None else ""
+        )
+
     def answer(
         self, route: str, tier: str, messages: list[dict[str, str]], params: SamplingParams,
         json_schema: Any, tools: tuple[Tool, ...],
@@ -156,6 +179,10 @@ class ServerTiers:
 
     def __init__(self, client: Any):
         self.client = client
+
+    def describe(self) -> str:
+        info = self.client.model_info()
+        return f"server: {info.target.name}" + (f" + {info.draft.name}" if info.HasField("draft") else "")
 
     def answer(
         self, route: str, tier: str, messages: list[dict[str, str]], params: SamplingParams,
@@ -185,6 +212,16 @@ class ServerTiers:
         return TierReply(reply.text, probs, calls, reply.usage.prompt_tokens, reply.usage.completion_tokens)
 
 
+def _tool_triple(tool: Any) -> tuple[str, str, str]:
+    function = tool["function"]
+    return function["name"], function.get("description", ""), json.dumps(function.get("parameters", {}))
+
+
+def _digest(example: Example) -> str:
+    asked = json.dumps([example.messages, example.json_schema, example.tools], sort_keys=True)
+    return hashlib.sha256(asked.encode()).hexdigest()[:16]
+
+
 def run_eval(
     examples: list[Example],
     tiers: Iterable[str],
@@ -204,22 +241,29 @@ def run_eval(
     rules_route = route_config
     jobs = [(t, "") for t in tiers] + [(small_tier, v.name) for v in variants if small_tier]
     by_name = {v.name: v for v in variants}
+    for name in {default_scorer, *(e.scorer for e in examples)} - {None}:
+        resolve(name)  # an unknown scorer stops the run before any model runs
     answers = []
     for example in examples:
-        tools = parse_tools(
-            [(t["function"]["name"], t["function"].get("description", ""), json.dumps(t["function"].get("parameters", {})))
-             for t in example.tools],
-            schemas,
-        )  # fmt: skip
+        where = f"example {example.id!r} (line {example.line})"
+        try:
+            tools = parse_tools([_tool_triple(t) for t in example.tools], schemas)
+            validator = None if example.json_schema is None else schemas.validator(example.json_schema)
+        except (SpecdecError, KeyError, TypeError) as e:
+            raise SpecdecError(f"{where}: {e}") from None
+        asked = _digest(example)
         for tier, variant in jobs:
             key = (example.id, tier, variant)
-            if key not in recorder.done:
-                messages = by_name[variant].apply(example.messages) if variant else example.messages
+            done = recorder.done.get(key)
+            if done is None or done.asked != asked:
                 started = time.perf_counter()
-                reply = backend.answer(route, tier, messages, params, example.json_schema, tools)
+                try:
+                    messages = by_name[variant].apply(example.messages) if variant else example.messages
+                    reply = backend.answer(route, tier, messages, params, example.json_schema, tools)
+                except SpecdecError as e:
+                    raise SpecdecError(f"{where}, tier {tier}: {e}") from None
                 seconds = time.perf_counter() - started
                 # What the live rules would read of it, by the router's own function.
-                validator = None if example.json_schema is None else schemas.validator(example.json_schema)
                 facts = facts_of(
                     rules_route, reply.text, None, validator, reply.tool_calls if tools else None
                 )
@@ -234,10 +278,12 @@ def run_eval(
                         if reply.token_probs is not None else None,
                         schema_valid=facts.schema_valid, schema_error=facts.schema_error, tool_calls=calls,
                         prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
-                        seconds=seconds,
+                        seconds=seconds, asked=asked,
                     )
                 )  # fmt: skip
-            answers.append(recorder.done[key])
+            # Scored again on every run: a changed `expected` or scorer needs no model.
+            recorded = recorder.done[key]
+            answers.append(replace(recorded, score=score(recorded.text, example, default_scorer)))
             if progress is not None:
                 progress(1)
     return answers

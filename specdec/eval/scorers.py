@@ -74,7 +74,13 @@ def json_fields(answer: str, example: Example) -> float:
         got = json.loads(unfenced(answer))
     except (ValueError, RecursionError):
         return 0.0
-    return float(isinstance(got, dict) and all(f in got and got[f] == example.expected[f] for f in fields))
+
+    def same(a: Any, b: Any) -> bool:  # JSON's true is not 1
+        return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+    return float(
+        isinstance(got, dict) and all(f in got and same(got[f], example.expected[f]) for f in fields)
+    )
 
 
 def regex(answer: str, example: Example) -> float:

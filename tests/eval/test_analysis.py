@@ -95,6 +95,19 @@ def test_the_sweep_the_auc_and_the_chosen_threshold_by_hand():
     assert analysis.choose(points, None, 0.0)[0].threshold == 0.0
 
 
+def test_a_three_tier_cascade_is_swept_at_its_middle_tiers_confidences_too():
+    examples = EXAMPLES[:1]
+    answers = {
+        ("a", "draft"): _answer("a", "draft", 0.0, 0.2),
+        ("a", "speculative"): _answer("a", "speculative", 1.0, 0.5),
+        ("a", "target"): _answer("a", "target", 0.0),
+    }
+    route = _route({"confidence_below": 0.3}, escalate_to=["speculative", "target"])
+    points = {p.threshold: p.quality for p in analysis.sweep(route, examples, answers, None, {})}
+    # At T = 0.5 the draft (0.2) escalates and the middle tier (0.5) stands: the only right answer.
+    assert points[0.5] == 1.0 and points[0.2] == 0.0 and points[1.0] == 0.0
+
+
 def test_every_rule_is_replayed_not_only_confidence():
     answers = _answers()
     answers[("a", "draft")] = _answer("a", "draft", 1.0, 0.9, schema_valid=False, schema_error="not JSON")
@@ -105,7 +118,9 @@ def test_every_rule_is_replayed_not_only_confidence():
     outcomes = {o.example: o for o in analysis.replay(route, EXAMPLES, answers, None, None, {})}
     assert outcomes["a"].reasons == ("schema_invalid: not JSON",) and outcomes["a"].tier == "target"
     assert outcomes["b"].reasons == ("tool calls 2 > 1",)
-    assert outcomes["e"].reasons == ("input_tokens 5000 > 100",) and outcomes["e"].cost == 0
+    # Past the input limit the tiers before the last never run: only the target's 18 tokens, 2 s.
+    assert outcomes["e"].reasons == ("input_tokens 5000 > 100",)
+    assert outcomes["e"].tokens == 18 and outcomes["e"].seconds == 2.0
     assert outcomes["c"].tier == "draft"  # no rule fires on it
 
 
@@ -133,6 +148,7 @@ def test_tier_table_accuracy_intervals_latency_and_slices():
     assert analysis.percentile([1, 2, 3, 4], 50) == 2.5 and analysis.percentile(
         [1, 2, 3, 4], 95
     ) == pytest.approx(3.85)
+    assert math.isnan(analysis.interval([0.5])[1])  # one fractional score: no interval
     mean, _low, high = analysis.interval([0.5, 0.7, 0.9])
     assert mean == pytest.approx(0.7) and high - mean == pytest.approx(1.959964 * 0.2 / math.sqrt(3))
 
@@ -150,5 +166,12 @@ def test_isotonic_calibration_and_ece_by_hand():
     # ECE: bins [0.1,0.2) {0.1: 0}, [0.2,0.3) {0.2: 1}, [0.3,0.4) {0.3: 0}, [0.4,0.5) {0.4: 1}, ...
     conf, score = [0.15, 0.15, 0.95, 0.95], [0, 1, 1, 1]
     assert analysis.ece(conf, score) == pytest.approx(0.5 * abs(0.15 - 0.5) + 0.5 * abs(0.95 - 1))
-    assert analysis.ece([1.0], [1.0]) == 0  # 1.0 falls in the last bin
+    # 1.0 falls in the last bin, with 0.95: |0.975 - 0.5| (0.525 if it had a bin of its own).
+    assert analysis.ece([1.0, 0.95], [0, 1]) == pytest.approx(0.475)
+    # Ties are one point: 0.2 (both wrong) -> 0, 1.0 (2 of 3 right) -> 2/3.
+    tied = analysis.isotonic([0.2, 0.2, 1, 1, 1], [0, 0, 0, 1, 1])
+    assert tied(0.2) == 0 and tied(1.0) == pytest.approx(2 / 3)
+    assert analysis.isotonic([0.5, 0.5, 0.5], [0, 1, 1])(0.5) == pytest.approx(2 / 3)
     assert analysis.held_out("x", 0.0) is False and analysis.held_out("x", 1.0) is True
+    ids = [f"e{i}" for i in range(1000)]
+    assert 250 < sum(analysis.held_out(i, 0.3) for i in ids) < 350  # about the share asked

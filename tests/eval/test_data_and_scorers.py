@@ -32,6 +32,8 @@ def test_the_built_in_scorers():
     assert score(answer, _example({"name": "John", "age": 30}), "json_fields") == 0
     assert score(answer, _example({"name": "John", "age": 30}, fields=["name"]), "json_fields") == 1
     assert score("not json", _example({"name": "John"}), "json_fields") == 0
+    assert score('{"ok": true}', _example({"ok": 1}), "json_fields") == 0  # JSON's true is not 1
+    assert score('{"n": 31.0}', _example({"n": 31}), "json_fields") == 1
     assert score("order 12345 shipped", _example(r"\b\d{5}\b"), "regex") == 1
     assert score("```python\n\n    return x + 1\nmore\n```", _example("return x + 1"), "first_line") == 1
     assert score("return x", _example("return x + 1"), "first_line") == 0

@@ -99,8 +99,15 @@ def test_the_report_is_the_records_and_the_replay_is_the_live_router(engine, eva
     assert "| draft | - | all | 12 |" in (out / "report.md").read_text()
     snippet = load_routes(out / "route.yaml")  # the calibration file it names loads with it
     route = snippet.routes["r"]
-    assert route.rules.confidence_below == pytest.approx(chosen["threshold"])
     assert route.calibration is not None and report["calibration"]["held_out"] > 0
+    # The written route is the chosen policy: replayed with its calibration, and live.
+    replayed = analysis.replay(route, examples, answers, None, route.calibration, {})
+    assert sum(o.score for o in replayed) / 12 == pytest.approx(chosen["quality"])
+    assert sum(o.escalated for o in replayed) / 12 == pytest.approx(chosen["escalation_rate"])
+    live_router = Router(engine, snippet)
+    assert [live_router.generate("r", e.messages, PARAMS).record.tier for e in examples] == [
+        o.tier for o in replayed
+    ]
     assert report["routing"]["calibrated"] and "calibrated confidence" in (out / "report.md").read_text()
 
 
@@ -137,6 +144,8 @@ def test_the_command_line(engine, eval_set, pairs, tmp_path, capsys):
     for extra, message in (
         (["--route", "nope"], "--route 'nope': not in"),
         (["--route", "r", "--price", "target=cheap"], "--price 'target=cheap'"),
+        (["--route", "r", "--price", "target=nan,1"], "--price 'target=nan,1'"),
+        (["--route", "r", "--price", "target=-1,1"], "--price 'target=-1,1'"),
         (["--route", "r", "--price", "big=1,2"], "--price big: not a tier of route 'r'"),
         (["--route", "r", "--target-quality", "2"], "--target-quality: in [0, 1]"),
     ):
@@ -183,7 +192,6 @@ def test_a_running_server_answers_the_tiers_with_a_forcing_key(engine, eval_set,
 
 
 def test_the_route_snippet_carries_its_endpoints_and_loads():
-    from specdec.eval.analysis import SweepPoint
     from specdec.eval.evaluate import _snippet
 
     ep = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "big", "retries": 1}
@@ -193,9 +201,61 @@ def test_the_route_snippet_carries_its_endpoints_and_loads():
             "endpoints": {"ep": ep, "unused": {**ep, "model": "other"}}}  # fmt: skip
     route = parse_routes(data, "test").routes["r"]
     settings = EvalSettings("set", "r", route, endpoints=data["endpoints"])
-    snippet = _snippet(settings, SweepPoint(0.25, 0.9, 0.3, 0.0, 10.0), calibrated=False)
+    snippet = _snippet(settings, 0.25, calibrated=False)
     assert set(snippet["endpoints"]) == {"ep"}
     loaded = parse_routes(yaml.safe_load(yaml.safe_dump(snippet)), "snippet").routes["r"]
     assert loaded.tiers == route.tiers and loaded.rules.confidence_below == 0.25
     assert loaded.rules.tools_needed == route.rules.tools_needed and loaded.confidence == route.confidence
     assert loaded.on_endpoint_failure == "primary_answer"
+
+
+def test_resume_reruns_changed_examples_rescores_and_survives_a_cut_line(engine, eval_set, tmp_path):
+    import dataclasses
+
+    config = parse_routes(ROUTES, "test")
+    calls = []
+
+    class Counting(LocalTiers):
+        def answer(self, *args, **kwargs):
+            calls.append(args[1])
+            return super().answer(*args, **kwargs)
+
+    backend = Counting(Router(engine, config))
+    settings = EvalSettings(str(eval_set), "r", config.routes["r"], PARAMS)
+    examples = load_examples(eval_set)[:2]
+    evaluate(examples, backend, settings, tmp_path)
+    assert len(calls) == 4
+    # A new expected answer is scored again without running a model; a changed prompt is rerun.
+    rescored = [dataclasses.replace(examples[0], expected="nothing says this"), examples[1]]
+    report = evaluate(rescored, backend, settings, tmp_path)
+    assert len(calls) == 4 and report["tiers_table"][0]["n"] == 2
+    changed = [dataclasses.replace(examples[0], messages=[{"role": "user", "content": "other"}]), examples[1]]
+    evaluate(changed, backend, settings, tmp_path)
+    assert len(calls) == 6
+    # A run killed while writing leaves a partial last line: it is dropped and that answer rerun.
+    records = tmp_path / "records.jsonl"
+    records.write_text(records.read_text()[:-40])
+    evaluate(changed, backend, settings, tmp_path)
+    assert len(calls) == 7
+
+
+def test_errors_during_a_run_name_the_example(engine, eval_set, tmp_path):
+    import dataclasses
+
+    config = parse_routes(ROUTES, "test")
+    backend = LocalTiers(Router(engine, config))
+    settings = EvalSettings(str(eval_set), "r", config.routes["r"], PARAMS)
+    [example] = load_examples(eval_set)[:1]
+    for bad, message in (
+        (
+            dataclasses.replace(example, tools=[{"type": "function"}]),
+            r"example 'alpha' \(line 1\): 'function'",
+        ),
+        (
+            dataclasses.replace(example, json_schema={"type": "strnig"}),
+            r"example 'alpha' \(line 1\): json_schema: not a valid",
+        ),
+        (dataclasses.replace(example, scorer="nope"), "unknown scorer 'nope'"),
+    ):
+        with pytest.raises(SpecdecError, match=message):
+            evaluate([bad], backend, settings, tmp_path / str(len(message)))

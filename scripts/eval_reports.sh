@@ -15,12 +15,13 @@ mkdir -p "$OUT"
 frontier=$!
 trap 'kill $frontier 2>/dev/null; wait $frontier 2>/dev/null || true' EXIT
 for _ in $(seq 300); do curl -sf localhost:8101/health >/dev/null 2>&1 && break; sleep 1; done
+curl -sf localhost:8101/health >/dev/null || { echo "eval_reports: the endpoint never came up ($OUT/frontier.log)" >&2; exit 1; }
 PRICES=(--price frontier=0.15,0.6 --price speculative=hour:0.1)
 for set in $SETS; do
   case "$set" in
     tickets)
       "$PY" -m specdec.cli eval --data evals/support_tickets.jsonl --routes docs/examples/routes-smollm2.yaml \
-          --route assistant --out "$OUT/tickets" --max-new-tokens 8 "${PRICES[@]}" \
+          --route assistant --out "$OUT/tickets" --max-new-tokens 24 "${PRICES[@]}" \
           --prompt-variant evals/variants/careful.txt --prompt-variant evals/variants/one-word.txt ;;
     extraction)
       "$PY" -m specdec.cli eval --data evals/extraction.jsonl --routes docs/examples/routes-smollm2.yaml \

@@ -104,8 +104,8 @@ class Recorder:
 
     def __post_init__(self) -> None:
         stamp = self.path.with_name("settings.json")
-        if self.path.exists() and stamp.exists():
-            recorded = json.loads(stamp.read_text())
+        if self.path.exists():
+            recorded = json.loads(stamp.read_text()) if stamp.exists() else {"settings": "unrecorded"}
             if recorded != self.settings:
                 changed = sorted(
                     k for k in set(recorded) | set(self.settings) if recorded.get(k) != self.settings.get(k)

@@ -9,6 +9,8 @@
     regex       `expected` is a regular expression the answer matches (re.search)
     first_line  the answer's first line of code (blank lines and ``` fences skipped), stripped,
                 equals `expected` stripped (next-line completion)
+    line_similarity  partial credit for that line: difflib's ratio of it to `expected` (the edit
+                similarity code-completion benchmarks report beside exact match)
     MODULE:FUNC a function of yours, called as FUNC(answer, example) -> bool or a number in [0, 1]
 
 A scorer is chosen per example (`scorer`) or for the run (`--scorer`). An unknown scorer, a
@@ -91,14 +93,27 @@ def regex(answer: str, example: Example) -> float:
     return float(pattern.search(answer) is not None)
 
 
-def first_line(answer: str, example: Example) -> float:
+def _first_code_line(answer: str) -> str | None:
     lines = [x.strip() for x in answer.splitlines() if x.strip() and not x.strip().startswith("```")]
-    return float(bool(lines) and lines[0] == _text(example.expected).strip())
+    return lines[0] if lines else None
+
+
+def first_line(answer: str, example: Example) -> float:
+    return float(_first_code_line(answer) == _text(example.expected).strip())
+
+
+def line_similarity(answer: str, example: Example) -> float:
+    import difflib
+
+    line = _first_code_line(answer)
+    return (
+        0.0 if line is None else difflib.SequenceMatcher(None, line, _text(example.expected).strip()).ratio()
+    )
 
 
 BUILT_IN: dict[str, Scorer] = {
     "exact": exact, "contains": contains, "label": label, "json_fields": json_fields, "regex": regex,
-    "first_line": first_line,
+    "first_line": first_line, "line_similarity": line_similarity,
 }  # fmt: skip
 
 

@@ -37,6 +37,9 @@ def test_the_built_in_scorers():
     assert score("order 12345 shipped", _example(r"\b\d{5}\b"), "regex") == 1
     assert score("```python\n\n    return x + 1\nmore\n```", _example("return x + 1"), "first_line") == 1
     assert score("return x", _example("return x + 1"), "first_line") == 0
+    # difflib's ratio: 2 x 8 matching characters over 8 + 12.
+    assert score("return x", _example("return x + 1"), "line_similarity") == pytest.approx(16 / 20)
+    assert score("", _example("return x"), "line_similarity") == 0
     # The example's own scorer wins over the run's default.
     assert score("Paris", _example("Paris", scorer="exact"), "regex") == 1
 

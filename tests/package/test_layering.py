@@ -22,6 +22,7 @@ LAYERS = {
     "specdec.client": 5,
     "specdec.bench": 5,
     "specdec.distill": 5,
+    "specdec.eval": 5,
     "specdec.engine": 4,
     "specdec.scheduler": 3,
     "specdec.runner": 2,

@@ -25,7 +25,7 @@ from specdec.request import (
     TokenLogprob,
 )
 from specdec.router.router import Override, answering_spend
-from specdec.router.tools import parse_tools
+from specdec.router.tools import call_block, parse_tools
 from specdec.router.validators import SchemaCache
 from specdec.sampling import SamplingParams
 from specdec.server.routed import RoutedFields
@@ -124,14 +124,45 @@ def request_from_proto(engine: Engine, msg: pb.GenerateRequest, ids: list[int]) 
 
 
 def chat_messages(msg: pb.GenerateRequest) -> list[dict[str, str]]:
-    """The request's messages, their count and roles checked."""
+    """The request's messages as a local model reads them, their count and roles checked."""
+    return conversation(msg)[0]
+
+
+def conversation(msg: pb.GenerateRequest) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """The request's messages as a local model reads them - an assistant's earlier tool calls
+    written into its content in the call format (`router.tools`) - and as an OpenAI endpoint is
+    sent them (`tool_calls` and `tool_call_id` in OpenAI's shape)."""
     check_message_count(len(msg.messages))
+    local, sent = [], []
     for i, m in enumerate(msg.messages):
         if m.role not in ROLES:
             raise InvalidRequestError(
                 f"messages[{i}].role", f"unknown role {m.role!r}; one of {', '.join(ROLES)}"
             )
-    return [{"role": m.role, "content": m.content} for m in msg.messages]
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        endpoint: dict[str, Any] = dict(message)
+        if m.tool_call_id:
+            message["tool_call_id"] = endpoint["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise InvalidRequestError(
+                    f"messages[{i}].tool_calls", "only an assistant message makes tool calls"
+                )
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    arguments = json.loads(call.arguments) if call.arguments else {}
+                except (ValueError, RecursionError):
+                    raise InvalidRequestError(
+                        f"messages[{i}].tool_calls[{j}].arguments", "not valid JSON"
+                    ) from None
+                message["content"] += call_block(call.name, arguments)
+                calls.append({"id": call.id or f"call_{i}_{j}", "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments or "{}"}})  # fmt: skip
+            endpoint["tool_calls"] = calls
+        local.append(message)
+        sent.append(endpoint)
+    return local, sent
 
 
 def is_routed(msg: pb.GenerateRequest) -> bool:
@@ -166,7 +197,8 @@ def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields
     if msg.HasField("route_override"):
         o = msg.route_override
         override = Override(o.tier or None, o.confidence_below if o.HasField("confidence_below") else None)
-    return RoutedFields(msg.route, chat_messages(msg), schema, tools, override)
+    local, sent = conversation(msg)
+    return RoutedFields(msg.route, local, schema, tools, override, sent)
 
 
 _ENDPOINT_FINISH = {"stop": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}

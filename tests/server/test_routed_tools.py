@@ -220,3 +220,38 @@ def test_without_a_key_file_no_override_is_taken(pairs, tmp_path):
         assert "needs an API key granted route:force; this server has no --api-key-file" in e.value.details()
     finally:
         srv.stop()
+
+
+def test_a_tool_conversations_history_reaches_the_endpoint_in_openais_shape(server):
+    _engine, srv = server
+    stub = grpc_stub(srv.address)
+    _ToolEndpoint.cities, _ToolEndpoint.bodies = ["Oslo"], []
+    history = [
+        pb.ChatMessage(role="user", content="weather in Oslo?"),
+        pb.ChatMessage(
+            role="assistant",
+            tool_calls=[pb.ToolCall(name="get_weather", arguments='{"city": "Oslo"}', id="c7")],
+        ),
+        pb.ChatMessage(role="tool", content="sunny", tool_call_id="c7"),
+    ]
+    request = pb.GenerateRequest(route="agent", max_new_tokens=4, tools=[WEATHER])
+    request.messages.extend(history)
+    reply = stub.Generate(request, metadata=(("authorization", "Bearer sk-app"),))
+    assert reply.route.tier == "tools-api"
+    [body] = _ToolEndpoint.bodies
+    assert body["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}  # fmt: skip
+    assert body["messages"][2] == {"role": "tool", "content": "sunny", "tool_call_id": "c7"}
+    # A local model reads the earlier call written out in the format it is asked for.
+    from specdec.server import convert
+
+    local = convert.chat_messages(request)
+    assert (
+        local[1]["content"] == '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    )
+    bad = pb.GenerateRequest(route="agent")
+    bad.messages.extend([pb.ChatMessage(role="user", content="x", tool_calls=[pb.ToolCall(name="f")])])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(bad, metadata=(("authorization", "Bearer sk-app"),))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[0].tool_calls: only an assistant message makes tool calls" in e.value.details()

@@ -344,6 +344,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ToolCallingEndpoint:
+    """An OpenAI chat endpoint on loopback (`url`) whose every answer calls `get_weather` once per
+    entry of `cities` (settable between calls), recording each request's body in `bodies`: the
+    tools tests' remote tier. `close()` stops it."""
+
+    def __init__(self, cities: list | None = None):
+        import http.server
+        import json
+        import threading
+
+        self.cities: list = list(cities or [])
+        self.bodies: list = []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # the stdlib handler's name for it
+                endpoint.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                calls = [
+                    {"id": f"call_{i}", "type": "function",
+                     "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
+                    for i, c in enumerate(endpoint.cities)
+                ]  # fmt: skip
+                data = json.dumps({
+                    "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": calls},
+                                 "finish_reason": "tool_calls"}],
+                    "usage": {"prompt_tokens": 20, "completion_tokens": 9},
+                }).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
 def serve_process(*args: str, timeout: float = 300.0) -> tuple[Any, list[str]]:
     """A `specdec serve ARGS` process, returned once it prints "serving on" (its stderr a pipe,
     unbuffered), with the lines it printed until then. AssertionError with them if it exits first

@@ -7,10 +7,7 @@ name - and one specdec taking tools as another's endpoint tier."""
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
-import threading
-from typing import ClassVar
 
 import openai
 import pytest
@@ -21,7 +18,7 @@ from specdec.config import EngineConfig
 from specdec.router.endpoints import OpenAIEndpoint
 from specdec.router.tools import call_block, parse_tools, with_tools
 from specdec.router.validators import SchemaCache
-from specdec.testing import free_port, grpc_stub, serve_in_thread
+from specdec.testing import ToolCallingEndpoint, free_port, grpc_stub, serve_in_thread
 from specdec.v1 import specdec_pb2 as pb
 
 MESSAGES = [{"role": "user", "content": "the weather in Paris and in Oslo?"}]
@@ -35,32 +32,6 @@ WEATHER = {
 }
 
 
-class _ToolEndpoint(http.server.BaseHTTPRequestHandler):
-    """An OpenAI chat endpoint that calls get_weather for each of `cities`."""
-
-    cities: ClassVar[list] = ["Paris", "Oslo"]
-    bodies: ClassVar[list] = []
-
-    def do_POST(self):  # the stdlib handler's name for it
-        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        calls = [{"id": f"c{i}", "type": "function",
-                  "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
-                 for i, c in enumerate(type(self).cities)]  # fmt: skip
-        data = json.dumps({
-            "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": calls},
-                         "finish_reason": "tool_calls"}],
-            "usage": {"prompt_tokens": 30, "completion_tokens": 12},
-        }).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def engine(pairs):
     target, draft = pairs("llama-close")
@@ -68,9 +39,14 @@ def engine(pairs):
 
 
 @pytest.fixture(scope="module")
-def server(engine, tmp_path_factory):
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ToolEndpoint)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+def tools_api():
+    endpoint = ToolCallingEndpoint(["Paris", "Oslo"])
+    yield endpoint
+    endpoint.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine, tools_api, tmp_path_factory):
     folder = tmp_path_factory.mktemp("http-routes")
     routes = {
         "routes": [
@@ -78,7 +54,7 @@ def server(engine, tmp_path_factory):
              "escalate_if": [{"confidence_below": 1.0}]},
             {"name": "agent", "primary": "tools", "escalate_to": "target", "escalate_if": [{"tools_needed": "> 2"}]},
         ],
-        "endpoints": {"tools": {"kind": "openai", "base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+        "endpoints": {"tools": {"kind": "openai", "base_url": tools_api.url,
                                 "model": "m", "retries": 0}},
     }  # fmt: skip
     (folder / "routes.yaml").write_text(yaml.safe_dump(routes))
@@ -88,7 +64,6 @@ def server(engine, tmp_path_factory):
     )
     yield srv
     srv.stop()
-    httpd.shutdown()
 
 
 def _client(server, key="sk-app") -> openai.OpenAI:
@@ -165,14 +140,16 @@ def test_an_endpoints_tool_calls_are_the_messages_tool_calls(engine, server):
 SHORT = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}  # the tiny context
 
 
-def test_a_routed_stream_with_tool_calls_and_an_endpoint_gets_the_history_as_openais(engine, server):
+def test_a_routed_stream_with_tool_calls_and_an_endpoint_gets_the_history_as_openais(
+    engine, server, tools_api
+):
     history = [
         *MESSAGES,
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
         {"role": "tool", "tool_call_id": "c0", "content": "sunny"},
     ]  # fmt: skip
-    _ToolEndpoint.bodies.clear()
+    tools_api.bodies.clear()
     stream = _client(server).chat.completions.create(
         **{**_sdk(engine), "messages": history}, tools=[WEATHER], stream=True, extra_body={"route": "agent"}
     )
@@ -180,7 +157,7 @@ def test_a_routed_stream_with_tool_calls_and_an_endpoint_gets_the_history_as_ope
     calls = [call for d in deltas for call in (d.tool_calls or [])]
     assert [c.index for c in calls] == [0, 1] and [c.function.name for c in calls] == ["get_weather"] * 2
     # The endpoint got the history in OpenAI's own shape, not the local model's written-out calls.
-    [body] = _ToolEndpoint.bodies
+    [body] = tools_api.bodies
     assistant, tool = body["messages"][1:]
     assert (
         assistant["tool_calls"][0]["function"]["name"] == "get_weather"

@@ -5,10 +5,7 @@ granted them may force a tier or move a threshold."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
-from typing import ClassVar
 
 import grpc
 import pytest
@@ -18,7 +15,7 @@ from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
 from specdec.router.tools import tools_message, with_tools
-from specdec.testing import grpc_stub, serve_in_thread
+from specdec.testing import ToolCallingEndpoint, grpc_stub, serve_in_thread
 from specdec.v1 import specdec_pb2 as pb
 
 MESSAGES = [{"role": "user", "content": "what is the weather in Paris and Oslo"}]
@@ -31,42 +28,11 @@ WEATHER = pb.Tool(
 )
 
 
-class _ToolEndpoint(http.server.BaseHTTPRequestHandler):
-    """An OpenAI chat endpoint whose answer calls get_weather once per city in `cities`."""
-
-    cities: ClassVar[list] = []
-    bodies: ClassVar[list] = []
-
-    def do_POST(self):  # the stdlib handler's name for it
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).bodies.append(body)
-        calls = [
-            {"id": f"call_{i}", "type": "function",
-             "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
-            for i, c in enumerate(type(self).cities)
-        ]  # fmt: skip
-        reply = {
-            "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": calls},
-                         "finish_reason": "tool_calls"}],
-            "usage": {"prompt_tokens": 20, "completion_tokens": 9},
-        }  # fmt: skip
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def endpoint():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ToolEndpoint)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
+    tools_api = ToolCallingEndpoint()
+    yield tools_api
+    tools_api.close()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +47,7 @@ def server(pairs, endpoint, tmp_path_factory):
             {"name": "chat", "primary": "draft", "escalate_to": "target",
              "escalate_if": [{"confidence_below": 0.0}]},
         ],
-        "endpoints": {"tools-api": {"kind": "openai", "base_url": endpoint, "model": "m", "retries": 0}},
+        "endpoints": {"tools-api": {"kind": "openai", "base_url": endpoint.url, "model": "m", "retries": 0}},
     }  # fmt: skip
     (folder / "routes.yaml").write_text(yaml.safe_dump(routes))
     (folder / "keys").write_text("sk-app\nsk-ops route:threshold\nsk-admin route:force route:threshold\n")
@@ -97,19 +63,19 @@ def _call(stub, key, route="agent", **fields):
     return stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),))
 
 
-def test_an_endpoints_tool_calls_come_back_checked_and_several_escalate(server):
+def test_an_endpoints_tool_calls_come_back_checked_and_several_escalate(server, endpoint):
     engine, srv = server
     stub = grpc_stub(srv.address)
-    _ToolEndpoint.cities, _ToolEndpoint.bodies = ["Paris"], []
+    endpoint.cities, endpoint.bodies[:] = ["Paris"], []
     one = _call(stub, "sk-app", tools=[WEATHER])
     assert one.route.tier == "tools-api" and not one.route.escalated and one.route.tool_calls_valid
     [call] = one.tool_calls
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.valid
     # The endpoint got the tools in OpenAI's own field, and the client's messages unchanged.
-    [body] = _ToolEndpoint.bodies
+    [body] = endpoint.bodies
     assert body["tools"][0]["function"]["name"] == "get_weather" and body["messages"] == MESSAGES
 
-    _ToolEndpoint.cities = ["Paris", "Oslo"]
+    endpoint.cities = ["Paris", "Oslo"]
     two = _call(stub, "sk-app", tools=[WEATHER])
     assert (
         two.route.tier == "target" and two.route.escalated and list(two.route.reasons) == ["tool calls 2 > 1"]
@@ -119,7 +85,7 @@ def test_an_endpoints_tool_calls_come_back_checked_and_several_escalate(server):
     [alone] = engine.generate([prompt], _params(), mode="target")
     assert list(two.token_ids) == alone.token_ids and two.usage.prompt_tokens == len(prompt)
 
-    _ToolEndpoint.cities = [7]  # a city that is not a string
+    endpoint.cities = [7]  # a city that is not a string
     bad = _call(stub, "sk-app", tools=[WEATHER])
     assert bad.route.tier == "target" and bad.route.reasons[0].startswith(
         "schema_invalid: tool call 0: get_weather: at city: 7 is not of type 'string'"
@@ -222,10 +188,10 @@ def test_without_a_key_file_no_override_is_taken(pairs, tmp_path):
         srv.stop()
 
 
-def test_a_tool_conversations_history_reaches_the_endpoint_in_openais_shape(server):
+def test_a_tool_conversations_history_reaches_the_endpoint_in_openais_shape(server, endpoint):
     _engine, srv = server
     stub = grpc_stub(srv.address)
-    _ToolEndpoint.cities, _ToolEndpoint.bodies = ["Oslo"], []
+    endpoint.cities, endpoint.bodies[:] = ["Oslo"], []
     history = [
         pb.ChatMessage(role="user", content="weather in Oslo?"),
         pb.ChatMessage(
@@ -238,7 +204,7 @@ def test_a_tool_conversations_history_reaches_the_endpoint_in_openais_shape(serv
     request.messages.extend(history)
     reply = stub.Generate(request, metadata=(("authorization", "Bearer sk-app"),))
     assert reply.route.tier == "tools-api"
-    [body] = _ToolEndpoint.bodies
+    [body] = endpoint.bodies
     assert body["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
         {"id": "c7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}  # fmt: skip
     assert body["messages"][2] == {"role": "tool", "content": "sunny", "tool_call_id": "c7"}

@@ -111,17 +111,23 @@ def test_the_report_is_the_records_and_the_replay_is_the_live_router(engine, eva
     assert report["routing"]["calibrated"] and "calibrated confidence" in (out / "report.md").read_text()
 
 
+class _Counting(LocalTiers):
+    """LocalTiers that remembers the tier of every answer it was asked for."""
+
+    def __init__(self, router):
+        super().__init__(router)
+        self.calls = []
+
+    def answer(self, *args, **kwargs):
+        self.calls.append(args[1])
+        return super().answer(*args, **kwargs)
+
+
 def test_a_second_run_resumes_from_the_records(engine, eval_set, tmp_path):
     config = parse_routes(ROUTES, "test")
-    calls = []
-
-    class Counting(LocalTiers):
-        def answer(self, *args, **kwargs):
-            calls.append(args[1])
-            return super().answer(*args, **kwargs)
-
     examples = load_examples(eval_set)[:4]
-    backend = Counting(Router(engine, config))
+    backend = _Counting(Router(engine, config))
+    calls = backend.calls
     settings = EvalSettings(str(eval_set), "r", config.routes["r"], PARAMS)
     first = evaluate(examples[:2], backend, settings, tmp_path)
     assert len(calls) == 4
@@ -213,14 +219,8 @@ def test_resume_reruns_changed_examples_rescores_and_survives_a_cut_line(engine,
     import dataclasses
 
     config = parse_routes(ROUTES, "test")
-    calls = []
-
-    class Counting(LocalTiers):
-        def answer(self, *args, **kwargs):
-            calls.append(args[1])
-            return super().answer(*args, **kwargs)
-
-    backend = Counting(Router(engine, config))
+    backend = _Counting(Router(engine, config))
+    calls = backend.calls
     settings = EvalSettings(str(eval_set), "r", config.routes["r"], PARAMS)
     examples = load_examples(eval_set)[:2]
     evaluate(examples, backend, settings, tmp_path)

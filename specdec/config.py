@@ -6,10 +6,30 @@ The CLI flags, the server's options and embedding code all build this same objec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from specdec.errors import SpecdecError
 
 MAX_GAMMA_LIMIT = 16
+
+
+class Quantization(Enum):
+    """How a model's weights are stored and multiplied (models.quantize; docs/QUANTIZATION.md)."""
+
+    NONE = "none"  # the compute dtype
+    INT8 = "int8"  # per channel; on the CPU activations are quantized too, per row (fbgemm)
+    INT4 = "int4"  # groups of 32, weight-only; on the CPU for memory, not speed
+
+    @classmethod
+    def parse(cls, value: str | Quantization) -> Quantization:
+        if isinstance(value, Quantization):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise SpecdecError(
+                f"quantization must be one of {', '.join(q.value for q in cls)}, got {value!r}"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +71,8 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bf16 on cuda, fp32 on cpu; or float32 / bfloat16 / float16
     attention: str = "auto"  # attention backend: auto | sdpa | math
+    target_quantize: Quantization = Quantization.NONE  # the target's weights (models.quantize)
+    draft_quantize: Quantization = Quantization.NONE  # the draft's
     memory_fraction: float = 0.9  # of free memory the KV caches may never exceed, however sized
 
     def __post_init__(self) -> None:
@@ -82,6 +104,9 @@ class EngineConfig:
             raise SpecdecError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
             raise SpecdecError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        for name in ("target_quantize", "draft_quantize"):
+            # Strings are accepted where the settings come from text (embedding code, YAML).
+            object.__setattr__(self, name, Quantization.parse(getattr(self, name)))
         if not 0 < self.memory_fraction <= 1:
             raise SpecdecError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 

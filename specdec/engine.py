@@ -27,6 +27,7 @@ from specdec.errors import InvalidRequestError
 from specdec.models.cache_plan import plan_cache
 from specdec.models.loader import LoadedModel, load_checkpoint
 from specdec.models.pair import check_pair
+from specdec.models.quantize import describe_weights, quantize_pair
 from specdec.planner import GammaPlanner
 from specdec.request import GenerationResult, Mode, Request, RequestOutput, SpecStats, Timing
 from specdec.runner import ModelRunner
@@ -67,12 +68,17 @@ class Engine:
         self.config = config or EngineConfig()
         device = resolve_device(self.config.device)
         dtype = resolve_dtype(self.config.dtype, device)
-        self.target = _load(target, device, dtype, self.config.attention)
-        self.draft = (
-            _load(draft, device, dtype, self.config.attention, borrow_from=self.target)
+        target_model = _load(target, device, dtype, self.config.attention)
+        draft_model = (
+            _load(draft, device, dtype, self.config.attention, borrow_from=target_model)
             if draft is not None
             else None
         )
+        # Quantized after both are loaded: a draft borrows the target's float tensors first.
+        self.target, self.draft = quantize_pair(
+            target_model, draft_model, self.config.target_quantize, self.config.draft_quantize
+        )
+        del target_model, draft_model  # the float originals, unless the caller holds them
         if self.draft is not None:
             check_pair(self.target, self.draft)
         # What the config leaves open (slots, context) is sized from the KV memory budget now that
@@ -98,11 +104,12 @@ class Engine:
         if self.config.warmup and self.config.adaptive:
             self.planner.calibrate(self.runner.warm_up())
         log.info(
-            "target %s (%s, %d layers), draft %s; %s",
+            "target %s (%s, %d layers, %s), draft %s; %s",
             self.target.name,
             self.target.config.model_type,
             self.target.config.num_layers,
-            self.draft.name if self.draft else "none",
+            describe_weights(self.target),
+            f"{self.draft.name} ({describe_weights(self.draft)})" if self.draft else "none",
             self.cache_plan.describe(),
         )
 

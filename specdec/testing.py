@@ -248,6 +248,23 @@ def prompt_logits(loaded: Any, tokens: list[int]) -> torch.Tensor:
         return loaded.model(batch, cache)[0]
 
 
+def joint_of_three(last_logits: Any, prompt: list[int], vocab: int, params: Any) -> Any:
+    """P(t1, t2, t3 | prompt) [vocab**3] (numpy float64) under the sampling transform of `params`,
+    from `last_logits(sequences [n, L]) -> [n, >= vocab]`, the model's logits after each sequence."""
+    import itertools
+
+    from specdec.sampling import SamplingTensors, probabilities
+
+    st = lambda n: SamplingTensors.from_params([params] * n, torch.device("cpu"))  # noqa: E731
+    v = vocab
+    with torch.no_grad():
+        p1 = probabilities(last_logits(torch.tensor([prompt]))[:, :v], st(1))[0]
+        p2 = probabilities(last_logits(torch.tensor([prompt + [a] for a in range(v)]))[:, :v], st(v))
+        seqs3 = torch.tensor([prompt + [a, b] for a, b in itertools.product(range(v), range(v))])
+        p3 = probabilities(last_logits(seqs3)[:, :v], st(v * v)).view(v, v, v)
+    return (p1[:, None, None] * p2[:, :, None] * p3).flatten().double().numpy()
+
+
 def random_prompt(generator: torch.Generator, length: int, vocab: int = TOKENIZER_VOCAB) -> list[int]:
     # Ids from 3 up: 0..2 are the special tokens (EOS would end generation at once).
     return torch.randint(3, vocab, (length,), generator=generator).tolist()

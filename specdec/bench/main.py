@@ -15,9 +15,11 @@ from specdec.bench.llama_cpp import anchor_for
 from specdec.bench.report import report, save, theoretical_speedup
 from specdec.bench.runner import Anchor, Bench, BenchSettings, Config, plans
 from specdec.bench.shapes import DEFAULT_DRAFT, SHAPES, hf_model, random_model, synthetic_tokenizer
+from specdec.config import Quantization
 from specdec.engine import resolve_device, resolve_dtype
 from specdec.errors import SpecdecError
-from specdec.models.loader import load_checkpoint
+from specdec.models.loader import LoadedModel, load_checkpoint
+from specdec.models.quantize import describe_weights, quantize_pair, stored_bytes
 from specdec.request import Mode
 from specdec.tokenization import emittable_vocab_size
 
@@ -80,6 +82,28 @@ def _hf_loadable(model: Any) -> bool:
     """Whether transformers can load the checkpoint (not a subset head or borrowed tensors)."""
     config = model.config
     return config.head_tokens is None and not config.shared_embeddings and not config.shared_layers
+
+
+def quantized_pairs(
+    target: LoadedModel, draft: LoadedModel, spec: str
+) -> dict[str, tuple[LoadedModel, LoadedModel]]:
+    """The pairs `--quantize` asks for, by name: a comma list of none / int8 / int4, each for both
+    models, or TARGET:DRAFT (e.g. int8:none) for a pair quantized differently."""
+    pairs: dict[str, tuple[LoadedModel, LoadedModel]] = {}
+    for part in spec.split(","):
+        name = part.strip()
+        target_scheme, _, draft_scheme = name.partition(":")
+        try:
+            schemes = Quantization(target_scheme), Quantization(draft_scheme or target_scheme)
+        except ValueError:
+            raise SpecdecError(
+                f"--quantize: {name!r} is not none, int8, int4 or TARGET:DRAFT of them (e.g. int8:none)"
+            ) from None
+        if schemes[0] is schemes[1]:
+            name = schemes[0].value
+        if name not in pairs:
+            pairs[name] = quantize_pair(target, draft, *schemes)
+    return pairs
 
 
 def _random_prompts(vocab: int, length: int, count: int, seed: int) -> list[list[int]]:
@@ -182,16 +206,23 @@ def run(args: Any) -> dict[str, Any]:
             f"{target.config.vocab_size} vs {draft.config.vocab_size})",
             file=sys.stderr,
         )
-    configs: list[Config] = [("target", Mode.TARGET, 0)]
-    if draft.config.head_tokens is None:  # a subset-head draft only speculates (validation)
-        configs.append(("draft", Mode.DRAFT, 0))
-    for gamma in settings.gammas:
-        if gamma != 0:  # γ = 0 is the target alone, measured above
-            configs.append(("speculative", Mode.SPECULATIVE, gamma))
-    with_draft = any(label == "draft" for label, _, _ in configs)
-    runs = plans(settings, hf_target is not None, assisted, with_draft, llama_cpp is not None)
+    pairs = quantized_pairs(target, draft, args.quantize)
+    configs: list[Config] = []
+    for quant, (_, quant_draft) in pairs.items():
+        configs.append(("target", Mode.TARGET, 0, quant))
+        if quant_draft.config.head_tokens is None:  # a subset-head draft only speculates (validation)
+            configs.append(("draft", Mode.DRAFT, 0, quant))
+        for gamma in settings.gammas:
+            if gamma != 0:  # γ = 0 is the target alone, measured above
+                configs.append(("speculative", Mode.SPECULATIVE, gamma, quant))
+    source["quantizations"] = {
+        quant: {"target": describe_weights(t), "draft": describe_weights(d),
+                "target_bytes": stored_bytes(t.model), "draft_bytes": stored_bytes(d.model)}
+        for quant, (t, d) in pairs.items()
+    }  # fmt: skip
+    runs = plans(settings, len(configs), hf_target is not None, assisted, llama_cpp is not None)
     with tqdm(total=runs, desc="bench", unit="run") as bar:
-        bench = Bench(target, draft, settings, prompts, configs, progress=bar)
+        bench = Bench(pairs, settings, prompts, configs, progress=bar)
         for batch in settings.batch_sizes:
             anchors: list[Anchor] = []
             if hf_target is not None:
@@ -201,6 +232,7 @@ def run(args: Any) -> dict[str, Any]:
             if llama_cpp is not None and batch == 1:
                 anchors.append((llama_cpp.label, lambda b: bench.llama_cpp_once(llama_cpp, b)))
             bench.run_batch(batch, anchors)
+    source["pass_ms_batch1"] = bench.pass_costs()
     result = report(bench, target, draft, settings, source)
     if args.random_weights:
         # A random pair accepts almost nothing: give the speedup the measured costs would yield at
@@ -221,6 +253,11 @@ def _print_table(result: dict[str, Any]) -> None:
     print(
         f"{result['machine']} | {result['device']} {result['dtype']} | target {result['target']['name']}, draft {result['draft']['name']}"
     )
+    passes = result.get("pass_ms_batch1", {})
+    if passes:
+        print("\none pass at batch size 1, ms (fastest of 5):")
+        for quant, costs in passes.items():
+            print(f"  {quant:<10} " + "  ".join(f"{k}={v}" for k, v in costs.items()))
     for entry in result["summary"]:
         print(
             f"\nbatch {entry['batch_size']}: c = {entry['cost_ratio_c']}, target bandwidth {entry['target_bandwidth_GBps']} GB/s "

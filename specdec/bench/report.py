@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from specdec.bench.runner import Bench, BenchSettings, Row
+from specdec.bench.runner import Bench, BenchSettings, Row, mode_label
 from specdec.models.kv_cache import bytes_per_token
 from specdec.models.loader import LoadedModel
+from specdec.models.quantize import stored_bytes
 
 
 def copy_bandwidth(device: torch.device, megabytes: int) -> float:
@@ -63,7 +64,7 @@ def report(
             None,
         )
 
-    weights = sum(p.numel() * p.element_size() for p in target.model.parameters())
+    weights = stored_bytes(target.model)
     kv_per_token = bytes_per_token(target.config, target.dtype)
     copy_bw = copy_bandwidth(device, 2048 if device.type == "cuda" else 256)
     summary = []
@@ -95,6 +96,13 @@ def report(
             item: dict[str, Any] = {"tokens_per_second": round(row.tokens_per_second, 2)}
             if base:
                 item["speedup_vs_target"] = round(row.tokens_per_second / base.tokens_per_second, 3)
+            quant_base = find(mode_label("target", row.quantization), batch)
+            if row.quantization != "none" and quant_base:
+                item["speedup_vs_same_target"] = round(
+                    row.tokens_per_second / quant_base.tokens_per_second, 3
+                )
+            if llama_cpp := find("llama.cpp", batch):
+                item["ratio_to_llama_cpp"] = round(row.tokens_per_second / llama_cpp.tokens_per_second, 3)
             if assisted:
                 item["speedup_vs_hf_assisted"] = round(row.tokens_per_second / assisted.tokens_per_second, 3)
             if row.acceptance is not None:

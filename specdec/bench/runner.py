@@ -29,9 +29,11 @@ from specdec.models.loader import LoadedModel
 from specdec.request import Mode, Request
 from specdec.sampling import SamplingParams
 from specdec.scheduler import StepReport
+from specdec.timing import PassKind
 
-# One engine configuration of the bench: (label, mode of its requests, γ: an int or "adaptive...").
-Config = tuple[str, Mode, "int | str"]
+# One engine configuration of the bench: (label, mode of its requests, γ: an int or "adaptive...",
+# the quantization of its pair: a key of Bench's `pairs`, "none" for the models as loaded).
+Config = tuple[str, Mode, "int | str", str]
 # A baseline outside our engine (Hugging Face generate(), llama.cpp): its label, and one timed run
 # at a batch size returning tokens/s.
 Anchor = tuple[str, Callable[[int], float]]
@@ -64,7 +66,7 @@ class BenchSettings:
 class Row:
     """One configuration's measurements."""
 
-    mode: str  # target | draft | speculative | hf-target | hf-assisted
+    mode: str  # target | draft | speculative | hf-target | hf-assisted, "int8 target" when quantized
     gamma: int | str | None
     batch_size: int
     tokens_per_second: float  # median over repeats
@@ -74,6 +76,7 @@ class Row:
     accepted_by_position: list[float] = field(default_factory=list)  # rate per position
     gamma_histogram: dict[int, int] = field(default_factory=dict)  # adaptive: γ chosen per row-step
     extra: dict[str, Any] = field(default_factory=dict)
+    quantization: str = "none"  # of the pair: "int8", or "int8:none" (target:draft) when they differ
 
 
 def _per_position_alpha(accepted_by_position: list[int], verify_steps: int, gamma: int) -> float:
@@ -93,15 +96,19 @@ def output_lengths(settings: BenchSettings, count: int) -> list[int]:
     return [max(1, round(n * (1 + spread * rnd.uniform(-1.0, 1.0)))) for _ in range(count)]
 
 
-def config_key(label: str, gamma: int | str) -> str:
-    return f"{label}:{gamma}"
+def config_key(label: str, gamma: int | str, quantization: str = "none") -> str:
+    return f"{label}:{gamma}" if quantization == "none" else f"{quantization} {label}:{gamma}"
+
+
+def mode_label(label: str, quantization: str) -> str:
+    """The row's mode: the label, prefixed by the quantization when the models are quantized."""
+    return label if quantization == "none" else f"{quantization} {label}"
 
 
 class Bench:
     def __init__(
         self,
-        target: LoadedModel,
-        draft: LoadedModel,
+        pairs: dict[str, tuple[LoadedModel, LoadedModel]],
         settings: BenchSettings,
         prompts: list[list[int]],
         configs: list[Config],
@@ -124,12 +131,13 @@ class Bench:
         # One engine per configuration, as each would be served; only the adaptive ones consult
         # the cost model, so only they pay for the start-up measurement of it.
         self.engines: dict[str, Engine] = {}
-        for label, _, gamma in configs:
+        for label, _, gamma, quant in configs:
             adaptive = isinstance(gamma, str)
             config = EngineConfig(
                 **{**_fields(base), "warmup": adaptive, "per_row_gamma": gamma == "adaptive-per-row"}
             )
-            self.engines[config_key(label, gamma)] = Engine(target=target, draft=draft, config=config)
+            target, draft = pairs[quant]
+            self.engines[config_key(label, gamma, quant)] = Engine(target=target, draft=draft, config=config)
         self.rows: list[Row] = []
 
     # --------------------------------------------------------------------------- our engine
@@ -206,8 +214,8 @@ class Bench:
         results: dict[str, list] = {}
         decisions: dict[str, dict[int, int]] = {}
         for repeat in range(self.settings.repeats + 1):
-            for label, mode, gamma in self.configs:
-                key = config_key(label, gamma)
+            for label, mode, gamma, quant in self.configs:
+                key = config_key(label, gamma, quant)
                 rate, whole, out, seen = self._engine_once(self.engines[key], batch, mode, gamma)
                 if repeat:
                     rates.setdefault(key, []).append(rate)
@@ -221,9 +229,10 @@ class Bench:
                 if repeat:
                     rates.setdefault(label, []).append(rate)
                 self._tick()
-        for label, mode, gamma in self.configs:
-            key = config_key(label, gamma)
+        for label, mode, gamma, quant in self.configs:
+            key = config_key(label, gamma, quant)
             self._add_engine_row(batch, label, mode, gamma, rates[key], results[key], decisions.get(key, {}))
+            self.rows[-1].mode, self.rows[-1].quantization = mode_label(label, quant), quant
             self.rows[-1].extra["whole_run_tokens_per_second"] = round(statistics.median(whole_rates[key]), 2)
         for label, _ in anchors:
             self.rows.append(
@@ -271,14 +280,36 @@ class Bench:
                 row.gamma_histogram = dict(sorted(decisions.items()))
         self.rows.append(row)
 
-    def cost_ratio(self, batch: int) -> float:
+    def pass_costs(self, max_gamma: int = 4, rounds: int = 5) -> dict[str, dict[str, float]]:
+        """Milliseconds of one pass at batch size 1 for each quantization: the target at width 1
+        (a decode) and at every verify width up to γ + 1, and the draft. The quantizations are
+        measured in turn, `rounds` times, and the fastest of each kept: a side-by-side figure."""
+        best: dict[str, dict[str, float]] = {}
+        position = self.settings.prompt_len
+        for _ in range(rounds):
+            for label, _, gamma, quant in self.configs:
+                if label != "target":
+                    continue
+                engine = self.engines[config_key(label, gamma, quant)]
+                for t in engine.runner.measure_pass_costs([1], max_gamma, position, repeats=1):
+                    if t.kind is PassKind.CATCHUP:
+                        continue
+                    name = "draft" if t.kind is PassKind.DRAFT else f"target_width{t.width}"
+                    ms = t.seconds * 1e3
+                    best.setdefault(quant, {})[name] = round(min(ms, best.get(quant, {}).get(name, ms)), 3)
+        return best
+
+    def cost_ratio(self, batch: int, quantization: str | None = None) -> float:
         """c = one draft pass / one width-1 target pass at this batch size, each as measured live by
-        the configuration that runs that pass alone (draft alone, target alone). A draft that only
-        speculates (a subset head: no draft-alone configuration) is timed by the first speculative
-        configuration, whose draft passes are the same passes."""
-        keys = [config_key("draft", 0)] + [key for key in self.engines if key.startswith("speculative")]
-        draft = self.engines[next(key for key in keys if key in self.engines)].planner.costs
-        target = self.engines[config_key("target", 0)].planner.costs
+        the configuration that runs that pass alone (draft alone, target alone), of the pair
+        quantized so (default: the first configured). A draft that only speculates (a subset head:
+        no draft-alone configuration) is timed by the first speculative configuration, whose draft
+        passes are the same passes."""
+        quant = quantization or self.configs[0][3]
+        ours = [(label, gamma) for label, _, gamma, q in self.configs if q == quant]
+        drafting = [c for c in ours if c[0] == "draft"] + [c for c in ours if c[0] == "speculative"]
+        draft = self.engines[config_key(*drafting[0], quant)].planner.costs
+        target = self.engines[config_key("target", 0, quant)].planner.costs
         return draft.draft_cost(batch) / target.verify_cost(batch, 1)
 
     def _tick(self) -> None:
@@ -288,14 +319,14 @@ class Bench:
 
 def plans(
     settings: BenchSettings,
+    engine_configs: int,
     with_hf: bool,
     with_assisted: bool,
-    with_draft: bool = True,
     with_llama_cpp: bool = False,
 ) -> int:
     """Number of timed runs (for the progress bar). Assisted generation and llama.cpp run at batch
     size 1 only."""
-    per_batch = 1 + int(with_draft) + sum(1 for g in settings.gammas if g != 0) + (1 if with_hf else 0)
+    per_batch = engine_configs + (1 if with_hf else 0)
     at_one = (int(with_assisted) + int(with_llama_cpp)) if 1 in settings.batch_sizes else 0
     return (settings.repeats + 1) * (per_batch * len(settings.batch_sizes) + at_one)
 

@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="skip the llama.cpp baseline (run at batch size 1 when llama-cpp-python is installed and "
         "the target is a .gguf file)",
     )
+    bench.add_argument(
+        "--quantize",
+        default="none",
+        help="comma list of the weights to bench side by side: none, int8, int4 (both models), or "
+        "TARGET:DRAFT such as int8:none (e.g. none,int8)",
+    )
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     bench.add_argument("--out", default="out/bench", help="directory for bench.json and the PNG plots")

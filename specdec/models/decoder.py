@@ -139,6 +139,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, attention: str = "auto"):
         super().__init__()
         self.cfg = cfg
+        self.attention = attention  # the backend asked for (a quantized copy is built alike)
         attn_fn = select_backend(attention, needs_softcap=cfg.attn_softcap is not None)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_fn) for i in range(cfg.num_layers))
@@ -164,7 +165,7 @@ class Decoder(nn.Module):
         loaded model, and a longer table serves a shorter cache unchanged."""
         if num_positions <= self.num_positions:
             return
-        ref = self.embed_tokens.weight
+        ref = self.norm.weight  # a float tensor in the compute dtype, quantized model or not
         cos, sin = rope_tables(self.cfg.rope, num_positions)
         # Non-persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("rope_cos", cos.to(ref.device, ref.dtype), persistent=False)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from specdec.config import Quantization
 from specdec.errors import CheckpointError
 from specdec.models.config import ModelConfig, check_config, model_config_from_hf
 from specdec.models.decoder import Decoder
@@ -37,14 +38,16 @@ class LoadedModel:
     model: Decoder
     tokenizer: Any  # a transformers tokenizer
     hf_config: Any
+    quantization: Quantization = Quantization.NONE  # its weights' format (models.quantize)
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        # The final norm's weight: always a float tensor in the compute dtype, quantized or not.
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -244,6 +247,11 @@ def _borrowed(
         wanted += [k for k in target_state if k.startswith(prefixes)]
     borrowed = {}
     for key in wanted:
+        if key not in target_state:
+            raise CheckpointError(
+                f"{path}: borrows {what} from a target that is already quantized; load the draft "
+                "before quantizing the pair (models.quantize.quantize_pair; the Engine does)"
+            )
         weight = target_state[key]
         if weight.dtype != dtype or weight.device != device:
             raise CheckpointError(

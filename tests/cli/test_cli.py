@@ -94,6 +94,23 @@ def test_flag_defaults_are_the_cores_own():
     assert engine_config(flags) == EngineConfig(max_batch_size=3, max_queue=5, adaptive=False)
 
 
+def test_quantize_flags_map_to_each_model():
+    """--quantize sets both models; --target-quantize / --draft-quantize override it per model."""
+    from specdec.cli import build_parser
+    from specdec.cli.options import engine_config
+    from specdec.config import Quantization
+
+    parser = build_parser()
+    both = engine_config(parser.parse_args(["serve", "--quantize", "int8"]))
+    assert (both.target_quantize, both.draft_quantize) == (Quantization.INT8, Quantization.INT8)
+    mixed = engine_config(
+        parser.parse_args(["generate", "x", "--quantize", "int8", "--target-quantize", "int4"])
+    )
+    assert (mixed.target_quantize, mixed.draft_quantize) == (Quantization.INT4, Quantization.INT8)
+    draft_only = engine_config(parser.parse_args(["serve", "--draft-quantize", "int8"]))
+    assert (draft_only.target_quantize, draft_only.draft_quantize) == (Quantization.NONE, Quantization.INT8)
+
+
 def test_generate_over_grpc_streaming_json_has_every_token_id(pairs):
     from specdec import Engine
     from specdec.config import EngineConfig

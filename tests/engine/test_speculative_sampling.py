@@ -9,19 +9,16 @@ under the same sampling transform. A wrong acceptance rule run through the same 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
 from specdec.kernels import rejection_sample as rs
 from specdec.request import Mode
-from specdec.sampling import SamplingTensors, probabilities
 from specdec.speculative import AcceptKernels
-from specdec.testing import chi_square_pvalue, hf_reference, perturb_checkpoint
+from specdec.testing import chi_square_pvalue, hf_reference, joint_of_three, perturb_checkpoint
 
 V = 16
 PROMPT = [5, 9, 3, 12]
@@ -54,14 +51,7 @@ def engine(pair):
 def exact_joint(path, params: SamplingParams) -> np.ndarray:
     """P(t1, t2, t3 | PROMPT) under the target's transformed distribution, [V**3]."""
     ref = hf_reference(path)
-    st = lambda n: SamplingTensors.from_params([params] * n, torch.device("cpu"))  # noqa: E731
-    with torch.no_grad():
-        p1 = probabilities(ref(torch.tensor([PROMPT])).logits[:, -1, :V], st(1))[0]
-        seqs2 = torch.tensor([PROMPT + [a] for a in range(V)])
-        p2 = probabilities(ref(seqs2).logits[:, -1, :V], st(V))  # [V, V]
-        seqs3 = torch.tensor([PROMPT + [a, b] for a, b in itertools.product(range(V), range(V))])
-        p3 = probabilities(ref(seqs3).logits[:, -1, :V], st(V * V)).view(V, V, V)
-    return (p1[:, None, None] * p2[:, :, None] * p3).flatten().double().numpy()
+    return joint_of_three(lambda seqs: ref(seqs).logits[:, -1], PROMPT, V, params)
 
 
 def sampled_joint(engine, params: SamplingParams, gamma: int, seed_base: int = 0) -> np.ndarray:

@@ -1,0 +1,182 @@
+"""Quantizing a loaded model: every linear layer and the embedding to int8 or int4
+(`quant_linear` has the formats and the kernels; docs/QUANTIZATION.md the measurements).
+
+What is quantized: the projections of every layer, the output head and the input embedding. What
+is not: the norms, the rotary tables and the attention math, which run in the compute dtype. A
+head tied to the embedding stays tied: the head multiplies by the quantized table and the
+embedding dequantizes the rows it gathers from the same codes, so tying costs one table (for
+int8 on the CPU two copies of the codes, since fbgemm keeps its own packed layout: 28 MB more for
+SmolLM2, where untying would keep a 113 MB float32 embedding).
+
+A quantized model is a new `Decoder` that shares the original's unquantized tensors (norms): the
+original is untouched, so several engines can share one loaded model, and a draft that borrows the
+target's embedding or first layers (`specdec_shared_*`) is quantized after it, reusing the
+target's quantized modules for the tensors they share (`quantize_pair`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from specdec.config import Quantization
+from specdec.models.decoder import Decoder
+from specdec.models.linear import Linear
+from specdec.models.loader import LoadedModel
+from specdec.models.quant_linear import (
+    INT4_GROUP,
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8LinearCPU,
+    Int8LinearWeightOnly,
+    quantize_int4,
+    quantize_int8,
+)
+
+log = logging.getLogger("specdec")
+
+# Quantized modules already built, by the float tensor they were built from (its storage address
+# and shape): a draft's borrowed tensors are the target's own, so they map to the target's modules.
+_Built = dict[tuple[int, tuple[int, ...], str], nn.Module]
+
+
+def _key(weight: torch.Tensor, what: str) -> tuple[int, tuple[int, ...], str]:
+    return (weight.data_ptr(), tuple(weight.shape), what)
+
+
+def quantize_pair(
+    target: LoadedModel,
+    draft: LoadedModel | None,
+    target_scheme: Quantization,
+    draft_scheme: Quantization,
+) -> tuple[LoadedModel, LoadedModel | None]:
+    """The pair with each model quantized as asked (models already in the asked scheme pass as
+    they are). A draft quantized like its target shares the modules of the tensors it borrows."""
+    built: _Built = {}
+    target = quantized(target, target_scheme, built)
+    draft = quantized(draft, draft_scheme, built) if draft is not None else None
+    return target, draft
+
+
+def quantized(model: LoadedModel, scheme: Quantization, built: _Built | None = None) -> LoadedModel:
+    """`model` with its linear layers and embedding in `scheme` (a new LoadedModel; see the module
+    docstring). NONE and the model's own scheme return it as it is; a model quantized to another
+    scheme is refused (quantizing twice would compound the rounding)."""
+    if model.quantization is scheme or scheme is Quantization.NONE:
+        return model  # NONE asks for nothing more: a model quantized already is served as it is
+    if model.quantization is not Quantization.NONE:
+        raise ValueError(
+            f"{model.name} is already quantized to {model.quantization.value}, not {scheme.value}"
+        )
+    with torch.no_grad():  # nothing quantized may carry autograd history into the passes
+        return _quantized(model, scheme, {} if built is None else built)
+
+
+def _quantized(model: LoadedModel, scheme: Quantization, built: _Built) -> LoadedModel:
+    source = model.model
+    with torch.device("meta"):
+        decoder = Decoder(source.cfg, attention=source.attention)
+    # Share every tensor of the original (no copies), then swap the quantized modules in.
+    decoder.load_state_dict(source.state_dict(keep_vars=True), assign=True, strict=True)
+    decoder.tie_weights()
+    dtype = source.norm.weight.dtype
+    for name, module in list(decoder.named_modules()):
+        if isinstance(module, Linear) and not (name == "lm_head" and source.cfg.tie_word_embeddings):
+            _replace(decoder, name, _linear(module.weight, module.bias, scheme, dtype, built))
+    head, embed = _table(decoder.embed_tokens.weight, scheme, dtype, built)
+    _replace(decoder, "embed_tokens", embed)
+    if source.cfg.tie_word_embeddings:
+        _replace(decoder, "lm_head", head)
+    decoder.num_positions = 0
+    decoder.init_rope(source.num_positions)
+    decoder.eval().requires_grad_(False)
+    return dataclasses.replace(model, model=decoder, quantization=scheme)
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of weights as held in memory: float tensors as stored, quantized modules as packed
+    (each counted once, however many modules or models share it)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "stored_bytes"):
+            if id(module) not in seen:
+                seen.add(id(module))
+                total += module.stored_bytes
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            key = tensor.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def describe_weights(model: LoadedModel) -> str:
+    """The weights' format and size in memory, for the start-up log: "int8 weights, 171.3 MB"."""
+    if model.quantization is Quantization.NONE:
+        what = f"{str(model.dtype).removeprefix('torch.')} weights"
+    else:
+        what = f"{model.quantization.value} weights"
+    return f"{what}, {stored_bytes(model.model) / 1e6:.1f} MB"
+
+
+def _fits(weight: torch.Tensor, scheme: Quantization) -> Quantization:
+    """The scheme a weight [N, K] gets: int4 needs K in whole groups; a weight without them is
+    int8 instead (as llama.cpp stores a tensor whose rows do not fill its blocks in another type)."""
+    if scheme is Quantization.INT4 and weight.shape[1] % INT4_GROUP:
+        log.info(
+            "int4: in_features %d is not a multiple of %d; int8 for that weight", weight.shape[1], INT4_GROUP
+        )
+        return Quantization.INT8
+    return scheme
+
+
+def _linear(weight: torch.Tensor, bias, scheme: Quantization, dtype: torch.dtype, built: _Built) -> nn.Module:
+    scheme = _fits(weight, scheme)
+    key = _key(weight, f"linear-{scheme.value}")
+    if key not in built:
+        cpu = weight.device.type == "cpu"
+        if scheme is Quantization.INT8:
+            codes, scale = quantize_int8(weight)
+            built[key] = (
+                Int8LinearCPU(codes, scale, bias) if cpu else Int8LinearWeightOnly(codes, scale, bias, dtype)
+            )
+        else:
+            codes, scale, zero = quantize_int4(weight)
+            built[key] = Int4Linear(codes, scale, zero, bias, dtype)
+    return built[key]
+
+
+def _table(
+    weight: torch.Tensor, scheme: Quantization, dtype: torch.dtype, built: _Built
+) -> tuple[nn.Module, nn.Module]:
+    """(head, embedding) over one quantized table of `weight` [V, K]: the head for a tied model,
+    the embedding for every model."""
+    scheme = _fits(weight, scheme)
+    key = _key(weight, f"table-{scheme.value}")
+    if key not in built:
+        if scheme is Quantization.INT8:
+            codes, scale = quantize_int8(weight)
+            cpu = weight.device.type == "cpu"
+            head = (
+                Int8LinearCPU(codes, scale, None) if cpu else Int8LinearWeightOnly(codes, scale, None, dtype)
+            )
+            built[key] = nn.ModuleList([head, Int8Embedding(codes, scale, dtype)])
+        else:
+            codes, scale, zero = quantize_int4(weight)
+            built[key] = nn.ModuleList(
+                [Int4Linear(codes, scale, zero, None, dtype), Int4Embedding(codes, scale, zero, dtype)]
+            )
+    head, embed = built[key]
+    return head, embed
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

@@ -1,0 +1,163 @@
+"""Speculative decoding stays exact with quantized models, with respect to the target as served
+(quantized): greedy output token for token what the quantized target alone produces, sampled
+output distributed as the quantized target's own distribution (χ², with a negative control)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from specdec import Engine, SamplingParams
+from specdec.config import EngineConfig, Quantization
+from specdec.kernels import rejection_sample as rs
+from specdec.models.quant_linear import Int8LinearCPU
+from specdec.request import Mode
+from specdec.speculative import AcceptKernels
+from specdec.testing import (
+    chi_square_pvalue,
+    first_divergence,
+    joint_of_three,
+    perturb_checkpoint,
+    prompt_logits,
+    random_prompt,
+)
+
+NONE, INT8, INT4 = Quantization.NONE, Quantization.INT8, Quantization.INT4
+# (target, draft): both quantized alike, a quantized draft for a full target, and the reverse.
+COMBINATIONS = [(INT8, INT8), (INT4, INT4), (NONE, INT8), (INT8, NONE), (INT4, INT8)]
+
+
+def _near_tie(model, prefix, eps=1e-4) -> bool:
+    top = prompt_logits(model, prefix)[-1].topk(2).values
+    return float(top[0] - top[1]) < eps
+
+
+def _greedy_divergences(pairs, name, schemes) -> tuple[int, int]:
+    """(divergences, near ties) of speculative greedy output from the target alone, over 8 prompts
+    of a pair quantized as `schemes`; a near tie is a divergence where the target's top two
+    logits are within 1e-4 (float32 attention may round a pass of 4 queries unlike one of 1)."""
+    target, draft = pairs(name)
+    config = EngineConfig(
+        max_batch_size=4, max_context=128, target_quantize=schemes[0], draft_quantize=schemes[1], warmup=False
+    )
+    engine = Engine(target=target, draft=draft, config=config)
+    assert (engine.target.quantization, engine.draft.quantization) == schemes
+    g = torch.Generator().manual_seed(4)
+    prompts = [random_prompt(g, int(n)) for n in torch.randint(1, 30, (8,), generator=g)]
+    params = [SamplingParams(max_new_tokens=10 + 3 * i, ignore_eos=True) for i in range(8)]
+    alone = engine.generate(prompts, params, mode=Mode.TARGET)
+    spec = engine.generate(prompts, params, mode=Mode.SPECULATIVE, num_speculative_tokens=3)
+    assert sum(r.stats.accepted_tokens for r in spec) > 0
+    divergences = near_ties = 0
+    for prompt, s, t in zip(prompts, spec, alone):
+        i = first_divergence(s.token_ids, t.token_ids)
+        if i is not None:
+            tie = _near_tie(engine.target, prompt + t.token_ids[:i])
+            near_ties += tie
+            divergences += not tie
+    return divergences, near_ties
+
+
+@pytest.mark.parametrize("name", ["llama-close", "qwen2"])
+@pytest.mark.parametrize("schemes", COMBINATIONS, ids=lambda s: f"{s[0].value}:{s[1].value}")
+def test_greedy_speculative_equals_the_quantized_target_alone(pairs, name, schemes):
+    divergences, near_ties = _greedy_divergences(pairs, name, schemes)
+    assert divergences == 0 and near_ties <= 1
+
+
+def test_with_one_activation_scale_per_pass_greedy_speculation_drifts(pairs, monkeypatch):
+    """Negative control: int8 with fbgemm's own tensor-wide activation scale (what the per-row
+    scale replaces) makes a verify pass round the target unlike its 1-row decode, and the test
+    above sees speculative output leave the target's."""
+
+    def per_tensor(self, x):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        padded = torch.cat([rows, rows.new_zeros(rows.shape[0], 2)], dim=-1)  # the zero guard weights
+        y = torch.ops.quantized.linear_dynamic(padded, self.packed, self.reduce_range)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    monkeypatch.setattr(Int8LinearCPU, "forward", per_tensor)
+    divergences, _ = _greedy_divergences(pairs, "llama-close", (INT8, INT8))
+    assert divergences > 0
+
+
+# ----------------------------------------------------------------------------- sampled, χ²
+
+V = 16
+PROMPT = [5, 9, 3, 12]
+N = 2400
+ALPHA = 1e-3
+
+
+@pytest.fixture(scope="module")
+def small_pair(checkpoints, tmp_path_factory):
+    target = checkpoints(
+        "llama",
+        tokenizer="words",
+        tokenizer_vocab=V,
+        vocab_size=V,
+        num_layers=2,
+        initializer_range=0.3,
+        seed=41,
+    )
+    return target, perturb_checkpoint(target, tmp_path_factory.mktemp("noisy-draft-q"), noise=0.1, seed=42)
+
+
+def _engine(pair, target_scheme, draft_scheme, kernels=None):
+    config = EngineConfig(
+        max_batch_size=64,
+        max_context=32,
+        max_queue=N,
+        target_quantize=target_scheme,
+        draft_quantize=draft_scheme,
+    )
+    return Engine(target=pair[0], draft=pair[1], config=config, kernels=kernels)
+
+
+def _served_joint(engine, params) -> np.ndarray:
+    """The exact joint of the target as the engine serves it (quantized), from its own logits."""
+
+    def last_logits(seqs):
+        return torch.stack([prompt_logits(engine.target, s.tolist())[-1] for s in seqs])
+
+    return joint_of_three(last_logits, PROMPT, V, params)
+
+
+def _sampled(engine, seed_base=0) -> np.ndarray:
+    requests = [
+        engine.make_request(
+            PROMPT, SamplingParams(max_new_tokens=3, temperature=1.0, seed=seed_base + i, ignore_eos=True),
+            Mode.SPECULATIVE, 2,
+        )
+        for i in range(N)
+    ]  # fmt: skip
+    results = engine.generate(requests)
+    counts = np.zeros(V**3)
+    for r in results:
+        a, b, c = r.token_ids
+        counts[(a * V + b) * V + c] += 1
+    accepted = sum(r.stats.accepted_tokens for r in results) / sum(r.stats.drafted_tokens for r in results)
+    assert 0.2 < accepted < 0.95, f"the draft should agree often but not always: {accepted}"
+    return counts
+
+
+@pytest.mark.parametrize("schemes", [(INT8, INT8), (INT4, INT8)], ids=["int8:int8", "int4:int8"])
+def test_sampled_speculative_follows_the_quantized_target(small_pair, schemes):
+    engine = _engine(small_pair, *schemes)
+    expected = _served_joint(engine, SamplingParams(temperature=1.0))
+    assert chi_square_pvalue(_sampled(engine), expected) > ALPHA
+
+
+def test_a_wrong_rule_with_quantized_models_fails(small_pair):
+    """Negative control: the same test rejects a wrong residual rule on the quantized pair."""
+
+    def wrong(*args, **kwargs):
+        return rs.rejection_sample_reference(*args, **kwargs, residual_rule=lambda p, q: p)
+
+    kernels = dataclasses.replace(AcceptKernels.for_device(torch.device("cpu")), rejection_sample=wrong)
+    engine = _engine(small_pair, INT8, INT8, kernels)
+    expected = _served_joint(engine, SamplingParams(temperature=1.0))
+    assert chi_square_pvalue(_sampled(engine, seed_base=10_000), expected) < ALPHA

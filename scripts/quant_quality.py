@@ -28,6 +28,7 @@ import torch
 from specdec import Engine, SamplingParams
 from specdec.assets import resolve_pair
 from specdec.batching import Row, make_batch
+from specdec.bench.runner import per_position_alpha
 from specdec.chat import encode_chat
 from specdec.config import EngineConfig, Quantization
 from specdec.models import load_checkpoint
@@ -73,6 +74,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=12, help=f"held-out text windows of {WINDOW} tokens")
     ap.add_argument("--prompts", type=int, default=24, help="held-out chat prompts (or text prompts)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--combinations",
+        default=",".join(f"{t.value}:{d.value}" for t, d in COMBINATIONS),
+        help="TARGET:DRAFT schemes to measure, comma-separated (the first should be none:none)",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/quant-quality"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -97,7 +103,8 @@ def main() -> None:
     )
 
     results, reference_outputs = [], None
-    for target_scheme, draft_scheme in COMBINATIONS:
+    combinations = [tuple(Quantization(x) for x in c.split(":")) for c in args.combinations.split(",")]
+    for target_scheme, draft_scheme in combinations:
         t0 = time.perf_counter()
         qt, qd = quantize_pair(target, draft, target_scheme, draft_scheme)
         engine = Engine(target=qt, draft=qd, config=config)
@@ -125,8 +132,15 @@ def main() -> None:
                 greedy_prefix_share=round(sum(shares) / len(shares), 3),
             )
         spec = engine.generate(prompts, params, mode=Mode.SPECULATIVE, num_speculative_tokens=4)
-        drafted = sum(r.stats.drafted_tokens for r in spec)
-        entry["acceptance_gamma4"] = round(sum(r.stats.accepted_tokens for r in spec) / drafted, 4)
+        steps = sum(r.stats.verify_steps for r in spec)
+        width = max(len(r.stats.accepted_by_position) for r in spec)
+        accepted = [
+            sum(r.stats.accepted_by_position[i] for r in spec if i < len(r.stats.accepted_by_position))
+            for i in range(width)
+        ]
+        # Per tested draft position, as `specdec bench` reports it at a fixed γ.
+        entry["acceptance_gamma4"] = round(per_position_alpha(accepted, steps, 4), 4)
+        entry["mean_accepted_length"] = round(sum(r.stats.emitted_by_verify for r in spec) / steps, 3)
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(entry)
         print(entry, flush=True)
@@ -135,7 +149,10 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} CPU threads",
         "torch": torch.__version__,
-        "command": "python scripts/quant_quality.py" + (" --demo" if args.demo else ""),
+        "command": "python scripts/quant_quality.py"
+        + (" --demo" if args.demo else "")
+        + f" --windows {args.windows} --prompts {args.prompts} --new-tokens {args.new_tokens}"
+        + f" --combinations {args.combinations}",
         "pair": {"target": str(target_dir), "draft": str(draft_dir)},
         "held_out": {"windows": len(windows), "window_tokens": WINDOW, "prompts": len(prompts)},
         "results": results,
@@ -151,7 +168,7 @@ def main() -> None:
         print(
             f"| {r['target']} | {r['draft']} | {r['target_MB']} + {r['draft_MB']} | {r.get('kl', '')} | "
             f"{r.get('top1', '')} | {r.get('greedy_identical', '')} | {r.get('greedy_prefix_share', '')} | "
-            f"{r['acceptance_gamma4']} |"
+            f"{r['acceptance_gamma4']} | {r['mean_accepted_length']} |"
         )
 
 

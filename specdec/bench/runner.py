@@ -79,7 +79,7 @@ class Row:
     quantization: str = "none"  # of the pair: "int8", or "int8:none" (target:draft) when they differ
 
 
-def _per_position_alpha(accepted_by_position: list[int], verify_steps: int, gamma: int) -> float:
+def per_position_alpha(accepted_by_position: list[int], verify_steps: int, gamma: int) -> float:
     """Per-token acceptance from fixed-γ counts: position i was tested in the verifies that accepted
     all of 0..i-1, and passed in accepted_by_position[i] of them."""
     trials = verify_steps + sum(accepted_by_position[: max(gamma - 1, 0)])
@@ -273,7 +273,7 @@ class Bench:
             row.mean_accepted_length = round(emitted / steps, 4) if steps else None
             row.accepted_by_position = [round(a / d, 4) if d else 0.0 for a, d in zip(acc, drafted)]
             if isinstance(gamma, int):
-                row.acceptance = round(_per_position_alpha(acc, steps, gamma), 4)
+                row.acceptance = round(per_position_alpha(acc, steps, gamma), 4)
             else:
                 tested = sum(r.stats.drafted_tokens for r in results)
                 row.acceptance = round(sum(acc) / tested, 4) if tested else None

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from specdec.engine import Engine, resolve_device
+    from specdec.models.quantize import describe_weights
     from specdec.router.routes import load_routes
     from specdec.server.app import Security, configure_cpu_threads, serve
 
@@ -117,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
         _status(f"{threads} torch compute thread(s)")
     _status(f"loading target {target}" + (f" and draft {draft}" if draft else ""))
     engine = Engine(target=target, draft=draft, config=config)  # logs the models and the KV cache plan
+    _status(
+        f"loaded: target {describe_weights(engine.target)}"
+        + (f"; draft {describe_weights(engine.draft)}" if engine.draft else "")
+    )
 
     def ready(port: int) -> None:
         _status(

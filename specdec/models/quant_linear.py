@@ -88,16 +88,6 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return ((q - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes 0..15 -> [N, K/2] uint8, the even column in the low nibble."""
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """[..., K/2] uint8 -> [..., K] codes (the inverse of pack_nibbles)."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
-
-
 # ----------------------------------------------------------------------------- int8 on the CPU
 
 
@@ -264,22 +254,3 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.codes[ids].float() * self.scale[ids].unsqueeze(-1)).to(self.dtype)
-
-
-class Int4Embedding(nn.Module):
-    """Rows of an int4 table (nibbles [V, K/2], a scale and zero per group of 32)."""
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
-        super().__init__()
-        self.register_buffer("nibbles", pack_nibbles(codes))
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
-        self.dtype = dtype
-        self.stored_bytes = self.nibbles.numel() + (scale.numel() + zero.numel()) * 4
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        codes = unpack_nibbles(self.nibbles[ids])  # [..., K]
-        scale, zero = self.scale[ids], self.zero[ids]  # [..., K/32]
-        q = codes.unflatten(-1, (scale.shape[-1], -1)).float()
-        w = (q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
-        return w.flatten(-2).to(self.dtype)

@@ -113,6 +113,7 @@ def main() -> None:
             "draft": draft_scheme.value,
             "target_MB": round(stored_bytes(qt.model) / 1e6, 1),
             "draft_MB": round(stored_bytes(qd.model) / 1e6, 1),
+            "pair_MB": round(stored_bytes(qt.model, qd.model) / 1e6, 1),
         }
         first_for_target = all(r["target"] != target_scheme.value for r in results)
         if first_for_target:

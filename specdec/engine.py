@@ -27,7 +27,7 @@ from specdec.errors import InvalidRequestError
 from specdec.models.cache_plan import plan_cache
 from specdec.models.loader import LoadedModel, load_checkpoint
 from specdec.models.pair import check_pair
-from specdec.models.quantize import describe_weights, quantize_pair
+from specdec.models.quantize import describe_weights, quantize_pair, stored_bytes
 from specdec.planner import GammaPlanner
 from specdec.request import GenerationResult, Mode, Request, RequestOutput, SpecStats, Timing
 from specdec.runner import ModelRunner
@@ -109,7 +109,10 @@ class Engine:
             self.target.config.model_type,
             self.target.config.num_layers,
             describe_weights(self.target),
-            f"{self.draft.name} ({describe_weights(self.draft)})" if self.draft else "none",
+            f"{self.draft.name} ({describe_weights(self.draft)}; the pair "
+            f"{stored_bytes(self.target.model, self.draft.model) / 1e6:.1f} MB)"
+            if self.draft
+            else "none",
             self.cache_plan.describe(),
         )
 

@@ -217,7 +217,8 @@ def run(args: Any) -> dict[str, Any]:
                 configs.append(("speculative", Mode.SPECULATIVE, gamma, quant))
     source["quantizations"] = {
         quant: {"target": describe_weights(t), "draft": describe_weights(d),
-                "target_bytes": stored_bytes(t.model), "draft_bytes": stored_bytes(d.model)}
+                "target_bytes": stored_bytes(t.model), "draft_bytes": stored_bytes(d.model),
+                "pair_bytes": stored_bytes(t.model, d.model)}
         for quant, (t, d) in pairs.items()
     }  # fmt: skip
     runs = plans(settings, len(configs), hf_target is not None, assisted, llama_cpp is not None)

@@ -62,7 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--quantize",
         default="none",
         help="comma list of the weights to bench side by side: none, int8, int4 (both models), or "
-        "TARGET:DRAFT such as int8:none (e.g. none,int8)",
+        "TARGET:DRAFT such as int8:none (e.g. none,int8); on the CPU int8 quantizes the activations "
+        "too, per row (docs/QUANTIZATION.md)",
     )
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from specdec.engine import Engine, resolve_device
-    from specdec.models.quantize import describe_weights
+    from specdec.models.quantize import describe_weights, stored_bytes
     from specdec.router.routes import load_routes
     from specdec.server.app import Security, configure_cpu_threads, serve
 
@@ -120,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(target=target, draft=draft, config=config)  # logs the models and the KV cache plan
     _status(
         f"loaded: target {describe_weights(engine.target)}"
-        + (f"; draft {describe_weights(engine.draft)}" if engine.draft else "")
+        + (
+            f"; draft {describe_weights(engine.draft)}; together "
+            f"{stored_bytes(engine.target.model, engine.draft.model) / 1e6:.1f} MB (what the draft borrows, once)"
+            if engine.draft
+            else ""
+        )
     )
 
     def ready(port: int) -> None:

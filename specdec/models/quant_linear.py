@@ -36,6 +36,8 @@ import warnings
 import torch
 from torch import nn
 
+from specdec.errors import SpecdecError
+
 INT4_GROUP = 32  # GGUF's Q4_0 / Q4_1 block; divides every hidden size in the seed table
 _TINY = 1e-30  # floor of a scale: an all-zero row or group stays zero instead of dividing by 0
 
@@ -88,6 +90,10 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return ((q - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
+def _bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
 # ----------------------------------------------------------------------------- int8 on the CPU
 
 
@@ -115,10 +121,17 @@ def _pack_fbgemm(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         # PyTorch marks its quantized tensor type deprecated; fbgemm's packing still takes one.
         warnings.simplefilter("ignore", UserWarning)
-        qweight = torch._make_per_channel_quantized_tensor(
-            guarded, scale.double(), torch.zeros(n, dtype=torch.long), 0
-        )
-        return torch.ops.quantized.linear_prepack(qweight, None)
+        try:
+            qweight = torch._make_per_channel_quantized_tensor(
+                guarded, scale.double(), torch.zeros(n, dtype=torch.long), 0
+            )
+            return torch.ops.quantized.linear_prepack(qweight, None)
+        except RuntimeError as e:
+            raise SpecdecError(
+                f"int8 on the CPU needs PyTorch's quantized engine (fbgemm on x86; this one is "
+                f"{torch.backends.quantized.engine!r}) to pack int8 weights per channel: {e}; "
+                "use --quantize none or int4 here"
+            ) from e
 
 
 class Int8LinearCPU(nn.Module):
@@ -133,7 +146,7 @@ class Int8LinearCPU(nn.Module):
         self.guard = torch.tensor([1.0, -1.0])
         self.bias = bias
         # fbgemm's packed copy: a code per weight (guard columns too), and column offsets and scales.
-        self.stored_bytes = codes.shape[0] * (codes.shape[1] + 2) + 12 * codes.shape[0]
+        self.stored_bytes = codes.shape[0] * (codes.shape[1] + 2) + 12 * codes.shape[0] + _bytes(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -158,7 +171,7 @@ class Int8LinearWeightOnly(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale.to(dtype))
         self.bias = bias
-        self.stored_bytes = codes.numel() + self.scale.numel() * self.scale.element_size()
+        self.stored_bytes = codes.numel() + _bytes(self.scale) + _bytes(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -219,9 +232,7 @@ class Int4Linear(nn.Module):
             "scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
         )
         self.bias = bias
-        self.stored_bytes = packed.numel() * packed.element_size() + self.scales_and_zeros.numel() * (
-            self.scales_and_zeros.element_size()
-        )
+        self.stored_bytes = _bytes(packed) + _bytes(self.scales_and_zeros) + _bytes(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from specdec.config import Quantization
+from specdec.errors import SpecdecError
 from specdec.models.decoder import Decoder
 from specdec.models.linear import Linear
 from specdec.models.loader import LoadedModel
@@ -72,7 +73,7 @@ def quantized(model: LoadedModel, scheme: Quantization, built: _Built | None = N
     if model.quantization is scheme or scheme is Quantization.NONE:
         return model  # NONE asks for nothing more: a model quantized already is served as it is
     if model.quantization is not Quantization.NONE:
-        raise ValueError(
+        raise SpecdecError(
             f"{model.name} is already quantized to {model.quantization.value}, not {scheme.value}"
         )
     with torch.no_grad():  # nothing quantized may carry autograd history into the passes
@@ -103,22 +104,24 @@ def _quantized(model: LoadedModel, scheme: Quantization, built: _Built) -> Loade
     return dataclasses.replace(model, model=decoder, quantization=scheme)
 
 
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of weights as held in memory: float tensors as stored, quantized modules as packed
-    (each counted once, however many modules or models share it)."""
-    seen: set[int] = set()
+def stored_bytes(*models: nn.Module) -> int:
+    """Bytes of the weights of `models` as held in memory: float tensors as stored, quantized
+    modules as packed, each counted once however many modules or models share it (a draft that
+    borrows the target's embedding adds nothing for it to the pair's total)."""
+    modules_seen: set[int] = set()
+    storages_seen: set[int] = set()
     total = 0
-    for module in model.modules():
-        if hasattr(module, "stored_bytes"):
-            if id(module) not in seen:
-                seen.add(id(module))
-                total += module.stored_bytes
-            continue
-        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            key = tensor.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += tensor.numel() * tensor.element_size()
+    for model in models:
+        for module in model.modules():
+            if hasattr(module, "stored_bytes"):
+                if id(module) not in modules_seen:
+                    modules_seen.add(id(module))
+                    total += module.stored_bytes
+                continue
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if tensor.untyped_storage().data_ptr() not in storages_seen:
+                    storages_seen.add(tensor.untyped_storage().data_ptr())
+                    total += tensor.numel() * tensor.element_size()
     return total
 
 

@@ -194,7 +194,7 @@ def test_quantized_modules_are_shared_with_a_draft_that_borrows_them(tmp_path, c
 def test_requantizing_differently_is_refused(tied):
     q = quantized(tied, Quantization.INT8)
     assert quantized(q, Quantization.INT8) is q
-    with pytest.raises(ValueError, match="already quantized to int8"):
+    with pytest.raises(SpecdecError, match="already quantized to int8"):
         quantized(q, Quantization.INT4)
 
 

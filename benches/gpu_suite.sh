@@ -8,7 +8,8 @@
 #    to their PyTorch references on CUDA tensors),
 # 3. benchmarks the acceptance kernels at B=64, γ=4, V=128k against their references (pytest-benchmark;
 #    the HBM floor is one read of the logits / of p and q, recorded as bytes_read),
-# 4. runs `specdec bench` at the Llama-3 8B / 3.2 1B shapes (random weights) and on the demo pair,
+# 4. runs `specdec bench` at the Llama-3 8B / 3.2 1B shapes (random weights; bf16 and weight-only
+#    int8 / int4 at batch size 1) and on the demo pair,
 # 5. runs the gRPC load test on the demo pair,
 # and writes everything under OUT_DIR: a summary log plus one tarball (the device tool brings back
 # at most 8 files).
@@ -36,6 +37,9 @@ step "kernel benchmarks" 120 python3 -m pytest -q -p no:cacheprovider benches/te
   --benchmark-json="$WORK/kernel_bench.json" --benchmark-min-rounds=50
 step "bench 8B/1B shapes" 200 python3 -m specdec.cli bench --random-weights --shape llama-3-8b \
   --batch-sizes 1,4,16,64 --gamma 0,2,4,8,adaptive --prompt-len 128 --new-tokens 128 --repeats 3 --out "$WORK/bench-8b"
+step "bench 8B quantized weights" 150 python3 -m specdec.cli bench --random-weights --shape llama-3-8b \
+  --quantize none,int8,int4 --batch-sizes 1 --gamma 0,4 --prompt-len 128 --new-tokens 64 --repeats 2 --no-hf \
+  --out "$WORK/bench-8b-quant"
 step "bench demo pair" 100 python3 -m specdec.cli bench --batch-sizes 1,4,16,64 --gamma 0,2,4,8,adaptive \
   --prompt-len 64 --new-tokens 128 --repeats 3 --out "$WORK/bench-demo"
 step "gRPC load test" 90 python3 benches/load_test.py --concurrency 1,16,64 --requests 128 --max-batch-size 64 \
@@ -44,5 +48,6 @@ step "gRPC load test" 90 python3 benches/load_test.py --concurrency 1,16,64 --re
 tar -czf "$OUT/gpu_suite_results.tar.gz" -C "$WORK" .
 cp "$WORK"/bench-8b/bench.json "$OUT/bench-8b.json" 2>/dev/null
 cp "$WORK"/bench-demo/bench.json "$OUT/bench-demo.json" 2>/dev/null
+cp "$WORK"/bench-8b-quant/bench.json "$OUT/bench-8b-quant.json" 2>/dev/null
 cp "$WORK"/kernel_bench.json "$OUT/kernel_bench.json" 2>/dev/null
 echo "== done $(date -u +%FT%TZ); results in $OUT"

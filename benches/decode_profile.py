@@ -1,0 +1,117 @@
+"""Where one target pass of the default target (SmolLM2-135M) spends its time, per quantization:
+the whole pass at a decode's width (1) and a verify pass's (5), and its parts timed alone - the
+linear layers (all of them, the head apart), the attention core (rotary, cache write and read,
+scaled dot product) and the norms - with what is left (Python, per-layer glue ops) as the
+difference. The figures behind docs/QUANTIZATION.md's account of the missed targets.
+
+    python benches/decode_profile.py [--quantize none,int8]
+
+Medians of 15 runs after 2 warm-ups, at position 64 of a 256-token cache, batch size 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from specdec.assets import default_target
+from specdec.batching import Row, make_batch
+from specdec.config import Quantization
+from specdec.models import load_checkpoint
+from specdec.models.kv_cache import CacheLayout, KVCache
+from specdec.models.quantize import quantized
+from specdec.models.rope import apply_rope
+
+POSITION = 64
+
+
+def median_ms(fn, runs: int = 15) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def profile(model, width: int) -> dict[str, float]:
+    decoder, cpu = model.model, torch.device("cpu")
+    cache = KVCache(model.config, CacheLayout(1, 256, 16), model.dtype, cpu)
+    decoder.init_rope(cache.layout.capacity)
+    decoder(make_batch([Row(0, 0, list(range(1, POSITION + 1)))], cpu, cache.layout.capacity), cache)
+    batch = make_batch(
+        [Row(0, POSITION, [5] * width)], cpu, cache.layout.capacity, logits_columns=[list(range(width))]
+    )
+    ctx = decoder._context(batch, cache)
+    layers = decoder.layers
+    hidden = torch.randn(1, width, model.config.hidden_size)
+    linears = [(m, torch.randn(1, width, m.in_features)) for layer in layers for m in _linears(layer)]
+    attn = layers[0].self_attn
+    q_size, kv_size = attn.cfg.q_size, attn.cfg.kv_size
+    qkv = torch.randn(1, width, q_size + 2 * kv_size)
+
+    def attention_core():
+        for layer in layers:
+            a = layer.self_attn
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(1, width, a.cfg.num_heads, a.cfg.head_dim)
+            k = k.view(1, width, a.cfg.num_kv_heads, a.cfg.head_dim)
+            q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)
+            k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)
+            v = v.view(1, width, a.cfg.num_kv_heads, a.cfg.head_dim).transpose(1, 2)
+            ctx.cache.write(a.layer_idx, ctx.slot_index, ctx.write_positions, k, v)
+            k_all, v_all = ctx.cache.read(a.layer_idx, ctx.slots, ctx.kv_len, ctx.first_slot)
+            a.attn_fn(q, k_all, v_all, ctx.masks[a.window], a.cfg.softmax_scale, a.cfg.attn_softcap)
+
+    with torch.no_grad():
+        out = {
+            "pass": median_ms(lambda: decoder(batch, cache)),
+            "linears (layers)": median_ms(lambda: [m(x) for m, x in linears]),
+            "head": median_ms(lambda: decoder.lm_head(hidden)),
+            "attention core": median_ms(attention_core),
+            "norms": median_ms(
+                lambda: [
+                    n(hidden)
+                    for layer in layers
+                    for n in (layer.input_layernorm, layer.post_attention_layernorm)
+                ]
+            ),
+        }
+    out["rest (Python, glue ops)"] = out["pass"] - sum(v for k, v in out.items() if k != "pass")
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def _linears(layer):
+    return [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quantize", default="none,int8")
+    args = ap.parse_args()
+    base = load_checkpoint(default_target())
+    print(
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {platform.node()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; ms per pass, batch size 1"
+    )
+    results = {}
+    for name in args.quantize.split(","):
+        model = quantized(base, Quantization(name))
+        for width in (1, 5):
+            results[(name, width)] = profile(model, width)
+    parts = list(next(iter(results.values())))
+    print("| part | " + " | ".join(f"{n} width {w}" for n, w in results) + " |")
+    print("|---|" + "---|" * len(results))
+    for part in parts:
+        print(f"| {part} | " + " | ".join(str(r[part]) for r in results.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

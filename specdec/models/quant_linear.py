@@ -20,8 +20,9 @@ How each format multiplies, by device (docs/QUANTIZATION.md has the measurements
   the target alone. We make the scale per row: each row is divided by its own absolute maximum
   and two guard columns (+1, -1, against zero weights) are appended, so every pass's activations
   span exactly [-1, 1] and fbgemm's tensor-wide scale is one constant. Each row is then quantized
-  alone (8 bits over its own range), the integer products are exact, and the row's output is
-  bitwise the same in any batch at any width.
+  alone, the integer products are exact, and the row's output is bitwise the same in any batch at
+  any width. A row goes in as two 8-bit digits (the row on fbgemm's grid, and what that rounding
+  lost), both in the one call, so the activations lose next to nothing.
 - int8 on CUDA: weight-only (`aten._weight_int8pack_mm`; activations stay bf16).
 - int4 on the CPU: `aten._weight_int4pack_mm_for_cpu`, weight-only. On the machines measured it
   is slower than fp32: int4 on the CPU is for memory, not speed.
@@ -143,17 +144,34 @@ class Int8LinearCPU(nn.Module):
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
         self.packed = _pack_fbgemm(codes, scale)
         self.reduce_range = not fbgemm_full_range()
+        # fbgemm's grid over [-1, 1] is the multiples k / levels of 2 / 255 (2 / 127 with
+        # reduce_range), k in [-top, top] on both sides of its zero point, whether that is 127 or 128.
+        self.levels = 63.5 if self.reduce_range else 127.5
+        self.top = 63 if self.reduce_range else 127
         self.guard = torch.tensor([1.0, -1.0])
         self.bias = bias
         # fbgemm's packed copy: a code per weight (guard columns too), and column offsets and scales.
         self.stored_bytes = codes.shape[0] * (codes.shape[1] + 2) + 12 * codes.shape[0] + _bytes(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1]).float()  # [R, K]
-        amax = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=_TINY)  # [R, 1]
-        guarded = torch.cat([rows / amax, self.guard.expand(rows.shape[0], 2)], dim=-1)
-        y = torch.ops.quantized.linear_dynamic(guarded, self.packed, self.reduce_range).mul_(amax)
+        shape, k = x.shape, x.shape[-1]
+        rows = x.reshape(-1, k).float()  # [R, K]
+        r = rows.shape[0]
+        # Each row on its own scale, in units of fbgemm's step over its fixed [-1, 1] range ...
+        amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=_TINY)
+        steps = rows * (self.levels / amax)  # [R, K] in [-levels, levels]
+        coarse = torch.round(steps).clamp_(-self.top, self.top)
+        # ... as two 8-bit digits: the row rounded to that grid (which fbgemm then holds exactly),
+        # and what the rounding lost (|.| <= 1/2 a step). One digit is not enough: an outlier
+        # channel sets a row's scale and LLM activations have them (SmolLM2: KL 0.053 from float32
+        # with one digit, 0.005 with two, as weight-only int8; docs/QUANTIZATION.md).
+        digits = torch.empty(2 * r, k + 2)  # [2R, K + 2]: both digits, and the guard columns
+        digits[:, k:] = self.guard
+        torch.div(coarse, self.levels, out=digits[:r, :k])
+        torch.sub(steps, coarse, out=digits[r:, :k])
+        # Both digits in one call: the weights are read once, as for R rows.
+        both = torch.ops.quantized.linear_dynamic(digits, self.packed, self.reduce_range)  # [2R, N]
+        y = both[r:].div_(self.levels).add_(both[:r]).mul_(amax)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

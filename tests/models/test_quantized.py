@@ -78,8 +78,8 @@ def test_int8_cpu_linear_matches_its_reference():
     layer = Int8LinearCPU(codes, scale, bias)
     x = torch.randn(2, 5, 128, generator=g)
     reference = x @ dequantize_int8(codes, scale).t() + bias
-    # Activations are rounded to 8 bits per row (7 where the CPU would saturate): ~1% of the output.
-    assert _rel(layer(x), reference) < 0.03
+    # Activations go in two 8-bit digits per row: the error is the weights' alone, ~1e-4 here.
+    assert _rel(layer(x), reference) < 1e-3
     assert layer(x).shape == (2, 5, 96)
     assert torch.equal(layer(torch.zeros(1, 128)), bias[None].expand(1, 96))  # a zero row: no NaN
 
@@ -169,7 +169,7 @@ def test_a_tied_head_and_its_embedding_read_one_table(tied):
     q = quantized(tied, Quantization.INT8).model
     table = dequantize_int8(q.embed_tokens.codes, q.embed_tokens.scale)
     x = torch.randn(2, tied.config.hidden_size)
-    assert _rel(q.lm_head(x), x @ table.t()) < 0.03
+    assert _rel(q.lm_head(x), x @ table.t()) < 1e-3
 
 
 def test_quantized_modules_are_shared_with_a_draft_that_borrows_them(tmp_path, checkpoints):

@@ -33,7 +33,7 @@ from specdec.chat import encode_chat
 from specdec.config import EngineConfig, Quantization
 from specdec.models import load_checkpoint
 from specdec.models.kv_cache import CacheLayout, KVCache
-from specdec.models.quantize import quantize_pair, stored_bytes
+from specdec.models.quantize import quantize_pair, quantized, stored_bytes
 from specdec.request import Mode
 
 NONE, INT8, INT4 = Quantization.NONE, Quantization.INT8, Quantization.INT4
@@ -68,6 +68,26 @@ def kl_and_top1(reference, model, windows) -> tuple[float, float]:
     return kl_sum / n, agree / n
 
 
+def print_kl_only(target, windows) -> None:
+    import specdec.models.quantize as quantize_module
+    from specdec.models.quant_linear import Int8LinearWeightOnly
+
+    rows = {"int8": quantized(target, INT8), "int4": quantized(target, INT4)}
+    cpu_int8 = quantize_module.Int8LinearCPU
+    # The same codes and scales through the weight-only module: activations left in float32.
+    quantize_module.Int8LinearCPU = lambda codes, scale, bias: Int8LinearWeightOnly(
+        codes, scale, bias, target.dtype
+    )
+    try:
+        rows["int8 weight-only"] = quantized(target, INT8)
+    finally:
+        quantize_module.Int8LinearCPU = cpu_int8
+    print(f"{len(windows)} windows of {WINDOW} tokens\n| target | KL vs fp32 | top-1 |\n|---|---|---|")
+    for name, model in rows.items():
+        kl, top1 = kl_and_top1(target, model, windows)
+        print(f"| {name} | {kl:.5f} | {top1:.4f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", action="store_true")
@@ -80,6 +100,12 @@ def main() -> None:
         help="TARGET:DRAFT schemes to measure, comma-separated (the first should be none:none)",
     )
     ap.add_argument("--out", type=Path, default=Path("out/quant-quality"))
+    ap.add_argument(
+        "--kl-only",
+        action="store_true",
+        help="only KL and top-1 of the target: int8, int8 with weight-only products (the CUDA "
+        "path's module, run on the CPU: what int8 costs without quantizing activations), int4",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     target_dir, draft_dir = resolve_pair(None, None, args.demo)
@@ -103,6 +129,9 @@ def main() -> None:
     )
 
     results, reference_outputs = [], None
+    if args.kl_only:
+        print_kl_only(target, windows)
+        return
     combinations = [tuple(Quantization(x) for x in c.split(":")) for c in args.combinations.split(",")]
     for target_scheme, draft_scheme in combinations:
         t0 = time.perf_counter()
@@ -162,12 +191,13 @@ def main() -> None:
     name = "demo" if args.demo else "smollm2"
     (args.out / f"{name}.json").write_text(json.dumps(record, indent=1))
     print(
-        "\n| target | draft | MB (target + draft) | KL vs fp32 | top-1 | greedy identical | greedy prefix | acceptance γ=4 |"
+        "\n| target | draft | MB (target + draft; pair) | KL vs fp32 | top-1 | greedy identical | greedy prefix "
+        "| acceptance γ=4 | mean accepted length |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['target']} | {r['draft']} | {r['target_MB']} + {r['draft_MB']} | {r.get('kl', '')} | "
+            f"| {r['target']} | {r['draft']} | {r['target_MB']} + {r['draft_MB']}; {r['pair_MB']} | {r.get('kl', '')} | "
             f"{r.get('top1', '')} | {r.get('greedy_identical', '')} | {r.get('greedy_prefix_share', '')} | "
             f"{r['acceptance_gamma4']} | {r['mean_accepted_length']} |"
         )

@@ -122,10 +122,17 @@ def _pack_fbgemm(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         # PyTorch marks its quantized tensor type deprecated; fbgemm's packing still takes one.
         warnings.simplefilter("ignore", UserWarning)
+        engine = torch.backends.quantized.engine
         try:
             qweight = torch._make_per_channel_quantized_tensor(
                 guarded, scale.double(), torch.zeros(n, dtype=torch.long), 0
             )
+            # fbgemm itself rather than PyTorch's default "x86" engine, which may hand the product
+            # to oneDNN and keeps a cached primitive per input shape: ~17 MB per layer and row
+            # count, which grew a serving process by gigabytes as prompt lengths varied. The packed
+            # weight carries its engine, so the global setting is only borrowed while packing.
+            if "fbgemm" in torch.backends.quantized.supported_engines:
+                torch.backends.quantized.engine = "fbgemm"
             return torch.ops.quantized.linear_prepack(qweight, None)
         except RuntimeError as e:
             raise SpecdecError(
@@ -133,6 +140,8 @@ def _pack_fbgemm(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
                 f"{torch.backends.quantized.engine!r}) to pack int8 weights per channel: {e}; "
                 "use --quantize none or int4 here"
             ) from e
+        finally:
+            torch.backends.quantized.engine = engine
 
 
 class Int8LinearCPU(nn.Module):

@@ -82,6 +82,17 @@ def print_kl_only(target, windows) -> None:
         rows["int8 weight-only"] = quantized(target, INT8)
     finally:
         quantize_module.Int8LinearCPU = cpu_int8
+    # How the weights themselves come back: the projections through int4 (a Q4_0 / Q4_1 file's
+    # own blocks come back exactly), the embedding table through int4 and int8.
+    from specdec.models.quant_linear import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+    projections = [m.weight for n, m in target.model.named_modules() if n.endswith(("_proj",))]
+    exact = sum(bool(torch.equal(dequantize_int4(*quantize_int4(w)), w)) for w in projections)
+    table = target.model.embed_tokens.weight
+    rel = lambda d: float((d - table).norm() / table.norm())  # noqa: E731
+    print(f"projections exact through int4: {exact}/{len(projections)}")
+    print(f"embedding table relative error: int4 {rel(dequantize_int4(*quantize_int4(table))):.4f}, "
+          f"int8 {rel(dequantize_int8(*quantize_int8(table))):.4f}")  # fmt: skip
     print(f"{len(windows)} windows of {WINDOW} tokens\n| target | KL vs fp32 | top-1 |\n|---|---|---|")
     for name, model in rows.items():
         kl, top1 = kl_and_top1(target, model, windows)

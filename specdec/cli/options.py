@@ -62,7 +62,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         choices=schemes,
         default="none",
         help="weights of both models: int8 (on the CPU the activations are quantized to int8 too, per "
-        "row, by fbgemm: about 2-3x faster decoding) or int4 (groups of 32, weight-only: on the CPU a "
+        "row, by fbgemm: about 2x faster decoding) or int4 (groups of 32, weight-only: on the CPU a "
         "quarter of int8's memory but slower than float32); see docs/QUANTIZATION.md",
     )
     p.add_argument(

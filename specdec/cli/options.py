@@ -62,8 +62,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         choices=schemes,
         default="none",
         help="weights of both models: int8 (on the CPU the activations are quantized to int8 too, per "
-        "row, by fbgemm: about 2x faster decoding) or int4 (groups of 32, weight-only: on the CPU a "
-        "quarter of int8's memory but slower than float32); see docs/QUANTIZATION.md",
+        "row, by fbgemm: about 2x faster decoding) or int4 (layers in groups of 32, weight-only, the "
+        "embedding and head int8: the least memory, but on the CPU slower than float32); see "
+        "docs/QUANTIZATION.md",
     )
     p.add_argument(
         "--target-quantize", choices=schemes, default=None, help="the target's, overriding --quantize"

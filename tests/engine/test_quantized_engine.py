@@ -61,8 +61,13 @@ def _greedy_divergences(pairs, name, schemes) -> tuple[int, int]:
     return divergences, near_ties
 
 
-@pytest.mark.parametrize("name", ["llama-close", "qwen2"])
-@pytest.mark.parametrize("schemes", COMBINATIONS, ids=lambda s: f"{s[0].value}:{s[1].value}")
+# Every combination on one architecture; the biased (Qwen2) projections with both kinds of layer.
+CASES = [("llama-close", s) for s in COMBINATIONS] + [("qwen2", (INT8, INT8)), ("qwen2", (INT4, INT8))]
+
+
+@pytest.mark.parametrize(
+    "name,schemes", CASES, ids=lambda c: c if isinstance(c, str) else f"{c[0].value}:{c[1].value}"
+)
 def test_greedy_speculative_equals_the_quantized_target_alone(pairs, name, schemes):
     divergences, near_ties = _greedy_divergences(pairs, name, schemes)
     assert divergences == 0 and near_ties <= 1
@@ -144,9 +149,10 @@ def _sampled(engine, seed_base=0) -> np.ndarray:
     return counts
 
 
-@pytest.mark.parametrize("schemes", [(INT8, INT8), (INT4, INT8)], ids=["int8:int8", "int4:int8"])
-def test_sampled_speculative_follows_the_quantized_target(small_pair, schemes):
-    engine = _engine(small_pair, *schemes)
+def test_sampled_speculative_follows_the_quantized_target(small_pair):
+    """int8 for both: the int4 path's exactness rests on the same kernels and is held by the greedy
+    tests (a χ² run of it costs ~40 s of the suite, through int4's slow CPU kernel)."""
+    engine = _engine(small_pair, INT8, INT8)
     expected = _served_joint(engine, SamplingParams(temperature=1.0))
     assert chi_square_pvalue(_sampled(engine), expected) > ALPHA
 

@@ -12,11 +12,11 @@ Medians of 15 runs after 2 warm-ups, at position 64 of a 256-token cache, batch 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
-import statistics
-import time
 from datetime import datetime, timezone
 
+import medians  # benches/medians.py, beside this script
 import torch
 
 from specdec.assets import default_target
@@ -27,18 +27,9 @@ from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.quantize import quantized
 from specdec.models.rope import apply_rope
 
+median_ms = functools.partial(medians.median_ms, runs=15)  # one call = one median of 15 runs
+
 POSITION = 64
-
-
-def median_ms(fn, runs: int = 15) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def profile(model, width: int) -> dict[str, float]:

@@ -13,12 +13,13 @@ multiply (torch.compile) for one layer shape, warm in cache, against float32 on 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
-import statistics
 import time
 import warnings
 from datetime import datetime, timezone
 
+import medians  # benches/medians.py, beside this script
 import torch
 
 from specdec.models.quant_linear import (
@@ -31,19 +32,10 @@ from specdec.models.quant_linear import (
     quantize_int8,
 )
 
+median_ms = functools.partial(medians.median_ms, runs=7)  # one call = one median of 7 runs
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of one layer's products
 LAYERS = 30
-
-
-def median_ms(fn, runs: int = 7) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -99,9 +91,9 @@ def main() -> None:
             t0 = time.perf_counter()
             compiled(x, codes, scale, zero)
             print(f"(compiling for width {width}: {time.perf_counter() - t0:.1f} s)")
-            rows["float32"].append(median_ms(lambda x=x: torch.nn.functional.linear(x, w), 50))
+            rows["float32"].append(median_ms(lambda x=x: torch.nn.functional.linear(x, w), runs=50))
             rows["torch.compile(dequantize int4 + matmul)"].append(
-                median_ms(lambda x=x: compiled(x, codes, scale, zero), 50)
+                median_ms(lambda x=x: compiled(x, codes, scale, zero), runs=50)
             )
         for name, (a, b) in rows.items():
             print(f"| {name} | {a:.3f} | {b:.3f} |")

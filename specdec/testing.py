@@ -265,6 +265,42 @@ def joint_of_three(last_logits: Any, prompt: list[int], vocab: int, params: Any)
     return (p1[:, None, None] * p2[:, :, None] * p3).flatten().double().numpy()
 
 
+def sampled_joint_of_three(
+    engine: Any, prompt: list[int], vocab: int, params: Any, gamma: int, n: int, seed_base: int = 0
+) -> Any:
+    """Counts [vocab**3] (numpy) of the first three tokens of `n` seeded speculative requests
+    (seeds seed_base, seed_base + 1, ...) under `params`' sampling transform at a forced `gamma`;
+    asserts the draft agreed often but not always, or the test would say nothing of the rule."""
+    import numpy as np
+
+    from specdec.request import Mode
+    from specdec.sampling import SamplingParams
+
+    requests = [
+        engine.make_request(
+            prompt,
+            SamplingParams(
+                max_new_tokens=3, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                seed=seed_base + i, ignore_eos=True,
+            ),
+            Mode.SPECULATIVE,
+            gamma,
+        )
+        for i in range(n)
+    ]  # fmt: skip
+    results = engine.generate(requests)
+    counts = np.zeros(vocab**3)
+    for r in results:
+        a, b, c = r.token_ids
+        counts[(a * vocab + b) * vocab + c] += 1
+    drafted = sum(r.stats.drafted_tokens for r in results)
+    accepted = sum(r.stats.accepted_tokens for r in results)
+    assert 0.2 < accepted / drafted < 0.95, (
+        f"the draft should agree often but not always: {accepted}/{drafted}"
+    )
+    return counts
+
+
 def random_prompt(generator: torch.Generator, length: int, vocab: int = TOKENIZER_VOCAB) -> list[int]:
     # Ids from 3 up: 0..2 are the special tokens (EOS would end generation at once).
     return torch.randint(3, vocab, (length,), generator=generator).tolist()

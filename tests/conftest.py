@@ -73,3 +73,21 @@ def pairs(checkpoints, tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def word_pair(checkpoints, tmp_path_factory):
+    """A 16-word-vocabulary pair whose draft agrees with the target often but not always: small
+    enough to enumerate the joint of three tokens exactly, for the χ² tests of sampling."""
+    from specdec.testing import perturb_checkpoint
+
+    target = checkpoints(
+        "llama",
+        tokenizer="words",
+        tokenizer_vocab=16,
+        vocab_size=16,
+        num_layers=2,
+        initializer_range=0.3,
+        seed=41,
+    )
+    return target, perturb_checkpoint(target, tmp_path_factory.mktemp("noisy-draft"), noise=0.1, seed=42)

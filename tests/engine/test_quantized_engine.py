@@ -20,9 +20,9 @@ from specdec.testing import (
     chi_square_pvalue,
     first_divergence,
     joint_of_three,
-    perturb_checkpoint,
     prompt_logits,
     random_prompt,
+    sampled_joint_of_three,
 )
 
 NONE, INT8, INT4 = Quantization.NONE, Quantization.INT8, Quantization.INT4
@@ -97,20 +97,6 @@ N = 2400
 ALPHA = 1e-3
 
 
-@pytest.fixture(scope="module")
-def small_pair(checkpoints, tmp_path_factory):
-    target = checkpoints(
-        "llama",
-        tokenizer="words",
-        tokenizer_vocab=V,
-        vocab_size=V,
-        num_layers=2,
-        initializer_range=0.3,
-        seed=41,
-    )
-    return target, perturb_checkpoint(target, tmp_path_factory.mktemp("noisy-draft-q"), noise=0.1, seed=42)
-
-
 def _engine(pair, target_scheme, draft_scheme, kernels=None):
     config = EngineConfig(
         max_batch_size=64,
@@ -132,38 +118,24 @@ def _served_joint(engine, params) -> np.ndarray:
 
 
 def _sampled(engine, seed_base=0) -> np.ndarray:
-    requests = [
-        engine.make_request(
-            PROMPT, SamplingParams(max_new_tokens=3, temperature=1.0, seed=seed_base + i, ignore_eos=True),
-            Mode.SPECULATIVE, 2,
-        )
-        for i in range(N)
-    ]  # fmt: skip
-    results = engine.generate(requests)
-    counts = np.zeros(V**3)
-    for r in results:
-        a, b, c = r.token_ids
-        counts[(a * V + b) * V + c] += 1
-    accepted = sum(r.stats.accepted_tokens for r in results) / sum(r.stats.drafted_tokens for r in results)
-    assert 0.2 < accepted < 0.95, f"the draft should agree often but not always: {accepted}"
-    return counts
+    return sampled_joint_of_three(engine, PROMPT, V, SamplingParams(temperature=1.0), 2, N, seed_base)
 
 
-def test_sampled_speculative_follows_the_quantized_target(small_pair):
+def test_sampled_speculative_follows_the_quantized_target(word_pair):
     """int8 for both: the int4 path's exactness rests on the same kernels and is held by the greedy
     tests (a χ² run of it costs ~40 s of the suite, through int4's slow CPU kernel)."""
-    engine = _engine(small_pair, INT8, INT8)
+    engine = _engine(word_pair, INT8, INT8)
     expected = _served_joint(engine, SamplingParams(temperature=1.0))
     assert chi_square_pvalue(_sampled(engine), expected) > ALPHA
 
 
-def test_a_wrong_rule_with_quantized_models_fails(small_pair):
+def test_a_wrong_rule_with_quantized_models_fails(word_pair):
     """Negative control: the same test rejects a wrong residual rule on the quantized pair."""
 
     def wrong(*args, **kwargs):
         return rs.rejection_sample_reference(*args, **kwargs, residual_rule=lambda p, q: p)
 
     kernels = dataclasses.replace(AcceptKernels.for_device(torch.device("cpu")), rejection_sample=wrong)
-    engine = _engine(small_pair, INT8, INT8, kernels)
+    engine = _engine(word_pair, INT8, INT8, kernels)
     expected = _served_joint(engine, SamplingParams(temperature=1.0))
     assert chi_square_pvalue(_sampled(engine, seed_base=10_000), expected) < ALPHA

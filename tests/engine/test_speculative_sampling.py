@@ -18,7 +18,7 @@ from specdec.config import EngineConfig
 from specdec.kernels import rejection_sample as rs
 from specdec.request import Mode
 from specdec.speculative import AcceptKernels
-from specdec.testing import chi_square_pvalue, hf_reference, joint_of_three, perturb_checkpoint
+from specdec.testing import chi_square_pvalue, hf_reference, joint_of_three, sampled_joint_of_three
 
 V = 16
 PROMPT = [5, 9, 3, 12]
@@ -27,18 +27,8 @@ ALPHA = 1e-3
 
 
 @pytest.fixture(scope="module")
-def pair(checkpoints, tmp_path_factory):
-    target = checkpoints(
-        "llama",
-        tokenizer="words",
-        tokenizer_vocab=V,
-        vocab_size=V,
-        num_layers=2,
-        initializer_range=0.3,
-        seed=41,
-    )
-    draft = perturb_checkpoint(target, tmp_path_factory.mktemp("noisy-draft"), noise=0.1, seed=42)
-    return target, draft
+def pair(word_pair):
+    return word_pair
 
 
 @pytest.fixture(scope="module")
@@ -55,29 +45,7 @@ def exact_joint(path, params: SamplingParams) -> np.ndarray:
 
 
 def sampled_joint(engine, params: SamplingParams, gamma: int, seed_base: int = 0) -> np.ndarray:
-    requests = [
-        engine.make_request(
-            PROMPT,
-            SamplingParams(
-                max_new_tokens=3, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                seed=seed_base + i, ignore_eos=True,
-            ),
-            Mode.SPECULATIVE,
-            gamma,
-        )
-        for i in range(N)
-    ]  # fmt: skip
-    results = engine.generate(requests)
-    counts = np.zeros(V**3)
-    for r in results:
-        a, b, c = r.token_ids
-        counts[(a * V + b) * V + c] += 1
-    drafted = sum(r.stats.drafted_tokens for r in results)
-    accepted = sum(r.stats.accepted_tokens for r in results)
-    assert 0.2 < accepted / drafted < 0.95, (
-        f"the draft should agree often but not always: {accepted}/{drafted}"
-    )
-    return counts
+    return sampled_joint_of_three(engine, PROMPT, V, params, gamma, N, seed_base)
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_data={"specdec": ["assets/**/*", "distill/*.json"]},
+    package_data={"specdec": ["assets/**/*", "distill/*.json", "kernels/*.c"]},
     include_package_data=True,
     install_requires=[
         # torch is installed by the Makefile (CPU build where there is no GPU); any 2.4+ works.

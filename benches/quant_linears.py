@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import medians  # benches/medians.py, beside this script
 import torch
 
+from specdec.kernels.int8_rows import REFERENCE, row_kernels
 from specdec.models.quant_linear import (
     Int4Linear,
     Int8LinearCPU,
@@ -31,6 +32,15 @@ from specdec.models.quant_linear import (
     quantize_int4,
     quantize_int8,
 )
+
+
+def rows_on(layers, kernels):
+    """Every module of `layers`, its per-row arithmetic set to `kernels` (C or the reference)."""
+    for layer in layers:
+        for m in layer:
+            m.rows = kernels
+            yield layer, m
+
 
 median_ms = functools.partial(medians.median_ms, runs=7)  # one call = one median of 7 runs
 
@@ -59,8 +69,10 @@ def main() -> None:
     print("| path | width 1 (ms) | width 5 (ms) |\n|---|---|---|")
     for name, run in [
         ("float32 (F.linear)", lambda x: [torch.nn.functional.linear(x[w.shape[1]], w) for layer in weights for w in layer]),
-        ("int8, per-row activations (fbgemm + guard columns: specdec's CPU int8)",
-         lambda x: [m(x[m.in_features]) for layer in int8_rows for m in layer]),
+        ("int8, per-row activations (fbgemm + guard columns), C row kernels: specdec's CPU int8",
+         lambda x: [m(x[m.in_features]) for layer, m in rows_on(int8_rows, row_kernels())]),
+        ("the same, the row arithmetic as tensor ops (the reference; where no C compiler works)",
+         lambda x: [m(x[m.in_features]) for layer, m in rows_on(int8_rows, REFERENCE)]),
         ("int8, one activation scale per tensor (fbgemm as is)",
          lambda x: [torch.ops.quantized.linear_dynamic(torch.nn.functional.pad(x[w.shape[1]], (0, 2)), p, False)
                     for packs, ws in zip(per_tensor, weights) for p, w in zip(packs, ws)]),

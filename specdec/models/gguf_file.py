@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from specdec.cache import cache_root
 from specdec.errors import CheckpointError
 from specdec.models.config import SUPPORTED_MODEL_TYPES
 
@@ -154,15 +155,6 @@ def convert_gguf(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def cache_root() -> Path:
-    """Where specdec keeps what it derives from checkpoints: $SPECDEC_CACHE, else
-    $XDG_CACHE_HOME/specdec, else ~/.cache/specdec."""
-    if os.environ.get("SPECDEC_CACHE"):
-        return Path(os.environ["SPECDEC_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "specdec"
 
 
 _FINGERPRINT_BYTES = 1 << 20

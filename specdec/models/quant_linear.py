@@ -22,7 +22,9 @@ How each format multiplies, by device (docs/QUANTIZATION.md has the measurements
   span exactly [-1, 1] and fbgemm's tensor-wide scale is one constant. Each row is then quantized
   alone, the integer products are exact, and the row's output is bitwise the same in any batch at
   any width. A row goes in as two 8-bit digits (the row on fbgemm's grid, and what that rounding
-  lost), both in the one call, so the activations lose next to nothing.
+  lost), both in the one call, so the activations lose next to nothing. That per-row arithmetic
+  runs in C (specdec/kernels/int8_rows.c, one call before the product and one after), bitwise
+  equal to its tensor-op reference, which runs where no C compiler works.
 - int8 on CUDA: weight-only (`aten._weight_int8pack_mm`; activations stay bf16).
 - int4 on the CPU: `aten._weight_int4pack_mm_for_cpu`, weight-only. On the machines measured it
   is slower than fp32: int4 on the CPU is for memory, not speed.
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from specdec.errors import SpecdecError
+from specdec.kernels.int8_rows import row_kernels
 
 INT4_GROUP = 32  # GGUF's Q4_0 / Q4_1 block; divides every hidden size in the seed table
 _TINY = 1e-30  # floor of a scale: an all-zero row or group stays zero instead of dividing by 0
@@ -157,32 +160,25 @@ class Int8LinearCPU(nn.Module):
         # reduce_range), k in [-top, top] on both sides of its zero point, whether that is 127 or 128.
         self.levels = 63.5 if self.reduce_range else 127.5
         self.top = 63 if self.reduce_range else 127
-        self.guard = torch.tensor([1.0, -1.0])
-        self.bias = bias
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.rows = row_kernels()  # the per-row arithmetic: C if it builds here, else tensor ops
         # fbgemm's packed copy: a code per weight (guard columns too), and column offsets and scales.
         self.stored_bytes = codes.shape[0] * (codes.shape[1] + 2) + 12 * codes.shape[0] + _bytes(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, k = x.shape, x.shape[-1]
-        rows = x.reshape(-1, k).float()  # [R, K]
-        r = rows.shape[0]
-        # Each row on its own scale, in units of fbgemm's step over its fixed [-1, 1] range ...
-        amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=_TINY)
-        steps = rows * (self.levels / amax)  # [R, K] in [-levels, levels]
-        coarse = torch.round(steps).clamp_(-self.top, self.top)
-        # ... as two 8-bit digits: the row rounded to that grid (which fbgemm then holds exactly),
-        # and what the rounding lost (|.| <= 1/2 a step). One digit is not enough: an outlier
-        # channel sets a row's scale and LLM activations have them (SmolLM2: KL 0.053 from float32
-        # with one digit, 0.005 with two, as weight-only int8; docs/QUANTIZATION.md).
-        digits = torch.empty(2 * r, k + 2)  # [2R, K + 2]: both digits, and the guard columns
-        digits[:, k:] = self.guard
-        torch.div(coarse, self.levels, out=digits[:r, :k])
-        torch.sub(steps, coarse, out=digits[r:, :k])
+        rows = x.reshape(-1, k).float().contiguous()  # [R, K]
+        # Each row on its own scale, in units of fbgemm's step over its fixed [-1, 1] range, as
+        # two 8-bit digits: the row rounded to that grid (which fbgemm then holds exactly), and
+        # what the rounding lost (|.| <= 1/2 a step). One digit is not enough: an outlier channel
+        # sets a row's scale and LLM activations have them (SmolLM2: KL 0.053 from float32 with
+        # one digit, 0.005 with two, as weight-only int8; docs/QUANTIZATION.md). The guard columns
+        # (+1, -1) end every row, so the pass's range is exactly [-1, 1].
+        digits = torch.empty(2 * rows.shape[0], k + 2)  # [2R, K + 2]
+        amax = self.rows.row_digits(rows, self.levels, self.top, digits)
         # Both digits in one call: the weights are read once, as for R rows.
         both = torch.ops.quantized.linear_dynamic(digits, self.packed, self.reduce_range)  # [2R, N]
-        y = both[r:].div_(self.levels).add_(both[:r]).mul_(amax)
-        if self.bias is not None:
-            y = y.add_(self.bias)
+        y = self.rows.combine(both, amax, self.bias, self.levels)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

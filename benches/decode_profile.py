@@ -2,7 +2,8 @@
 the whole pass at a decode's width (1) and a verify pass's (5), and its parts timed alone - the
 linear layers (all of them, the head apart), the attention core (rotary, cache write and read,
 scaled dot product) and the norms - with what is left (Python, per-layer glue ops) as the
-difference. The figures behind docs/QUANTIZATION.md's account of the missed targets.
+difference; for int8, the whole pass again with the per-row arithmetic as tensor ops instead of
+the C row kernels (specdec/kernels/int8_rows.py). The figures behind docs/QUANTIZATION.md's account of the missed targets.
 
     python benches/decode_profile.py [--quantize none,int8]
 
@@ -22,8 +23,10 @@ import torch
 from specdec.assets import default_target
 from specdec.batching import Row, make_batch
 from specdec.config import Quantization
+from specdec.kernels.int8_rows import REFERENCE
 from specdec.models import load_checkpoint
 from specdec.models.kv_cache import CacheLayout, KVCache
+from specdec.models.quant_linear import Int8LinearCPU
 from specdec.models.quantize import quantized
 from specdec.models.rope import apply_rope
 
@@ -76,6 +79,24 @@ def profile(model, width: int) -> dict[str, float]:
             ),
         }
     out["rest (Python, glue ops)"] = out["pass"] - sum(v for k, v in out.items() if k != "pass")
+    int8_layers = [m for m in decoder.modules() if isinstance(m, Int8LinearCPU)]
+    if int8_layers:
+        # The whole pass with CPU int8's row arithmetic in C and as tensor ops (what runs where no
+        # C compiler works), taken in turn: a comparison this noisy machine would spoil otherwise.
+        kernels = int8_layers[0].rows
+
+        def pass_with(rows):
+            for m in int8_layers:
+                m.rows = rows
+            decoder(batch, cache)
+
+        with torch.no_grad():
+            both = medians.interleaved_median_ms(
+                {"C": lambda: pass_with(kernels), "tensor ops": lambda: pass_with(REFERENCE)}, runs=31
+            )
+        pass_with(kernels)
+        out["pass, int8 rows in C (interleaved)"] = both["C"]
+        out["pass, int8 rows as tensor ops (interleaved)"] = both["tensor ops"]
     return {k: round(v, 2) for k, v in out.items()}
 
 
@@ -97,11 +118,11 @@ def main() -> None:
         model = quantized(base, Quantization(name))
         for width in (1, 5):
             results[(name, width)] = profile(model, width)
-    parts = list(next(iter(results.values())))
+    parts = list(dict.fromkeys(part for r in results.values() for part in r))
     print("| part | " + " | ".join(f"{n} width {w}" for n, w in results) + " |")
     print("|---|" + "---|" * len(results))
     for part in parts:
-        print(f"| {part} | " + " | ".join(str(r[part]) for r in results.values()) + " |")
+        print(f"| {part} | " + " | ".join(str(r.get(part, "")) for r in results.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ setup(
         # GGUF checkpoints (the default target is one): transformers reads them with these two.
         "gguf>=0.10",
         "accelerate>=0.26",
+        # Constrained output (specdec.grammar): grammar compilation and token bitmasks.
+        "xgrammar>=0.2.9",
         # The OpenAI-compatible HTTP API (specdec.server.http).
         "starlette>=0.37",
         "uvicorn>=0.29",

@@ -24,6 +24,7 @@ import torch
 from specdec.chat import encode_chat
 from specdec.config import EngineConfig
 from specdec.errors import InvalidRequestError
+from specdec.grammar import Constraint
 from specdec.models.cache_plan import plan_cache
 from specdec.models.loader import LoadedModel, load_checkpoint
 from specdec.models.pair import check_pair
@@ -141,6 +142,11 @@ class Engine:
         check_prompt_chars(sum(len(m["content"]) for m in messages), self.limits, "messages")
         return encode_chat(self.tokenizer, messages)
 
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Compile a constraint now (InvalidRequestError naming the field if it cannot be): the
+        server does it in a worker thread, so the engine loop later finds it in the cache."""
+        self.scheduler.runner.grammars().compile(constraint)
+
     def make_request(
         self,
         prompt: str | list[int],
@@ -150,6 +156,7 @@ class Engine:
         request_id: str = "",
         external_draft: list[int] | None = None,
         external_draft_from_draft: bool = False,
+        constraint: Constraint | None = None,
     ) -> Request:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if isinstance(mode, str):
@@ -167,6 +174,7 @@ class Engine:
             request_id=request_id,
             external_draft=external_draft,
             external_draft_from_draft=external_draft_from_draft,
+            constraint=constraint,
         )
 
     # ------------------------------------------------------------------ running them
@@ -290,4 +298,5 @@ def merge_outputs(outputs: list[RequestOutput]) -> GenerationResult:
         seed=last.seed,
         logprobs=[lp for o in outputs for lp in o.new_logprobs],
         error=last.error,
+        constraint=last.constraint,
     )

@@ -9,6 +9,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from specdec.grammar import Constraint
 from specdec.sampling import SamplingParams
 
 
@@ -44,6 +45,9 @@ class Request:
     # which is why the router asks for it only with a float32 draft and no top-k / top-p
     # (`router.draft_request`); q accepts more (min(1, p/q) instead of p).
     external_draft_from_draft: bool = False
+    # Constrained output (a JSON Schema, JSON, a regex or a grammar): every emitted token is one the
+    # grammar allows, for the draft and the target alike (specdec/grammar.py).
+    constraint: Constraint | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     # Who sent it (an API key's name, a peer host; "" in-process): waiting requests are admitted
     # fairly across clients, and the server caps what one client has in flight.
@@ -152,6 +156,18 @@ class RequestOutput:
     timing: Timing | None = None
     seed: int | None = None
     mode: Mode = Mode.SPECULATIVE
+    constraint: ConstraintOutcome | None = None  # on the final output of a constrained request
+
+
+@dataclass(frozen=True, slots=True)
+class ConstraintOutcome:
+    """How a constrained request's output stands against its constraint."""
+
+    complete: bool  # the output is a whole match; False when it was cut (length, stop string, ...)
+    unenforced: tuple[str, ...] = ()  # JSON Schema keywords the grammar could not enforce
+
+    def as_dict(self) -> dict[str, object]:
+        return {"complete": self.complete, "unenforced": list(self.unenforced)}
 
 
 @dataclass(slots=True)
@@ -168,6 +184,7 @@ class GenerationResult:
     seed: int | None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
+    constraint: ConstraintOutcome | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -184,4 +201,5 @@ class GenerationResult:
             "timing": self.timing.as_dict(),
             "seed": self.seed,
             **({"error": self.error} if self.error else {}),
+            **({"constraint": self.constraint.as_dict()} if self.constraint else {}),
         }

@@ -8,10 +8,13 @@ and the planner's.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from specdec.batching import Row, make_batch
 from specdec.config import EngineConfig
+from specdec.grammar import Grammars
 from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.loader import LoadedModel
 from specdec.request import Mode
@@ -52,6 +55,8 @@ class ModelRunner:
         self.eos_ids = tuple(
             sorted(set(target.config.eos_token_ids) | ({target.tokenizer.eos_token_id} - {None}))
         )
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         self.step = SpeculativeStep(
             target, draft, self.target_cache, self.draft_cache, self.vocab_size, kernels, config.max_gamma
         )
@@ -59,6 +64,14 @@ class ModelRunner:
     @property
     def tokenizer(self):
         return self.target.tokenizer
+
+    def grammars(self) -> Grammars:
+        """The grammar compiler, built at the first constrained request: the target's token
+        strings, its logits' width, the engine's end-of-sequence ids as stop tokens."""
+        with self._grammars_lock:  # the server's request threads compile too (Engine.check_constraint)
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.target.config.vocab_size, self.eos_ids)
+            return self._grammars
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
         """Write the next `n` prompt tokens of each (row, n) into the caches that serve the row, in

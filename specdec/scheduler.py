@@ -33,7 +33,7 @@ from specdec.adaptive import Decision
 from specdec.config import EngineConfig
 from specdec.errors import QueueFullError
 from specdec.planner import GammaPlanner, StepPlan
-from specdec.request import FinishReason, Request, RequestOutput, Timing
+from specdec.request import ConstraintOutcome, FinishReason, Request, RequestOutput, Timing
 from specdec.runner import ModelRunner
 from specdec.sequence import Sequence
 from specdec.speculative import RowOutcome
@@ -123,6 +123,8 @@ class Scheduler:
             timing=Timing(arrival=request.arrival_time),
             external_pending=list(request.external_draft or []),
         )
+        if request.constraint is not None:  # compiled (or refused, naming the field) before queueing
+            seq.grammar = self.runner.grammars().row(request.constraint)
         self.waiting.setdefault(request.client, deque()).append(seq)
         self._by_handle[handle] = seq
         return handle
@@ -309,6 +311,11 @@ class Scheduler:
             timing=seq.timing,
             seed=seq.seed,
             mode=seq.mode,
+            constraint=(
+                ConstraintOutcome(seq.grammar.complete, seq.grammar.unenforced)
+                if final and seq.grammar is not None
+                else None
+            ),
         )
 
     def _finish(self, seq: Sequence) -> RequestOutput:
@@ -334,6 +341,10 @@ def commit(seq: Sequence, outcome: RowOutcome, external: list[int] | None) -> Fi
     before = len(seq.tokens)
     kept, reason = seq.stopper.consume(outcome.tokens)
     seq.tokens.extend(outcome.tokens[:kept])
+    if seq.grammar is not None:
+        seq.grammar.commit(outcome.tokens[:kept])
+        if reason is None and seq.grammar.terminated:  # its stop token taken (ignore_eos kept it)
+            reason = FinishReason.STOP
     if outcome.logprobs is not None:
         seq.pending_logprobs.extend(outcome.logprobs[:kept])
     seq.stats.record(outcome.gamma, outcome.accepted, outcome.accepted + 1)

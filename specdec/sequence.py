@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specdec.adaptive import AcceptanceEstimate
+from specdec.grammar import RowGrammar
 from specdec.request import FinishReason, Mode, Request, SpecStats, Timing, TokenLogprob
 from specdec.stopping import OutputStopper
 
@@ -33,6 +34,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
+    grammar: RowGrammar | None = None  # a constrained request's matcher (committed output only)
 
     @property
     def prefill_done(self) -> bool:

@@ -15,11 +15,12 @@ tokens, per-row non-finite flags and any log-probabilities asked for, in one cop
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from specdec.batching import Row, kv_extent, make_batch
+from specdec.grammar import apply_bitmask, new_bitmask
 from specdec.kernels import use_triton
 from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
 from specdec.kernels.philox import STREAM_DRAFT
@@ -85,6 +86,11 @@ class _Drafts:
     status: torch.Tensor  # [Bd] int8 (specdec.kernels.status), the worst of the row's passes
     probs: torch.Tensor | None  # [Bd, passes, V] q of each proposal (None when every row is greedy)
     logprobs: Logprobs | None = None  # of each sampled token (only when a draft-only row asks)
+    # Constrained rows (by row): the grammar's mask at each pass and one past the last, on the
+    # host [passes + 1, words] - the target's masks at the row's positions - and the passes the
+    # grammar let the row draft (fewer than asked when it ends, or allows no token of the draft's).
+    grammar_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    grammar_passes: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -130,7 +136,10 @@ class SpeculativeStep:
         # Each row's own passes: a row's status counts only the proposals it uses.
         needed = [p.gamma for p in model_drafted] + [passes] * len(draft_only)
         drafts = self._draft(drafting, passes, len(model_drafted), needed) if drafting else None
-        scored = [p for p in plans if p.external is not None and p.external_q]
+        if drafts is not None:
+            for i, plan in enumerate(model_drafted):  # the grammar may have cut a row's drafts short
+                plan.gamma = min(plan.gamma, drafts.grammar_passes.get(i, plan.gamma))
+        scored = [p for p in plans if _scored(p)]
         external_q = self._score_externals(scored) if scored else None
         # Where each plan's proposals and q are: its row of the draft passes (model drafts), or of
         # the q stacked after theirs (scored external chunks); -1: none.
@@ -168,7 +177,7 @@ class SpeculativeStep:
                 # valid draft cache (the last proposal and the correction/bonus are not in it).
                 draft_fed = min(accepted, passes - 1)
                 error = _row_error(draft.status[draft_row[id(plan)]], "draft")
-            elif plan.external is not None and plan.external_q:
+            elif _scored(plan):
                 # The wide pass fed every unseen token and the chunk but its last token.
                 draft_fed = min(accepted, len(plan.external) - 1)
             error = _row_error(verify.status[r], "target") or error
@@ -178,9 +187,15 @@ class SpeculativeStep:
         for r, seq in enumerate(draft_only, start=len(model_drafted)):
             assert draft is not None
             error = _row_error(draft.status[r], "draft")
-            tokens = draft.tokens[r]
+            tokens = draft.tokens[r][: drafts.grammar_passes.get(r, passes)] if drafts else []
+            if not tokens and error is None:
+                error = "no token the grammar allows is in the draft model's vocabulary"
             logprobs = _logprobs_of(seq, draft.logprobs, r, tokens)
             outcomes.append(RowOutcome(seq, tokens, 0, 0, passes - 1, error, logprobs))
+        # Every matcher back to the committed output: the scheduler commits what was emitted.
+        for seq in [p.seq for p in plans] + draft_only:
+            if seq.grammar is not None:
+                seq.grammar.undo()
         return outcomes
 
     # ------------------------------------------------------------------------- draft
@@ -217,6 +232,7 @@ class SpeculativeStep:
         want = [s.request.params for s in seqs[draft_only_from:] if s.request.params.logprobs]
         top_n = max((p.top_logprobs for p in want), default=0)
         pass_logprobs: list[Logprobs] = []
+        grammar = _DraftGrammar(seqs, passes, needed, self.target.config.vocab_size, device)
         for j in range(passes):
             with self.timer.measure(PassKind.DRAFT, len(seqs), 1):
                 if j == 0:
@@ -232,6 +248,8 @@ class SpeculativeStep:
                         first_slot=batch.first_slot,
                     )
                     logits = model(step, cache)[:, 0]
+                if grammar.rows:
+                    logits = apply_bitmask(logits, grammar.masks_at(j), self.vocab_size, grammar.rows)
                 q = None
                 if probs is not None:
                     q = probs[:, j]
@@ -239,13 +257,22 @@ class SpeculativeStep:
                 tokens[:, j], row_status = self.kernels.sample(
                     logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
                 )
+                if grammar.rows:  # the constrained rows' proposals to the host: their next masks
+                    grammar.advance(j, tokens[:, j], row_status, needed_t)
                 # A pass past the row's own γ decides nothing for it, so cannot fail it.
                 torch.maximum(status, torch.where(needed_t > j, row_status, 0).to(status.dtype), out=status)
                 if want:
                     pass_logprobs.append(
                         Logprobs.of(logits[:, None], tokens[:, j : j + 1], top_n, self.vocab_size)
                     )
-        return _Drafts(tokens=tokens, status=status, probs=probs, logprobs=Logprobs.concat(pass_logprobs))
+        return _Drafts(
+            tokens=tokens,
+            status=status,
+            probs=probs,
+            logprobs=Logprobs.concat(pass_logprobs),
+            grammar_masks=grammar.final_masks(),
+            grammar_passes=dict(grammar.usable),
+        )
 
     def _score_externals(self, plans: list[RowPlan]) -> torch.Tensor:
         """q [Bx, n, V] of each row's external chunk (the draft model's own earlier samples), in
@@ -284,7 +311,7 @@ class SpeculativeStep:
         asked (-1: no row asks), so that the groups' logprobs stack."""
         device = self.device
         rows, columns, placements = [], [], []
-        point_mass = [p.external is not None and not p.external_q for p in plans]
+        point_mass = [p.external is not None and not _scored(p) for p in plans]
         draft_rows, q_row = rows_of
         for b, plan in enumerate(plans):
             seq = plan.seq
@@ -322,6 +349,8 @@ class SpeculativeStep:
         width = batch.tokens.shape[1] if batch.tokens.shape[1] > g + 2 else g + 1
         with self.timer.measure(PassKind.VERIFY, len(plans), width):
             logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
+            if any(p.seq.grammar is not None for p in plans):
+                logits = self._mask_target(logits, plans, drafts, draft_rows)
             accepted, tokens, status = self.accept(
                 logits, draft_tokens, num_drafts, plans, q, q_rows, point_masses
             )
@@ -329,6 +358,37 @@ class SpeculativeStep:
         if top_n >= 0:
             logprobs = Logprobs.of(logits, tokens, top_n, self.vocab_size)
         return _Verified(accepted, status, tokens, logprobs)
+
+    def _mask_target(
+        self, logits: torch.Tensor, plans: list[RowPlan], drafts: _Drafts | None, draft_rows: list[int]
+    ) -> torch.Tensor:
+        """Constrained rows' logits [B, G+1, V] with -inf wherever the grammar, in the state
+        each position would have, forbids a token. Model drafts bring their masks from the draft
+        passes; an external draft's are made here, advancing the matcher over it (positions after
+        a token the grammar forbids stay free: the draft is rejected before them)."""
+        b, g1, width = logits.shape
+        bitmask = new_bitmask(b * g1, self.target.config.vocab_size)
+        indices: list[int] = []
+        for r, plan in enumerate(plans):
+            grammar = plan.seq.grammar
+            if grammar is None:
+                continue
+            first = r * g1
+            if plan.gamma and plan.external is None:
+                assert drafts is not None
+                bitmask[first : first + plan.gamma + 1] = drafts.grammar_masks[draft_rows[r]][
+                    : plan.gamma + 1
+                ]
+            else:
+                grammar.fill(bitmask, first)
+                for p, token in enumerate((plan.external or [])[: plan.gamma], start=1):
+                    if not grammar.speculate(token):
+                        break
+                    grammar.fill(bitmask, first + p)
+            indices += range(first, first + plan.gamma + 1)
+        return apply_bitmask(logits.reshape(b * g1, width), bitmask, self.vocab_size, indices).view(
+            b, g1, width
+        )
 
     def accept(
         self,
@@ -462,3 +522,62 @@ def _logprobs_of(
 
 def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _scored(plan: RowPlan) -> bool:
+    """Whether the row's external draft is verified against the draft model's recomputed q. Not
+    for a constrained row: its q would have to be the masked one it was sampled from, so its
+    external draft is verified as point masses (exact for any proposal)."""
+    return plan.external is not None and plan.external_q and plan.seq.grammar is None
+
+
+class _DraftGrammar:
+    """The constrained rows of one step's draft passes: each pass's masks from their matchers, and
+    the matchers advanced over what each pass proposed - one host read per pass, of those rows
+    only. A row drafts only as far as its grammar lets it: not past the grammar's end, and not past
+    a position where no token of the draft's vocabulary is allowed (a subset head)."""
+
+    def __init__(self, seqs: list[Sequence], passes: int, needed: list[int], width: int, device):
+        self.rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        self.grammars = {i: seqs[i].grammar for i in self.rows}
+        self.needed = {i: needed[i] for i in self.rows}
+        self.usable = dict(self.needed)  # passes each row may use; cut where the grammar says
+        self.masks = {i: new_bitmask(passes + 1, width) for i in self.rows}
+        self.batch, self.width = len(seqs), width
+        self._told: set[int] = set()  # rows whose cut needed_t already knows
+        self.index = _device_ints(self.rows, device) if self.rows else None
+
+    def masks_at(self, j: int) -> torch.Tensor:
+        """The [B, words] bitmask of pass j (every row but the constrained ones: all allowed)."""
+        full = new_bitmask(self.batch, self.width)
+        for i in self.rows:
+            if self.usable[i] > j:
+                if not self.grammars[i].fill(self.masks[i], j):
+                    self.usable[i] = j  # the grammar has ended: nothing more to draft
+                full[i] = self.masks[i][j]
+        return full
+
+    def advance(
+        self, j: int, proposals: torch.Tensor, row_status: torch.Tensor, needed_t: torch.Tensor
+    ) -> None:
+        """Advance the matchers over pass j's proposals; a row whose pass found no allowed token
+        stops drafting there (needed_t learns it, so that the empty pass does not fail the row)."""
+        assert self.index is not None
+        tokens, status = torch.stack([proposals[self.index], row_status[self.index].to(torch.int64)]).tolist()
+        for k, i in enumerate(self.rows):
+            if self.usable[i] > j and (
+                status[k] == ROW_NO_TOKEN or not self.grammars[i].speculate(tokens[k])
+            ):
+                self.usable[i] = j
+        for i in self.rows:
+            if self.usable[i] < self.needed[i] and i not in self._told:
+                needed_t[i] = self.usable[i]
+                self._told.add(i)
+
+    def final_masks(self) -> dict[int, torch.Tensor]:
+        """Each row's masks at its positions 0..usable: the last one, after its final draft, is
+        filled here (rows cut short had theirs filled at the pass that cut them)."""
+        for i in self.rows:
+            if self.usable[i] == self.needed[i]:
+                self.grammars[i].fill(self.masks[i], self.usable[i])
+        return {i: self.masks[i][: self.usable[i] + 1] for i in self.rows}

@@ -266,11 +266,20 @@ def joint_of_three(last_logits: Any, prompt: list[int], vocab: int, params: Any)
 
 
 def sampled_joint_of_three(
-    engine: Any, prompt: list[int], vocab: int, params: Any, gamma: int, n: int, seed_base: int = 0
+    engine: Any,
+    prompt: list[int],
+    vocab: int,
+    params: Any,
+    gamma: int,
+    n: int,
+    seed_base: int = 0,
+    constraint: Any = None,
 ) -> Any:
     """Counts [vocab**3] (numpy) of the first three tokens of `n` seeded speculative requests
-    (seeds seed_base, seed_base + 1, ...) under `params`' sampling transform at a forced `gamma`;
-    asserts the draft agreed often but not always, or the test would say nothing of the rule."""
+    (seeds seed_base, seed_base + 1, ...) under `params`' sampling transform at a forced `gamma`
+    (and `constraint`, which must rule out an end of sequence in three tokens: a constraint
+    cannot ignore it); asserts the draft agreed often but not always, or the test would say
+    nothing of the rule."""
     import numpy as np
 
     from specdec.request import Mode
@@ -281,10 +290,11 @@ def sampled_joint_of_three(
             prompt,
             SamplingParams(
                 max_new_tokens=3, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                seed=seed_base + i, ignore_eos=True,
+                seed=seed_base + i, ignore_eos=constraint is None,
             ),
             Mode.SPECULATIVE,
             gamma,
+            constraint=constraint,
         )
         for i in range(n)
     ]  # fmt: skip

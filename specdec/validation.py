@@ -124,4 +124,11 @@ def validate(request: Request, limits: RequestLimits) -> Mode:
             "num_speculative_tokens",
             f"must be in [0, {limits.max_gamma}] (0 = adaptive), got {request.num_speculative_tokens}",
         )
+    if request.constraint is not None:
+        request.constraint.check()  # compiling it is the scheduler's (it holds the compiler)
+        if request.params.ignore_eos:
+            raise InvalidRequestError(
+                "ignore_eos",
+                "cannot be combined with a constraint: a grammar ends on an end-of-sequence token",
+            )
     return mode

@@ -14,6 +14,7 @@ from typing import Any
 from specdec.chat import check_message_count
 from specdec.engine import Engine
 from specdec.errors import InvalidRequestError
+from specdec.grammar import Constraint, ConstraintKind
 from specdec.request import (
     FinishReason,
     GenerationResult,
@@ -120,6 +121,7 @@ def request_from_proto(engine: Engine, msg: pb.GenerateRequest, ids: list[int]) 
         mode=_MODES[msg.mode],
         num_speculative_tokens=msg.num_speculative_tokens,
         request_id=msg.request_id,
+        constraint=constraint_from_proto(msg),
     )
 
 
@@ -166,8 +168,31 @@ def conversation(msg: pb.GenerateRequest) -> tuple[list[dict[str, str]], list[di
 
 
 def is_routed(msg: pb.GenerateRequest) -> bool:
-    """Whether the router answers: a route, or a field only the router reads (refused without one)."""
-    return bool(msg.route or msg.json_schema or msg.tools or msg.HasField("route_override"))
+    """Whether the router answers: a route, or a field only the router reads (refused without one).
+    A json_schema with constrain is the engine's (a constraint), unless a route is given too."""
+    schema_for_router = bool(msg.json_schema) and not msg.constrain
+    return bool(msg.route or schema_for_router or msg.tools or msg.HasField("route_override"))
+
+
+def constraint_from_proto(msg: pb.GenerateRequest) -> Constraint | None:
+    """The request's constraint (at most one kind), or None."""
+    if msg.constrain and not msg.json_schema:
+        raise InvalidRequestError("constrain", "needs a json_schema to constrain the output to")
+    given = [(name, c) for name, present, c in (
+        ("json_schema", msg.constrain, Constraint(ConstraintKind.JSON_SCHEMA, msg.json_schema)),
+        ("json_object", msg.json_object, Constraint(ConstraintKind.JSON_OBJECT)),
+        ("regex", bool(msg.regex), Constraint(ConstraintKind.REGEX, msg.regex)),
+        ("grammar", bool(msg.grammar), Constraint(ConstraintKind.GRAMMAR, msg.grammar)),
+    ) if present]  # fmt: skip
+    if len(given) > 1:
+        raise InvalidRequestError(
+            given[1][0], f"give at most one constraint (got {' and '.join(n for n, _ in given)})"
+        )
+    if given and msg.route:
+        raise InvalidRequestError(
+            given[0][0], "constrained output is not yet available with a route; leave route unset"
+        )
+    return given[0][1] if given else None
 
 
 def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields:
@@ -325,6 +350,10 @@ def _set_totals(msg: pb.GenerateResponse, out: RequestOutput | GenerationResult)
         msg.timing.CopyFrom(_timing(out.timing))
     if out.seed is not None:
         msg.seed = out.seed
+    if out.constraint is not None:
+        msg.constraint.CopyFrom(
+            pb.ConstraintResult(complete=out.constraint.complete, unenforced=list(out.constraint.unenforced))
+        )
 
 
 def model_info(engine: Engine) -> pb.GetModelInfoResponse:

@@ -201,6 +201,8 @@ class OpenAIApp:
         try:
             prompts = await asyncio.to_thread(self._prompt_ids, parsed, tools)
             prediction = await asyncio.to_thread(self._prediction_ids, parsed)
+            if parsed.constraint is not None:  # compiled off the event loop (then cached)
+                await asyncio.to_thread(self.engine.check_constraint, parsed.constraint)
             subs, queue, index_of = self._submit(parsed, prompts, prediction, client, rid)
         except InvalidRequestError as e:
             raise parsed.wire_field(e) from None
@@ -359,6 +361,7 @@ class OpenAIApp:
                     external_draft=list(prediction) if prediction else None,
                     client=client,
                     user=parsed.user,
+                    constraint=parsed.constraint,
                 )
                 validate(request, self.engine.limits)
                 requests.append(request)

@@ -21,8 +21,11 @@ Fields, in brief (docs/API.md has the whole table):
   An assistant message's tool_calls (a conversation's history) are written back in that format.
 - specdec's router (chat only; docs/ROUTING.md): route, json_schema (a JSON Schema object), and
   route_override {tier, confidence_below}; the route record rides in `specdec.choices[0].route`.
+- response_format (chat and completions): json_object or json_schema constrain decoding to it
+  (specdec.grammar; not yet with a route); each constrained choice carries `constraint`
+  {complete, unenforced} (non-streamed responses).
 - accepted only at their no-op values (stock clients send them): frequency_penalty, presence_penalty
-  0; logit_bias null or {}; best_of 1; echo false; suffix null; response_format {type: text}; and
+  0; logit_bias null or {}; best_of 1; echo false; suffix null; and
   the like (`_NO_OP`). Any other value is refused naming the field, never ignored.
 - anything else: refused as an unknown field.
 """
@@ -39,6 +42,7 @@ from typing import Any
 
 from specdec.chat import check_message_count
 from specdec.errors import InvalidRequestError
+from specdec.grammar import Constraint, ConstraintKind
 from specdec.request import FinishReason, Mode, RequestOutput, SpecStats, TokenLogprob
 from specdec.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
 from specdec.tokenization import TokenPieces
@@ -125,6 +129,7 @@ class ParsedRequest:
     endpoint_messages: list[dict[str, Any]] = field(default_factory=list)
     route: str = ""  # the router answers (chat only)
     json_schema: Any = None  # with route: parsed (None: none given)
+    constraint: Constraint | None = None  # response_format json_object / json_schema
     override: tuple[str | None, float | None] = (None, None)  # with route: (tier, confidence_below)
     # Core field name -> the name this client used (for errors raised by the core's validation).
     names: dict[str, str] = field(default_factory=dict)
@@ -169,7 +174,6 @@ _NO_OP_COMMON: dict[str, tuple[Any, ...]] = {
 _NO_OP_COMPLETIONS = {**_NO_OP_COMMON, "best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
 _NO_OP_CHAT = {
     **_NO_OP_COMMON,
-    "response_format": (None, {"type": "text"}),
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
@@ -185,7 +189,6 @@ _NO_OP_CHAT = {
 }
 # Why a refused no-op field is refused (what specdec would need to honour it).
 _NOT_YET = {
-    "response_format": "structured output is not implemented yet",
     "functions": "function calling is not implemented yet",
     "function_call": "function calling is not implemented yet",
     "echo": "echoing the prompt is not implemented",
@@ -203,6 +206,7 @@ _CHAT_ONLY = {
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
     "user", "logprobs", "top_k", "ignore_eos", "stop_token_ids", "mode", "num_speculative_tokens",
+    "response_format",
 }  # fmt: skip
 _COMPLETIONS = _COMMON | {"prompt"}
 _CHAT = _COMMON | {
@@ -317,6 +321,11 @@ def _route_fields(parsed: ParsedRequest, body: dict[str, Any], models: ServedMod
     ):
         if given:
             raise InvalidRequestError(name, "a route chooses its tiers and answers once; leave it unset")
+    if parsed.constraint is not None:
+        raise InvalidRequestError(
+            "response_format",
+            "constrained output is not yet available with a route; give json_schema to check the answer",
+        )
     parsed.route = route
     if body.get("json_schema") is not None:
         parsed.json_schema = body["json_schema"]
@@ -440,7 +449,41 @@ def _common(
         include_usage=include_usage,
         num_speculative_tokens=_int(gamma, "num_speculative_tokens", 0, None) if gamma is not None else 0,
         user=user or "",
+        constraint=_response_format(body.get("response_format")),
     )
+
+
+def _response_format(value: Any) -> Constraint | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema with
+    {name, description?, schema?, strict?} - constrained decoding either way (strict or not: the
+    grammar is the schema's, and every output matches it)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequestError(
+            "response_format",
+            '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}',
+        )
+    kind = value["type"]
+    extra = sorted(set(value) - {"type", "json_schema"} if kind == "json_schema" else set(value) - {"type"})
+    if extra:
+        raise InvalidRequestError(f"response_format.{extra[0]}", f"unknown field for type {kind}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidRequestError("response_format.json_schema", "an object with name and schema")
+    unknown = sorted(set(spec) - {"name", "description", "schema", "strict"})
+    if unknown:
+        raise InvalidRequestError(f"response_format.json_schema.{unknown[0]}", "unknown field")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise InvalidRequestError("response_format.json_schema.name", "required, a non-empty string")
+    schema = spec.get("schema", {})  # OpenAI: without a schema, any JSON value
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidRequestError("response_format.json_schema.schema", "a JSON Schema (an object)")
+    return Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
 
 
 def _finish(parsed: ParsedRequest, body: dict[str, Any], max_tokens_name: str) -> ParsedRequest:
@@ -456,6 +499,8 @@ def _finish(parsed: ParsedRequest, body: dict[str, Any], max_tokens_name: str) -
         "prompt": "messages" if parsed.chat else "prompt",
         "top_logprobs": "top_logprobs" if parsed.chat else "logprobs",
         "external_draft": "prediction",
+        "json_schema": "response_format.json_schema.schema",  # a constraint that cannot compile
+        "json_object": "response_format",
     }
     return parsed
 
@@ -751,9 +796,18 @@ def response_body(
         if chat:
             lp = {"content": chat_logprobs(pieces, c.logprobs)} if logprobs else None
             message, by_calls = tool_message(c.text, (calls or {}).get(c.index, ()))
-            return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": by_calls or reason}
+            return {
+                "index": c.index, "message": message, "logprobs": lp, "finish_reason": by_calls or reason,
+                **constraint(c),
+            }  # fmt: skip
         lp = completion_logprobs(pieces, c.logprobs, 0) if logprobs else None
-        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": reason}
+        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": reason, **constraint(c)}
+
+    def constraint(c: Choice) -> dict[str, Any]:
+        """specdec's extension on a constrained choice: whether the output is complete, and the
+        schema keywords the grammar could not enforce."""
+        done = c.last.constraint if c.last else None
+        return {"constraint": done.as_dict()} if done is not None else {}
 
     return {
         "id": rid,

@@ -130,6 +130,8 @@ class SpecDecServicer(pb_grpc.SpecDecServicer):
             ids = await asyncio.to_thread(convert.prompt_ids, self.engine, msg)
             request = convert.request_from_proto(self.engine, msg, ids)
             request.client = self._client(context)
+            if request.constraint is not None:  # compiled off the event loop (then cached)
+                await asyncio.to_thread(self.engine.check_constraint, request.constraint)
             return self.engine_loop.submit(request, asyncio.get_running_loop())
         except SpecdecError as e:
             await context.abort(status_for(e), str(e))

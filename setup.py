@@ -96,13 +96,19 @@ setup(
         # GGUF checkpoints (the default target is one): transformers reads them with these two.
         "gguf>=0.10",
         "accelerate>=0.26",
-        # Constrained output (specdec.grammar): grammar compilation and token bitmasks.
-        "xgrammar>=0.2.9",
+        # Constrained output (specdec.grammar) uses xgrammar, which scripts/setup.sh installs with
+        # --no-deps: it requires triton on Linux x86_64, which only its GPU kernels use (a CPU
+        # server would carry a 200 MB package for nothing). These are its other dependencies;
+        # `pip install specdec[structured]` takes xgrammar with all of its own.
+        "apache-tvm-ffi>=0.1.11",
+        "pydantic>=2",
         # The OpenAI-compatible HTTP API (specdec.server.http).
         "starlette>=0.37",
         "uvicorn>=0.29",
     ],
     extras_require={
+        # xgrammar with all its dependencies (scripts/setup.sh installs it without triton).
+        "structured": ["xgrammar==0.2.9"],
         # triton is only needed for the kernels themselves: on CUDA it comes with torch; on CPU
         # the tests run the kernels under TRITON_INTERPRET=1, so dev installs it.
         "dev": [

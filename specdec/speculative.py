@@ -9,7 +9,9 @@ and keep every token they sample. Committing the results (stop conditions, cache
 scheduler's.
 
 The host reads the device exactly once per step (`readback.HostCopy`): accepted counts, emitted
-tokens, per-row non-finite flags and any log-probabilities asked for, in one copy.
+tokens, per-row non-finite flags and any log-probabilities asked for, in one copy. Constrained rows
+(`specdec.grammar`) add one small read per draft pass - their proposals, to advance their matchers
+and mask the next pass and the verify positions (docs/STRUCTURED_OUTPUT.md); free rows never do.
 """
 
 from __future__ import annotations

@@ -142,14 +142,11 @@ class Grammars:
         # Compiled grammars are cached by their text (bounded: a client sending a new schema per
         # request must not grow the server without bound).
         self.compiler = xgrammar.GrammarCompiler(self.info, max_threads=2, cache_limit_bytes=256 << 20)
-        self.words = (logits_width + 31) // 32  # int32 words per bitmask row
 
     def compile(self, constraint: Constraint) -> Any:
         """The compiled grammar, or InvalidRequestError naming the field and what xgrammar said."""
         constraint.check()
         try:
-            # Compact JSON (no free whitespace between tokens): a small model cannot loop on
-            # blanks, and the output is what json.dumps would write.
             if constraint.kind is ConstraintKind.JSON_SCHEMA:
                 return self._json(constraint.text)
             if constraint.kind is ConstraintKind.JSON_OBJECT:
@@ -164,7 +161,8 @@ class Grammars:
             raise InvalidRequestError(constraint.field, f"cannot be compiled: {message}") from None
 
     def _json(self, schema: str) -> Any:
-        # strict_mode off: JSON Schema's own semantics. xgrammar's strict mode closes every object
+        # Compact JSON (no free whitespace between tokens): a small model cannot loop on blanks,
+        # and the output is what json.dumps would write. strict_mode off: JSON Schema's own semantics. xgrammar's strict mode closes every object
         # and array the schema leaves open, so {"type": "object"} would allow only {} and
         # {"type": "array"} only []; a schema that wants closed objects says additionalProperties.
         grammar = self._xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 from specdec.assets import resolve_pair
 from specdec.cli.options import add_engine_flags, add_sampling_flags, engine_config, sampling_params
 from specdec.errors import SpecdecError
+from specdec.grammar import Constraint, ConstraintKind
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_engine_flags(gen)
     add_sampling_flags(gen)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    constrain = gen.add_mutually_exclusive_group()
+    constrain.add_argument(
+        "--json-schema",
+        metavar="SCHEMA",
+        help="constrain the output to this JSON Schema (JSON text, or @FILE)",
+    )
+    constrain.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    constrain.add_argument(
+        "--regex", metavar="REGEX", help="constrain the output to match this regular expression"
+    )
+    constrain.add_argument(
+        "--grammar",
+        metavar="EBNF",
+        help="constrain the output to this EBNF grammar (text, or @FILE; rule root)",
+    )
     gen.set_defaults(func=run)
+
+
+def _constraint(args: argparse.Namespace) -> Constraint | None:
+    """The constraint the flags ask for (docs/STRUCTURED_OUTPUT.md); @FILE reads a file."""
+
+    def text(value: str) -> str:
+        if value.startswith("@"):
+            try:
+                return Path(value[1:]).read_text()
+            except OSError as e:
+                raise SpecdecError(f"cannot read {value[1:]}: {e.strerror}") from None
+        return value
+
+    if args.json_schema is not None:
+        return Constraint(ConstraintKind.JSON_SCHEMA, text(args.json_schema))
+    if args.json_object:
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    if args.regex is not None:
+        return Constraint(ConstraintKind.REGEX, args.regex)
+    if args.grammar is not None:
+        return Constraint(ConstraintKind.GRAMMAR, text(args.grammar))
+    return None
 
 
 def _messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
@@ -68,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     target, draft = resolve_pair(args.target, args.draft, args.demo)
     engine = Engine(target=target, draft=draft, config=engine_config(args))
     prompt = engine.render_chat(messages) if messages else args.prompt
-    request = engine.make_request(prompt, sampling_params(args), args.mode, args.num_speculative_tokens)
+    request = engine.make_request(
+        prompt, sampling_params(args), args.mode, args.num_speculative_tokens, constraint=_constraint(args)
+    )
     if args.stream and not args.json:
         sys.stdout.write(echo)
         for out in engine.stream(request):
@@ -84,10 +124,19 @@ def run(args: argparse.Namespace) -> int:
         stats = result.stats
         print(
             f"[{result.finish_reason.value}; {len(result.token_ids)} tokens in {result.timing.total_seconds:.2f}s; "
-            f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verify]",
+            f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verify"
+            f"{_constraint_note(result.constraint)}]",
             file=sys.stderr,
         )
     return 0 if result.error is None else 1
+
+
+def _constraint_note(outcome) -> str:
+    """'; constraint complete' (or incomplete, and the unenforced keywords) for the summary line."""
+    if outcome is None:
+        return ""
+    note = "; constraint " + ("complete" if outcome.complete else "incomplete (cut before the grammar ended)")
+    return note + (f", not enforced: {', '.join(outcome.unenforced)}" if outcome.unenforced else "")
 
 
 def _generate_remote(args: argparse.Namespace, messages: list[dict[str, str]] | None, echo: str) -> int:
@@ -106,6 +155,12 @@ def _generate_remote(args: argparse.Namespace, messages: list[dict[str, str]] | 
         "stop": list(params.stop),
         "num_speculative_tokens": args.num_speculative_tokens,
     }
+    constraint = _constraint(args)
+    if constraint is not None:
+        if constraint.kind is ConstraintKind.JSON_SCHEMA:
+            fields.update(json_schema=constraint.text, constrain=True)
+        else:
+            fields[constraint.kind.value] = constraint.text or True
     try:
         client = Client(
             args.server,
@@ -151,7 +206,8 @@ def _generate_remote(args: argparse.Namespace, messages: list[dict[str, str]] | 
         stats = reply.stats
         print(
             f"[{len(reply.token_ids)} tokens in {reply.timing.total_seconds:.2f}s; acceptance "
-            f"{stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verify]",
+            f"{stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verify"
+            f"{_constraint_note(reply.constraint if reply.HasField('constraint') else None)}]",
             file=sys.stderr,
         )
     return 0

@@ -180,3 +180,35 @@ def test_generate_chat_renders_the_template_in_process_and_over_grpc(pairs):
     assert both.returncode == 2 and "give a prompt or --chat, not both" in both.stderr
     lone = run("generate", "--system", "y", "--target", str(target))
     assert lone.returncode == 2 and "--system goes with --chat" in lone.stderr
+
+
+def test_generate_constrained_in_process_and_over_grpc(pairs, tmp_path):
+    from specdec import Engine
+    from specdec.config import EngineConfig
+    from specdec.testing import serve_in_thread
+
+    target, draft = pairs("llama-close")
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        '{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": false}'
+    )
+    common = ("generate", "n:", "--max-new-tokens", "24", "--json-schema", f"@{schema}")
+    local = run(*common, "--target", str(target), "--draft", str(draft), "--json")
+    assert local.returncode == 0, local.stderr
+    result = json.loads(local.stdout)
+    assert result["constraint"]["complete"] and isinstance(json.loads(result["text"])["n"], int)
+    server = serve_in_thread(
+        Engine(
+            target=target, draft=draft, config=EngineConfig(max_batch_size=2, max_context=128, warmup=False)
+        )
+    )
+    try:
+        remote = run(*common, "--server", server.address)
+        bad = run("generate", "x", "--regex", "(ab", "--server", server.address)
+    finally:
+        server.stop()
+    assert remote.returncode == 0 and remote.stdout.strip() == "n:" + result["text"], remote.stderr
+    assert "constraint complete" in remote.stderr
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: regex: cannot be compiled" in bad.stderr
+    both = run("generate", "x", "--regex", "a", "--json-object", "--target", str(target))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

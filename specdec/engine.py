@@ -209,6 +209,8 @@ class Engine:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         for request in requests:  # every request is checked before any starts
             validate(request, self.limits)
+            if request.constraint is not None:
+                self.check_constraint(request.constraint)
         limit = max_concurrency or len(requests)
         todo = deque(enumerate(requests))
         handles: list[int] = [-1] * len(requests)

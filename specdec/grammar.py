@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,12 @@ import torch
 from specdec.errors import InvalidRequestError, SpecdecError
 
 MAX_CONSTRAINT_CHARS = 65536
+MAX_SCHEMA_DEPTH = 64  # objects and arrays within each other; deeper is refused before compiling
 
 # JSON Schema keywords xgrammar 0.2.9 compiles but does not enforce: the grammar lets through output
-# that breaks them (`tests/test_grammar.py` holds this list to xgrammar's behaviour, keyword by
-# keyword, so a release that starts enforcing one fails there and the list is updated). A schema
+# that breaks them (the tests hold this list to xgrammar's behaviour, keyword by
+# keyword, so a release that starts enforcing one fails there and the list is updated; the file is
+# tests/engine/test_constrained.py). A schema
 # using any of them is still constrained by the rest; the output names them as unenforced.
 UNENFORCED_KEYWORDS = (
     "not",
@@ -75,10 +78,12 @@ class Constraint:
         if self.kind is ConstraintKind.JSON_SCHEMA:
             try:
                 schema = json.loads(self.text)
-            except ValueError as e:
-                raise InvalidRequestError(self.field, f"not valid JSON ({e})") from None
+            except (ValueError, RecursionError) as e:
+                raise InvalidRequestError(self.field, f"not valid JSON ({type(e).__name__}: {e})") from None
             if not isinstance(schema, (dict, bool)):
                 raise InvalidRequestError(self.field, "a JSON Schema is an object (or true / false)")
+            if _depth(schema) > MAX_SCHEMA_DEPTH:
+                raise InvalidRequestError(self.field, f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
 
     def unenforced(self) -> tuple[str, ...]:
         """The keywords of a JSON Schema the grammar does not enforce (UNENFORCED_KEYWORDS)."""
@@ -89,11 +94,30 @@ class Constraint:
         return tuple(k for k in UNENFORCED_KEYWORDS if k in found)
 
 
+def _depth(node: Any) -> int:
+    """How deeply objects and arrays nest in `node` (iteratively: a deep one cannot overflow)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+# Keywords whose values are data or names, not schemas: nothing under them is a keyword.
+_DATA_KEYWORDS = ("enum", "const", "default", "examples", "dependentRequired", "required")
+
+
 def _collect_keywords(node: Any, found: set[str]) -> None:
     """Every key used as a schema keyword anywhere in `node` (property names under `properties`
-    and friends are names, not keywords, but their values are schemas)."""
+    and friends are names, not keywords, but their values are schemas; under `enum`, `const`,
+    `default`, `examples` and the like are data)."""
     if isinstance(node, dict):
         for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                found.add(key)
+                continue
             if key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
                 found.add(key)
                 if isinstance(value, dict):
@@ -142,6 +166,8 @@ class Grammars:
         # Compiled grammars are cached by their text (bounded: a client sending a new schema per
         # request must not grow the server without bound).
         self.compiler = xgrammar.GrammarCompiler(self.info, max_threads=2, cache_limit_bytes=256 << 20)
+        self._ebnf_of_schema: dict[str, str] = {}  # JSON Schema text -> its grammar (EBNF)
+        self._lock = threading.Lock()  # request threads compile too (Engine.check_constraint)
 
     def compile(self, constraint: Constraint) -> Any:
         """The compiled grammar, or InvalidRequestError naming the field and what xgrammar said."""
@@ -154,7 +180,7 @@ class Grammars:
             if constraint.kind is ConstraintKind.REGEX:
                 return self.compiler.compile_regex(constraint.text)
             return self.compiler.compile_grammar(constraint.text)
-        except (RuntimeError, ValueError) as e:
+        except Exception as e:  # xgrammar's errors come through tvm-ffi as several types
             message = _XGRAMMAR_LOCATION.sub(
                 "", str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             )
@@ -165,8 +191,15 @@ class Grammars:
         # and the output is what json.dumps would write. strict_mode off: JSON Schema's own semantics. xgrammar's strict mode closes every object
         # and array the schema leaves open, so {"type": "object"} would allow only {} and
         # {"type": "array"} only []; a schema that wants closed objects says additionalProperties.
-        grammar = self._xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=False)
-        return self.compiler.compile_grammar(_no_raw_control_characters(str(grammar)))
+        ebnf = self._ebnf_of_schema.get(schema)
+        if ebnf is None:  # the conversion is not xgrammar's to cache: ours, bounded, by schema text
+            grammar = self._xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=False)
+            ebnf = _no_raw_control_characters(str(grammar))
+            with self._lock:
+                if len(self._ebnf_of_schema) >= 1024:
+                    self._ebnf_of_schema.pop(next(iter(self._ebnf_of_schema)))  # the oldest
+                self._ebnf_of_schema[schema] = ebnf
+        return self.compiler.compile_grammar(ebnf)
 
     def row(self, constraint: Constraint) -> RowGrammar:
         return RowGrammar(self._xgr.GrammarMatcher(self.compile(constraint)), constraint.unenforced())

@@ -312,7 +312,11 @@ class Scheduler:
             seed=seq.seed,
             mode=seq.mode,
             constraint=(
-                ConstraintOutcome(seq.grammar.complete, seq.grammar.unenforced)
+                # A stop string or stop token cut the text before the grammar's end: incomplete.
+                ConstraintOutcome(
+                    seq.grammar.complete and seq.finish_reason is not FinishReason.STOP,
+                    seq.grammar.unenforced,
+                )
                 if final and seq.grammar is not None
                 else None
             ),
@@ -342,9 +346,9 @@ def commit(seq: Sequence, outcome: RowOutcome, external: list[int] | None) -> Fi
     kept, reason = seq.stopper.consume(outcome.tokens)
     seq.tokens.extend(outcome.tokens[:kept])
     if seq.grammar is not None:
+        # The grammar's stop tokens are the engine's end-of-sequence ids, which stop the row (a
+        # constraint refuses ignore_eos), so a terminated grammar has finished the row already.
         seq.grammar.commit(outcome.tokens[:kept])
-        if reason is None and seq.grammar.terminated:  # its stop token taken (ignore_eos kept it)
-            reason = FinishReason.STOP
     if outcome.logprobs is not None:
         seq.pending_logprobs.extend(outcome.logprobs[:kept])
     seq.stats.record(outcome.gamma, outcome.accepted, outcome.accepted + 1)

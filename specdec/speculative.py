@@ -138,8 +138,8 @@ class SpeculativeStep:
         # Each row's own passes: a row's status counts only the proposals it uses.
         needed = [p.gamma for p in model_drafted] + [passes] * len(draft_only)
         drafts = self._draft(drafting, passes, len(model_drafted), needed) if drafting else None
-        if drafts is not None:
-            for i, plan in enumerate(model_drafted):  # the grammar may have cut a row's drafts short
+        if drafts is not None and drafts.grammar_passes:  # the grammar may have cut drafts short
+            for i, plan in enumerate(model_drafted):
                 plan.gamma = min(plan.gamma, drafts.grammar_passes.get(i, plan.gamma))
         scored = [p for p in plans if _scored(p)]
         external_q = self._score_externals(scored) if scored else None
@@ -193,9 +193,12 @@ class SpeculativeStep:
             if not tokens and error is None:
                 error = "no token the grammar allows is in the draft model's vocabulary"
             logprobs = _logprobs_of(seq, draft.logprobs, r, tokens)
-            outcomes.append(RowOutcome(seq, tokens, 0, 0, passes - 1, error, logprobs))
+            # The draft cache holds every emitted token but the last (the next pass's input); a
+            # row the grammar cut short emitted fewer than the passes fed.
+            fed = min(passes - 1, max(len(tokens) - 1, 0))
+            outcomes.append(RowOutcome(seq, tokens, 0, 0, fed, error, logprobs))
         # Every matcher back to the committed output: the scheduler commits what was emitted.
-        for seq in [p.seq for p in plans] + draft_only:
+        for seq in [p.seq for p in plans if p.seq.grammar is not None] + draft_only:
             if seq.grammar is not None:
                 seq.grammar.undo()
         return outcomes
@@ -563,13 +566,17 @@ class _DraftGrammar:
         self, j: int, proposals: torch.Tensor, row_status: torch.Tensor, needed_t: torch.Tensor
     ) -> None:
         """Advance the matchers over pass j's proposals; a row whose pass found no allowed token
-        stops drafting there (needed_t learns it, so that the empty pass does not fail the row)."""
+        stops drafting there (needed_t learns it, so that the empty pass does not fail the row).
+        A row whose numbers went bad stops too, and fails on its status as any row would."""
         assert self.index is not None
         tokens, status = torch.stack([proposals[self.index], row_status[self.index].to(torch.int64)]).tolist()
         for k, i in enumerate(self.rows):
-            if self.usable[i] > j and (
-                status[k] == ROW_NO_TOKEN or not self.grammars[i].speculate(tokens[k])
-            ):
+            if self.usable[i] <= j:
+                continue
+            if status[k] == ROW_NONFINITE:  # bad numbers: the row fails on its status, as unconstrained
+                self.usable[i] = j
+                self._told.add(i)  # needed_t keeps the pass, so its status counts
+            elif status[k] == ROW_NO_TOKEN or not self.grammars[i].speculate(tokens[k]):
                 self.usable[i] = j
         for i in self.rows:
             if self.usable[i] < self.needed[i] and i not in self._told:

@@ -70,14 +70,19 @@ def _constraint(args: argparse.Namespace) -> Constraint | None:
         return value
 
     if args.json_schema is not None:
-        return Constraint(ConstraintKind.JSON_SCHEMA, text(args.json_schema))
-    if args.json_object:
-        return Constraint(ConstraintKind.JSON_OBJECT)
-    if args.regex is not None:
-        return Constraint(ConstraintKind.REGEX, args.regex)
-    if args.grammar is not None:
-        return Constraint(ConstraintKind.GRAMMAR, text(args.grammar))
-    return None
+        constraint = Constraint(ConstraintKind.JSON_SCHEMA, text(args.json_schema))
+    elif args.json_object:
+        constraint = Constraint(ConstraintKind.JSON_OBJECT)
+    elif args.regex is not None:
+        constraint = Constraint(ConstraintKind.REGEX, args.regex)
+    elif args.grammar is not None:
+        constraint = Constraint(ConstraintKind.GRAMMAR, text(args.grammar))
+    else:
+        return None
+    # Checked here too: over gRPC an empty string is a field left unset, so the server would see
+    # no constraint at all.
+    constraint.check()
+    return constraint
 
 
 def _messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
@@ -160,7 +165,8 @@ def _generate_remote(args: argparse.Namespace, messages: list[dict[str, str]] | 
         if constraint.kind is ConstraintKind.JSON_SCHEMA:
             fields.update(json_schema=constraint.text, constrain=True)
         else:
-            fields[constraint.kind.value] = constraint.text or True
+            is_flag = constraint.kind is ConstraintKind.JSON_OBJECT
+            fields[constraint.kind.value] = True if is_flag else constraint.text
     try:
         client = Client(
             args.server,

@@ -15,10 +15,11 @@
 
 /* Round half to even for |x| < 2^22 in the default rounding mode, as torch.round does: adding and
  * subtracting 1.5 * 2^23 leaves no bits below the units. Portable (no SSE4.1 round instruction
- * assumed) and vectorisable; IEEE semantics forbid the compiler to fold it away. NaN stays NaN. */
+ * assumed) and vectorisable; IEEE semantics forbid the compiler to fold it away. The sign is put
+ * back, so (-0.5, -0] rounds to -0 as torch.round gives it, not +0. NaN stays NaN. */
 static inline float round_half_even(float x) {
     const float magic = 12582912.0f;
-    return (x + magic) - magic;
+    return copysignf((x + magic) - magic, x);
 }
 
 /* rows [r, k] -> digits [2r, k + 2] and amax [r].

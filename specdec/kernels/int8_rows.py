@@ -79,7 +79,8 @@ class RowKernels:
 
     def row_digits(self, rows: torch.Tensor, levels: float, top: float, out: torch.Tensor) -> torch.Tensor:
         r, k = rows.shape
-        amax = torch.empty(r, 1)
+        assert rows.dtype == out.dtype == torch.float32 and rows.is_contiguous() and out.is_contiguous()
+        amax = torch.empty(r, 1, dtype=torch.float32)
         self._digits(rows.data_ptr(), r, k, levels, 1.0 / levels, top, TINY, out.data_ptr(), amax.data_ptr())
         return amax
 
@@ -87,6 +88,8 @@ class RowKernels:
         self, both: torch.Tensor, amax: torch.Tensor, bias: torch.Tensor | None, levels: float
     ) -> torch.Tensor:
         r, n = both.shape[0] // 2, both.shape[1]
+        assert both.dtype == amax.dtype == torch.float32 and both.is_contiguous()
+        assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
         out = both[r:]  # in place, as the reference: the fine half is read before it is written
         self._combine(
             both.data_ptr(),

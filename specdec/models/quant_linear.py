@@ -174,7 +174,7 @@ class Int8LinearCPU(nn.Module):
         # sets a row's scale and LLM activations have them (SmolLM2: KL 0.053 from float32 with
         # one digit, 0.005 with two, as weight-only int8; docs/QUANTIZATION.md). The guard columns
         # (+1, -1) end every row, so the pass's range is exactly [-1, 1].
-        digits = torch.empty(2 * rows.shape[0], k + 2)  # [2R, K + 2]
+        digits = torch.empty(2 * rows.shape[0], k + 2, dtype=torch.float32)  # [2R, K + 2]
         amax = self.rows.row_digits(rows, self.levels, self.top, digits)
         # Both digits in one call: the weights are read once, as for R rows.
         both = torch.ops.quantized.linear_dynamic(digits, self.packed, self.reduce_range)  # [2R, N]

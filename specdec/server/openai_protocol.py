@@ -499,9 +499,9 @@ def _finish(parsed: ParsedRequest, body: dict[str, Any], max_tokens_name: str) -
         "prompt": "messages" if parsed.chat else "prompt",
         "top_logprobs": "top_logprobs" if parsed.chat else "logprobs",
         "external_draft": "prediction",
-        "json_schema": "response_format.json_schema.schema",  # a constraint that cannot compile
-        "json_object": "response_format",
     }
+    if parsed.constraint is not None:  # a constraint that cannot compile: the client's field
+        parsed.names.update(json_schema="response_format.json_schema.schema", json_object="response_format")
     return parsed
 
 

@@ -205,10 +205,12 @@ def test_generate_constrained_in_process_and_over_grpc(pairs, tmp_path):
     try:
         remote = run(*common, "--server", server.address)
         bad = run("generate", "x", "--regex", "(ab", "--server", server.address)
+        empty = run("generate", "x", "--regex", "", "--server", server.address)
     finally:
         server.stop()
     assert remote.returncode == 0 and remote.stdout.strip() == "n:" + result["text"], remote.stderr
     assert "constraint complete" in remote.stderr
     assert bad.returncode == 1 and "INVALID_ARGUMENT: regex: cannot be compiled" in bad.stderr
+    assert empty.returncode == 2 and "regex: must not be empty" in empty.stderr, empty.stderr
     both = run("generate", "x", "--regex", "a", "--json-object", "--target", str(target))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -123,6 +123,30 @@ def test_a_cut_output_finishes_with_length_and_says_it_is_incomplete(engine):
     assert r.as_dict()["constraint"] == {"complete": False, "unenforced": []}
 
 
+def test_a_stop_string_cut_says_incomplete(engine):
+    constraint = Constraint(ConstraintKind.REGEX, r"[0-9]{1,4}![a-c]{1,3}")
+    free = engine.generate(
+        [engine.make_request("x", SamplingParams(max_new_tokens=20), constraint=constraint)]
+    )[0]
+    assert free.finish_reason is FinishReason.EOS and free.constraint.complete and "!" in free.text
+    cut = engine.generate(
+        [engine.make_request("x", SamplingParams(max_new_tokens=20, stop=("!",)), constraint=constraint)]
+    )[0]
+    assert cut.finish_reason is FinishReason.STOP and cut.text == free.text.split("!")[0]
+    assert not cut.constraint.complete  # the text the client got is not a whole match
+
+
+def test_a_bad_constraint_fails_the_batch_before_any_request_runs(engine):
+    steps = []
+    good = engine.make_request("x", SamplingParams(max_new_tokens=8), constraint=CONSTRAINTS["regex"])
+    bad = engine.make_request(
+        "x", SamplingParams(max_new_tokens=8), constraint=Constraint(ConstraintKind.REGEX, "(a")
+    )
+    with pytest.raises(InvalidRequestError) as e:
+        engine.generate([good, bad], max_concurrency=1, on_step=steps.append)
+    assert e.value.field == "regex" and steps == []
+
+
 def test_an_external_draft_the_grammar_forbids_is_rejected_and_rolled_back(engine):
     """A crafted draft: its third token breaks the regex. The target rejects it there, and the
     matcher, advanced over the draft to mask the positions, is back at the committed output: the
@@ -187,6 +211,12 @@ def test_speculate_undo_commit_leaves_the_committed_state():
         (Constraint(ConstraintKind.REGEX, ""), "regex", "must not be empty"),
         (Constraint(ConstraintKind.GRAMMAR, "root ::= foo"), "grammar", 'Rule "foo" is not defined'),
         (Constraint(ConstraintKind.GRAMMAR, "x" * 70000), "grammar", "at most 65536 characters"),
+        (Constraint(ConstraintKind.JSON_SCHEMA, "[" * 30000 + "]" * 30000), "json_schema", "not valid JSON"),
+        (
+            Constraint(ConstraintKind.JSON_SCHEMA, '{"a":' * 70 + "1" + "}" * 70),
+            "json_schema",
+            "deeper than 64",
+        ),
     ],
 )
 def test_a_constraint_that_cannot_compile_is_named(engine, constraint, field, message):
@@ -277,6 +307,8 @@ def test_keywords_the_grammar_enforces(grammars, schema, breaking):
 def test_unenforced_keywords_are_reported_and_property_names_are_not_keywords(engine):
     schema = {"type": "object", "properties": {"not": {"type": "integer"}}, "required": ["not"]}
     assert Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema)).unenforced() == ()
+    data = {"enum": [{"not": 1}], "default": {"allOf": []}, "const": {"if": 2}}  # data, not keywords
+    assert Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(data)).unenforced() == ()
     schema = {"type": "array", "items": {"type": "integer", "maximum": 9}, "uniqueItems": True, "maxItems": 3}
     r = engine.generate(
         [

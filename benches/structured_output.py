@@ -74,12 +74,18 @@ def once(engine: Engine, prompts, batch: int, mode: Mode, gamma: int, constraine
         for p in prompts
     ]
     steps: list[float] = []
+    gammas: dict[int, int] = {}  # γ of each verified row, over the run
+
+    def observe(report) -> None:
+        if not report.prefill_tokens:
+            steps.append(report.seconds)
+        for g in report.gammas:
+            gammas[g] = gammas.get(g, 0) + 1
+
     t0 = time.perf_counter()
     # Decode steps only (no prompt in them): the per-step cost the constraint adds, apart from the
     # prefills, whose share differs when constrained answers are shorter than free ones.
-    results = engine.generate(
-        requests, max_concurrency=batch, on_step=lambda r: r.prefill_tokens or steps.append(r.seconds)
-    )
+    results = engine.generate(requests, max_concurrency=batch, on_step=observe)
     seconds = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in results)
     valid = 0
@@ -97,6 +103,7 @@ def once(engine: Engine, prompts, batch: int, mode: Mode, gamma: int, constraine
         "valid": valid / len(results),
         "step_ms": 1e3 * statistics.mean(steps),
         "token_ids": [r.token_ids for r in results],
+        "gammas": gammas,
     }
 
 
@@ -150,6 +157,13 @@ def main() -> None:
                 f"| {label} | {median[label]:.1f} | {median[label] / median['target free']:.2f} | "
                 f"{median[label] / same:.2f} | {acceptance} | {last['valid']:.2f} | {step:.1f} |"
             )
+        for label, mode, _, _ in CONFIGS:
+            if mode is Mode.SPECULATIVE:
+                hist: dict[int, int] = {}
+                for r in runs[label]:
+                    for g, n in r["gammas"].items():
+                        hist[g] = hist.get(g, 0) + n
+                print(f"γ of verified rows, {label}: {dict(sorted(hist.items()))}")
         for constrained in (False, True):  # exactness, checked on the bench's own outputs
             kind = "json" if constrained else "free"
             alone = runs[f"target {kind}"][-1]["token_ids"]

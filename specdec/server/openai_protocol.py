@@ -22,8 +22,8 @@ Fields, in brief (docs/API.md has the whole table):
 - specdec's router (chat only; docs/ROUTING.md): route, json_schema (a JSON Schema object), and
   route_override {tier, confidence_below}; the route record rides in `specdec.choices[0].route`.
 - response_format (chat and completions): json_object or json_schema constrain decoding to it
-  (specdec.grammar; not yet with a route); each constrained choice carries `constraint`
-  {complete, unenforced} (non-streamed responses).
+  (specdec.grammar; not yet with a route); `specdec.choices[i].constraint` says {complete,
+  unenforced}, streamed (on the finishing chunk) or not.
 - accepted only at their no-op values (stock clients send them): frequency_penalty, presence_penalty
   0; logit_bias null or {}; best_of 1; echo false; suffix null; and
   the like (`_NO_OP`). Any other value is refused naming the field, never ignored.
@@ -766,6 +766,9 @@ def specdec_extra(index: int, out: RequestOutput) -> dict[str, Any]:
         "stats": stats.as_dict(),
         "timing": None if timing is None else timing.as_dict(),
         "route": None,
+        # A constrained choice: whether the output is a whole match, and the schema keywords the
+        # grammar could not enforce (docs/STRUCTURED_OUTPUT.md); streamed or not.
+        **({"constraint": out.constraint.as_dict()} if out.constraint is not None else {}),
     }
 
 
@@ -796,18 +799,9 @@ def response_body(
         if chat:
             lp = {"content": chat_logprobs(pieces, c.logprobs)} if logprobs else None
             message, by_calls = tool_message(c.text, (calls or {}).get(c.index, ()))
-            return {
-                "index": c.index, "message": message, "logprobs": lp, "finish_reason": by_calls or reason,
-                **constraint(c),
-            }  # fmt: skip
+            return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": by_calls or reason}
         lp = completion_logprobs(pieces, c.logprobs, 0) if logprobs else None
-        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": reason, **constraint(c)}
-
-    def constraint(c: Choice) -> dict[str, Any]:
-        """specdec's extension on a constrained choice: whether the output is complete, and the
-        schema keywords the grammar could not enforce."""
-        done = c.last.constraint if c.last else None
-        return {"constraint": done.as_dict()} if done is not None else {}
+        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": reason}
 
     return {
         "id": rid,

@@ -109,7 +109,7 @@ def test_openai_response_format_json_schema_and_json_object(server):
     )
     choice = reply.choices[0]
     jsonschema.validate(json.loads(choice.message.content), SCHEMA)
-    assert choice.model_extra["constraint"] == {"complete": True, "unenforced": []}
+    assert reply.model_extra["specdec"]["choices"][0]["constraint"] == {"complete": True, "unenforced": []}
     # The completions endpoint takes it too (as vLLM's does; OpenAI's client passes it as an extra).
     reply = client.completions.create(
         model=model,
@@ -122,4 +122,26 @@ def test_openai_response_format_json_schema_and_json_object(server):
     if reply.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict)
     else:
-        assert text.startswith("{") and reply.choices[0].model_extra["constraint"]["complete"] is False
+        assert (
+            text.startswith("{")
+            and reply.model_extra["specdec"]["choices"][0]["constraint"]["complete"] is False
+        )
+
+
+def test_openai_stream_carries_the_constraint_on_its_finishing_chunk(server):
+    client = _openai(server)
+    stream = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    done = last.model_extra["specdec"]["choices"][0]["constraint"]
+    assert done["complete"] is (last.choices[0].finish_reason == "stop")
+    if done["complete"]:
+        jsonschema.validate(json.loads(text), SCHEMA)

@@ -63,6 +63,9 @@ CONFIGS = [  # label, mode, γ (0 = adaptive for speculative), constrained
     ("speculative adaptive json", Mode.SPECULATIVE, 0, True),
     ("speculative γ=4 free", Mode.SPECULATIVE, 4, False),
     ("speculative γ=4 json", Mode.SPECULATIVE, 4, True),
+    # The same, the drafts proposed without the grammar (EngineConfig.mask_constrained_drafts off).
+    ("speculative adaptive json unmasked", Mode.SPECULATIVE, 0, True),
+    ("speculative γ=4 json unmasked", Mode.SPECULATIVE, 4, True),
 ]
 
 
@@ -120,7 +123,11 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     base = dict(max_batch_size=max(batches), max_context=256, max_queue=len(TEXTS))
     engines = {
-        (label, gamma): Engine(target=target, draft=draft, config=EngineConfig(**base, warmup=gamma == 0))
+        (label, gamma): Engine(
+            target=target,
+            draft=draft,
+            config=EngineConfig(**base, warmup=gamma == 0, mask_constrained_drafts="unmasked" not in label),
+        )
         for label, _, gamma, _ in CONFIGS
     }
     any_engine = next(iter(engines.values()))
@@ -167,7 +174,8 @@ def main() -> None:
         for constrained in (False, True):  # exactness, checked on the bench's own outputs
             kind = "json" if constrained else "free"
             alone = runs[f"target {kind}"][-1]["token_ids"]
-            for label in (f"speculative adaptive {kind}", f"speculative γ=4 {kind}"):
+            labels = [label for label, mode, _, c in CONFIGS if mode is Mode.SPECULATIVE and c == constrained]
+            for label in labels:
                 assert runs[label][-1]["token_ids"] == alone, f"{label} differs from the target alone"
         print("speculative outputs equal the target alone's, free and constrained")
 

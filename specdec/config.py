@@ -74,6 +74,11 @@ class EngineConfig:
     target_quantize: Quantization = Quantization.NONE  # the target's weights (models.quantize)
     draft_quantize: Quantization = Quantization.NONE  # the draft's
     memory_fraction: float = 0.9  # of free memory the KV caches may never exceed, however sized
+    # Constrained rows' drafts: masked by the grammar pass by pass (a host read of the proposals per
+    # pass; the draft proposes only allowed tokens), or unmasked (one host read after the passes, to
+    # mask the target's positions; a forbidden draft is rejected there). Both are exact; which
+    # pays is measured in docs/BENCHMARKS.md. Draft-only rows are always masked: they are the output.
+    mask_constrained_drafts: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None and self.max_batch_size < 1:

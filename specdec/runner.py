@@ -58,7 +58,14 @@ class ModelRunner:
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
         self.step = SpeculativeStep(
-            target, draft, self.target_cache, self.draft_cache, self.vocab_size, kernels, config.max_gamma
+            target,
+            draft,
+            self.target_cache,
+            self.draft_cache,
+            self.vocab_size,
+            kernels,
+            config.max_gamma,
+            mask_drafts=config.mask_constrained_drafts,
         )
 
     @property

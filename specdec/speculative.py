@@ -115,7 +115,9 @@ class SpeculativeStep:
         vocab_size: int,
         kernels: AcceptKernels | None = None,
         max_gamma: int = 8,
+        mask_drafts: bool = True,
     ):
+        self.mask_drafts = mask_drafts  # EngineConfig.mask_constrained_drafts
         self.max_gamma = max_gamma  # a verify pass wider than γmax + 2 is run apart (_verify_groups)
         self.target = target
         self.draft = draft
@@ -237,7 +239,9 @@ class SpeculativeStep:
         want = [s.request.params for s in seqs[draft_only_from:] if s.request.params.logprobs]
         top_n = max((p.top_logprobs for p in want), default=0)
         pass_logprobs: list[Logprobs] = []
-        grammar = _DraftGrammar(seqs, passes, needed, self.target.config.vocab_size, device)
+        grammar = _DraftGrammar(
+            seqs, passes, needed, self.target.config.vocab_size, device, self.mask_drafts, draft_only_from
+        )
         for j in range(passes):
             with self.timer.measure(PassKind.DRAFT, len(seqs), 1):
                 if j == 0:
@@ -253,8 +257,8 @@ class SpeculativeStep:
                         first_slot=batch.first_slot,
                     )
                     logits = model(step, cache)[:, 0]
-                if grammar.rows:
-                    logits = apply_bitmask(logits, grammar.masks_at(j), self.vocab_size, grammar.rows)
+                if grammar.masked:
+                    logits = apply_bitmask(logits, grammar.masks_at(j), self.vocab_size, grammar.masked)
                 q = None
                 if probs is not None:
                     q = probs[:, j]
@@ -262,7 +266,7 @@ class SpeculativeStep:
                 tokens[:, j], row_status = self.kernels.sample(
                     logits, q, st.greedy, seeds, lengths + j, STREAM_DRAFT, self.vocab_size
                 )
-                if grammar.rows:  # the constrained rows' proposals to the host: their next masks
+                if grammar.masked:  # the masked rows' proposals to the host: their next masks
                     grammar.advance(j, tokens[:, j], row_status, needed_t)
                 # A pass past the row's own γ decides nothing for it, so cannot fail it.
                 torch.maximum(status, torch.where(needed_t > j, row_status, 0).to(status.dtype), out=status)
@@ -275,7 +279,7 @@ class SpeculativeStep:
             status=status,
             probs=probs,
             logprobs=Logprobs.concat(pass_logprobs),
-            grammar_masks=grammar.final_masks(),
+            grammar_masks=grammar.final_masks(tokens),
             grammar_passes=dict(grammar.usable),
         )
 
@@ -542,20 +546,35 @@ class _DraftGrammar:
     only. A row drafts only as far as its grammar lets it: not past the grammar's end, and not past
     a position where no token of the draft's vocabulary is allowed (a subset head)."""
 
-    def __init__(self, seqs: list[Sequence], passes: int, needed: list[int], width: int, device):
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        passes: int,
+        needed: list[int],
+        width: int,
+        device,
+        mask_drafts: bool = True,
+        draft_only_from: int | None = None,
+    ):
         self.rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        # Rows masked pass by pass: all of them, or (mask_drafts off) only the draft-only ones,
+        # whose proposals are the output; the others draft freely and are masked at verify only.
+        first_draft_only = len(seqs) if draft_only_from is None else draft_only_from
+        self.masked = [i for i in self.rows if mask_drafts or i >= first_draft_only]
+        self.unmasked = [i for i in self.rows if i not in self.masked]
         self.grammars = {i: seqs[i].grammar for i in self.rows}
         self.needed = {i: needed[i] for i in self.rows}
         self.usable = dict(self.needed)  # passes each row may use; cut where the grammar says
         self.masks = {i: new_bitmask(passes + 1, width) for i in self.rows}
         self.batch, self.width = len(seqs), width
         self._told: set[int] = set()  # rows whose cut needed_t already knows
-        self.index = _device_ints(self.rows, device) if self.rows else None
+        self.index = _device_ints(self.masked, device) if self.masked else None
+        self.unmasked_index = _device_ints(self.unmasked, device) if self.unmasked else None
 
     def masks_at(self, j: int) -> torch.Tensor:
         """The [B, words] bitmask of pass j (every row but the constrained ones: all allowed)."""
         full = new_bitmask(self.batch, self.width)
-        for i in self.rows:
+        for i in self.masked:
             if self.usable[i] > j:
                 if not self.grammars[i].fill(self.masks[i], j):
                     self.usable[i] = j  # the grammar has ended: nothing more to draft
@@ -570,7 +589,7 @@ class _DraftGrammar:
         A row whose numbers went bad stops too, and fails on its status as any row would."""
         assert self.index is not None
         tokens, status = torch.stack([proposals[self.index], row_status[self.index].to(torch.int64)]).tolist()
-        for k, i in enumerate(self.rows):
+        for k, i in enumerate(self.masked):
             if self.usable[i] <= j:
                 continue
             if status[k] == ROW_NONFINITE:  # bad numbers: the row fails on its status, as unconstrained
@@ -578,15 +597,27 @@ class _DraftGrammar:
                 self._told.add(i)  # needed_t keeps the pass, so its status counts
             elif status[k] == ROW_NO_TOKEN or not self.grammars[i].speculate(tokens[k]):
                 self.usable[i] = j
-        for i in self.rows:
+        for i in self.masked:
             if self.usable[i] < self.needed[i] and i not in self._told:
                 needed_t[i] = self.usable[i]
                 self._told.add(i)
 
-    def final_masks(self) -> dict[int, torch.Tensor]:
-        """Each row's masks at its positions 0..usable: the last one, after its final draft, is
-        filled here (rows cut short had theirs filled at the pass that cut them)."""
-        for i in self.rows:
+    def final_masks(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each row's masks at its positions 0..usable. A masked row's last one, after its final
+        draft, is filled here (rows cut short had theirs filled at the pass that cut them). An
+        unmasked row's are all made here, from its proposals read in one go: the matcher advanced
+        over them up to the first the grammar forbids (the target rejects it there; the positions
+        after it stay free)."""
+        for i in self.masked:
             if self.usable[i] == self.needed[i]:
                 self.grammars[i].fill(self.masks[i], self.usable[i])
+        if self.unmasked_index is not None:
+            drafted = tokens[self.unmasked_index].tolist()
+            for i, proposals in zip(self.unmasked, drafted):
+                grammar, masks = self.grammars[i], self.masks[i]
+                grammar.fill(masks, 0)
+                for p, token in enumerate(proposals[: self.needed[i]], start=1):
+                    if not grammar.speculate(token):
+                        break
+                    grammar.fill(masks, p)
         return {i: self.masks[i][: self.usable[i] + 1] for i in self.rows}

@@ -61,12 +61,15 @@ def engine(pairs):
     return Engine(target=target, draft=draft, config=CONFIG)
 
 
-def _scheduled(engine, schedule):
+def _scheduled(engine, schedule, mask_drafts=True):
+    config = dataclasses.replace(CONFIG, mask_constrained_drafts=mask_drafts)
+    if schedule is None:
+        return Engine(target=engine.target, draft=engine.draft, config=config)
     counter = itertools.count()
     planner = GammaPlanner(
-        CONFIG, gamma_override=lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
+        config, gamma_override=lambda seq: schedule[(next(counter) + seq.slot) % len(schedule)]
     )
-    return Engine(target=engine.target, draft=engine.draft, config=CONFIG, planner=planner)
+    return Engine(target=engine.target, draft=engine.draft, config=config, planner=planner)
 
 
 def _requests(engine, mode, max_new_tokens=48):
@@ -81,10 +84,22 @@ def _requests(engine, mode, max_new_tokens=48):
 
 
 @pytest.mark.parametrize(
-    "schedule", [None, [1], [3], [8], [0, 2, 5]], ids=["adaptive", "g1", "g3", "g8", "mixed"]
+    "schedule,mask_drafts",
+    [
+        (None, True),
+        ([1], True),
+        ([3], True),
+        ([8], True),
+        ([0, 2, 5], True),
+        ([3], False),
+        ([0, 2, 8], False),
+    ],
+    ids=["adaptive", "g1", "g3", "g8", "mixed", "unmasked-g3", "unmasked-mixed"],
 )
-def test_constrained_speculative_is_the_constrained_target_token_for_token(engine, schedule):
-    runner = engine if schedule is None else _scheduled(engine, schedule)
+def test_constrained_speculative_is_the_constrained_target_token_for_token(engine, schedule, mask_drafts):
+    """Masked drafting (the default) and unmasked (EngineConfig.mask_constrained_drafts=False:
+    the draft proposes freely and the target's masks reject what the grammar forbids) alike."""
+    runner = _scheduled(engine, schedule, mask_drafts)
     alone = engine.generate(_requests(engine, Mode.TARGET))
     spec = runner.generate(_requests(engine, Mode.SPECULATIVE))
     for a, s, constraint in zip(alone, spec, [*CONSTRAINTS.values(), None]):
@@ -381,6 +396,21 @@ def word_engine(word_pair):
 
 
 PARAMS = SamplingParams(temperature=1.0, top_k=6)  # top-k of the allowed tokens, not of all
+
+
+def test_unmasked_constrained_drafting_keeps_the_joint(word_engine, word_pair):
+    """Drafts proposed without the grammar (q unmasked, so some proposals have p = 0) are verified
+    against the masked target: still the constrained target's joint."""
+    unmasked = Engine(
+        target=word_engine.target,
+        draft=word_engine.draft,
+        config=dataclasses.replace(word_engine.config, mask_constrained_drafts=False, warmup=False),
+    )
+    # Unmasked, most proposals break the grammar (about 0.13 are accepted).
+    observed = sampled_joint_of_three(
+        unmasked, PROMPT, V, PARAMS, 2, N // 2, seed_base=90_000, constraint=WORDS, agreement=(0.05, 0.95)
+    )
+    assert chi_square_pvalue(observed, _masked_joint(word_pair[0], PARAMS, WORDS)) > ALPHA
 
 
 def test_constrained_sampling_keeps_the_constrained_targets_joint(word_engine, word_pair):

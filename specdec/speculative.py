@@ -544,7 +544,9 @@ class _DraftGrammar:
     """The constrained rows of one step's draft passes: each pass's masks from their matchers, and
     the matchers advanced over what each pass proposed - one host read per pass, of those rows
     only. A row drafts only as far as its grammar lets it: not past the grammar's end, and not past
-    a position where no token of the draft's vocabulary is allowed (a subset head)."""
+    a position where no token of the draft's vocabulary is allowed (a subset head). With masking
+    off (EngineConfig.mask_constrained_drafts) speculative rows draft freely and their proposals
+    are read once, after the passes, to make the target's masks (`final_masks`)."""
 
     def __init__(
         self,

@@ -252,6 +252,17 @@ class RowGrammar:
         self.speculated += 1
         return True
 
+    def fill_along(self, bitmask: torch.Tensor, first: int, tokens: list[int]) -> None:
+        """Masks for the positions of `tokens` proposed from the current state: bitmask[first] now,
+        bitmask[first + p] after the first p tokens, advancing over them (`speculate`) up to the
+        first the grammar forbids. Its position's mask rejects it, so the rows after it are left
+        as they are (all allowed in a new bitmask)."""
+        self.fill(bitmask, first)
+        for p, token in enumerate(tokens, start=1):
+            if not self.speculate(token):
+                return
+            self.fill(bitmask, first + p)
+
     def undo(self) -> None:
         """Back to the committed output."""
         if self.speculated:

@@ -200,7 +200,7 @@ class SpeculativeStep:
             fed = min(passes - 1, max(len(tokens) - 1, 0))
             outcomes.append(RowOutcome(seq, tokens, 0, 0, fed, error, logprobs))
         # Every matcher back to the committed output: the scheduler commits what was emitted.
-        for seq in [p.seq for p in plans if p.seq.grammar is not None] + draft_only:
+        for seq in [p.seq for p in plans] + draft_only:
             if seq.grammar is not None:
                 seq.grammar.undo()
         return outcomes
@@ -389,11 +389,7 @@ class SpeculativeStep:
                     : plan.gamma + 1
                 ]
             else:
-                grammar.fill(bitmask, first)
-                for p, token in enumerate((plan.external or [])[: plan.gamma], start=1):
-                    if not grammar.speculate(token):
-                        break
-                    grammar.fill(bitmask, first + p)
+                grammar.fill_along(bitmask, first, (plan.external or [])[: plan.gamma])
             indices += range(first, first + plan.gamma + 1)
         return apply_bitmask(logits.reshape(b * g1, width), bitmask, self.vocab_size, indices).view(
             b, g1, width
@@ -616,10 +612,5 @@ class _DraftGrammar:
         if self.unmasked_index is not None:
             drafted = tokens[self.unmasked_index].tolist()
             for i, proposals in zip(self.unmasked, drafted):
-                grammar, masks = self.grammars[i], self.masks[i]
-                grammar.fill(masks, 0)
-                for p, token in enumerate(proposals[: self.needed[i]], start=1):
-                    if not grammar.speculate(token):
-                        break
-                    grammar.fill(masks, p)
+                self.grammars[i].fill_along(self.masks[i], 0, proposals[: self.needed[i]])
         return {i: self.masks[i][: self.usable[i] + 1] for i in self.rows}

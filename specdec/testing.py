@@ -502,6 +502,16 @@ def grpc_stub(address: str, credentials: Any = None) -> Any:
     return pb_grpc.SpecDecStub(channel)
 
 
+def openai_client(server: Any, api_key: str = "unused") -> Any:
+    """The official `openai` client on a `serve_in_thread` server's HTTP API. max_retries=0: the
+    client retries 408/409/429/5xx by default, which would hide the statuses under test."""
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.config.http_port}/v1", api_key=api_key, max_retries=0
+    )
+
+
 def copy_checkout(repo: Path, dest: Path) -> Path:
     """A copy of a git checkout's files as a fresh clone would have them: the tracked ones and new
     ones git does not ignore (so uncommitted work is in it, and no build output or .venv)."""

@@ -465,7 +465,8 @@ def _response_format(value: Any) -> Constraint | None:
             '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}',
         )
     kind = value["type"]
-    extra = sorted(set(value) - {"type", "json_schema"} if kind == "json_schema" else set(value) - {"type"})
+    allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+    extra = sorted(set(value) - allowed)
     if extra:
         raise InvalidRequestError(f"response_format.{extra[0]}", f"unknown field for type {kind}")
     if kind == "text":

@@ -17,7 +17,7 @@ import pytest
 from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
-from specdec.testing import free_port, grpc_stub, scrape_metrics, serve_in_thread
+from specdec.testing import free_port, grpc_stub, openai_client, scrape_metrics, serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,7 @@ def server(engine):
 
 
 def _client(server, key: str = "unused") -> openai.OpenAI:
-    # max_retries=0: the client retries 408/409/429/5xx by default, which would hide statuses.
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{server.config.http_port}/v1", api_key=key, max_retries=0
-    )
+    return openai_client(server, key)
 
 
 def _model(engine, mode: str | None = None) -> str:

@@ -18,7 +18,7 @@ from specdec.config import EngineConfig
 from specdec.router.endpoints import OpenAIEndpoint
 from specdec.router.tools import call_block, parse_tools, with_tools
 from specdec.router.validators import SchemaCache
-from specdec.testing import ToolCallingEndpoint, free_port, grpc_stub, serve_in_thread
+from specdec.testing import ToolCallingEndpoint, free_port, grpc_stub, openai_client, serve_in_thread
 from specdec.v1 import specdec_pb2 as pb
 
 MESSAGES = [{"role": "user", "content": "the weather in Paris and in Oslo?"}]
@@ -67,9 +67,7 @@ def server(engine, tools_api, tmp_path_factory):
 
 
 def _client(server, key="sk-app") -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{server.config.http_port}/v1", api_key=key, max_retries=0
-    )
+    return openai_client(server, key)
 
 
 def _raw(server, body, key="sk-app", path="/v1/chat/completions") -> tuple[int, dict]:

@@ -9,13 +9,12 @@ import re
 
 import grpc
 import jsonschema
-import openai
 import pytest
 
 from specdec import Engine
 from specdec.client import build_request
 from specdec.config import EngineConfig
-from specdec.testing import free_port, grpc_stub, serve_in_thread
+from specdec.testing import free_port, grpc_stub, openai_client, serve_in_thread
 from specdec.v1 import specdec_pb2 as pb
 
 SCHEMA = {
@@ -88,14 +87,8 @@ def test_grpc_bad_constraints_are_invalid_argument_naming_the_field(server, fiel
     assert e.value.details().startswith(field) and fragment in e.value.details(), e.value.details()
 
 
-def _openai(server) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{server.config.http_port}/v1", api_key="x", max_retries=0
-    )
-
-
 def test_openai_response_format_json_schema_and_json_object(server):
-    client = _openai(server)
+    client = openai_client(server)
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(
         model=model,
@@ -129,7 +122,7 @@ def test_openai_response_format_json_schema_and_json_object(server):
 
 
 def test_openai_stream_carries_the_constraint_on_its_finishing_chunk(server):
-    client = _openai(server)
+    client = openai_client(server)
     stream = client.chat.completions.create(
         model=client.models.list().data[0].id,
         messages=[{"role": "user", "content": "x"}],

@@ -94,6 +94,7 @@ class Engine:
             self.config.max_batch_size,
             self.config.max_context,
             self.config.kv_memory_fraction,
+            target_features=self.draft is not None and self.draft.config.feature_input,
         )
         self.config = dataclasses.replace(
             self.config, max_batch_size=self.cache_plan.slots, max_context=self.cache_plan.max_context

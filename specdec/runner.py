@@ -15,6 +15,7 @@ import torch
 from specdec.batching import Row, make_batch
 from specdec.config import EngineConfig
 from specdec.grammar import Grammars
+from specdec.models.decoder import ForwardBatch
 from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.loader import LoadedModel
 from specdec.request import Mode
@@ -43,7 +44,12 @@ class ModelRunner:
         self.vocab_size = limits.vocab_size
         self.layout = CacheLayout(config.max_batch_size, limits.max_context, config.lookahead)
         self.target_cache = KVCache(
-            target.config, self.layout, target.dtype, self.device, config.memory_fraction
+            target.config,
+            self.layout,
+            target.dtype,
+            self.device,
+            config.memory_fraction,
+            features=draft is not None and draft.config.feature_input,
         )
         target.model.init_rope(self.layout.capacity)
         self.draft_cache: KVCache | None = None
@@ -90,13 +96,19 @@ class ModelRunner:
         last chunk out of the target's pass: its first verify pass reads that chunk and the draft
         together (`speculative._verify_groups` gives it a pass apart from decoding rows), so an
         answer the target agrees with costs ⌈(prompt + answer) / budget⌉ target passes, not a
-        prefill pass more."""
+        prefill pass more.
+
+        A feature-reading draft prefills only what the target's pass just did, reading the
+        features it wrote; a chunk the target deferred is the draft's to catch up on after the
+        verify pass has written its features (`SpeculativeStep._draft`)."""
+        feature_draft = self.draft is not None and self.draft.config.feature_input
+        drafted: set[int] = set()
         for model, cache, modes in (
             (self.target, self.target_cache, _TARGET_MODES),
             (self.draft, self.draft_cache, _DRAFT_MODES),
         ):
             rows = [(s, n) for s, n in chunks if s.mode in modes and n > 0]
-            if model is self.target:
+            if model is self.target or feature_draft:
                 rows = [(s, n) for s, n in rows if not _defers_last_chunk(s, n)]
             if model is None or cache is None or not rows:
                 continue
@@ -106,13 +118,19 @@ class ModelRunner:
                 self.layout.capacity,
                 logits_columns=[[] for _ in rows],
             )
+            if model is self.draft:
+                drafted.update(id(s) for s, _ in rows)
+                if feature_draft:
+                    batch.features = self.target_cache.features_before(
+                        batch.slots, batch.start, batch.tokens.shape[1]
+                    )
             model.model(batch, cache)
         for s, n in chunks:
             deferred = _defers_last_chunk(s, n)
             s.prefilled += n
             if s.mode in _TARGET_MODES and not deferred:
                 s.target_len = s.prefilled
-            if s.mode in _DRAFT_MODES:
+            if s.mode in _DRAFT_MODES and (id(s) in drafted or n == 0):
                 s.draft_len = s.prefilled
 
     def decode(
@@ -160,21 +178,28 @@ class ModelRunner:
                         step.kernels.greedy_accept(logits, drafts, num, self.vocab_size)
                 if self.draft is not None and self.draft_cache is not None:
                     rows = [Row(slot, position, [1]) for slot in range(b)]
-                    batch = make_batch(rows, device, capacity, logits_columns=[[0]] * b)
+                    batch = self._dummy_features(make_batch(rows, device, capacity, logits_columns=[[0]] * b))
                     with step.timer.measure(PassKind.DRAFT, b, 1):
                         self.draft.model(batch, self.draft_cache)
                     rows = [Row(slot, position, [1] * catchup) for slot in range(b)]
+                    batch = make_batch(rows, device, capacity, logits_columns=[[] for _ in rows])
                     with step.timer.measure(PassKind.CATCHUP, b, catchup):
-                        self.draft.model(
-                            make_batch(rows, device, capacity, logits_columns=[[] for _ in rows]),
-                            self.draft_cache,
-                        )
+                        self.draft.model(self._dummy_features(batch), self.draft_cache)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             for t in step.timer.drain():
                 key = (t.kind, t.batch, t.width)
                 best[key] = min(t.seconds, best.get(key, float("inf")))
         return [PassTiming(kind, b, width, seconds) for (kind, b, width), seconds in best.items()]
+
+    def _dummy_features(self, batch: ForwardBatch) -> ForwardBatch:
+        """A timing pass's features, for a feature-reading draft: zeros (the cost is the same)."""
+        if self.draft is not None and self.draft.config.feature_input:
+            b, t = batch.tokens.shape
+            batch.features = torch.zeros(
+                (b, t, self.draft.config.hidden_size), dtype=self.draft.dtype, device=self.device
+            )
+        return batch
 
 
 def _defers_last_chunk(seq: Sequence, n: int) -> bool:

@@ -128,12 +128,20 @@ class SpeculativeStep:
         self.capacity = target_cache.layout.capacity
         self.kernels = kernels or AcceptKernels.for_device(self.device)
         self.timer = PassTimer(self.device)
+        # A feature-reading draft (EAGLE, ModelConfig.feature_input) reads the target's features,
+        # which the target's cache keeps (KVCache.features).
+        self.feature_draft = draft is not None and draft.config.feature_input
 
     # ------------------------------------------------------------------------- the step
 
     def run(self, plans: list[RowPlan], draft_only: list[Sequence]) -> list[RowOutcome]:
         """One step for `plans` (target-verified rows) and `draft_only` rows; one outcome per row,
         plans first. The passes' timings wait in `self.timer`."""
+        if self.feature_draft:
+            # Its q of an external chunk would need the target's features of tokens the target has
+            # not read yet: such chunks are verified as point masses (exact for any proposal).
+            for plan in plans:
+                plan.external_q = False
         model_drafted = [p for p in plans if p.gamma > 0 and p.external is None]
         drafting = [p.seq for p in model_drafted] + draft_only
         passes = max((p.gamma for p in model_drafted), default=1 if draft_only else 0)
@@ -179,7 +187,9 @@ class SpeculativeStep:
                 assert draft is not None
                 # Proposals 1..passes-1 went through the draft; the accepted ones among them are
                 # valid draft cache (the last proposal and the correction/bonus are not in it).
-                draft_fed = min(accepted, passes - 1)
+                # A feature-reading draft read its own features there, not the target's: its next
+                # pass 0 reads the accepted tokens again, with the features the verify pass wrote.
+                draft_fed = 0 if self.feature_draft else min(accepted, passes - 1)
                 error = _row_error(draft.status[draft_row[id(plan)]], "draft")
             elif _scored(plan):
                 # The wide pass fed every unseen token and the chunk but its last token.
@@ -214,18 +224,25 @@ class SpeculativeStep:
         assert self.draft is not None and self.draft_cache is not None
         model, cache, device = self.draft.model, self.draft_cache, self.device
         # Catch-up: rows that ran plain target steps are several tokens behind; feed all but the
-        # last in one eager pass of its own, so the drafting passes below stay narrow.
-        behind = [s for s in seqs if len(s.tokens) - s.draft_len > 2]
+        # last in one eager pass of its own, so the drafting passes below stay narrow. A
+        # feature-reading draft's pass 0 reads every token accepted last step (up to γmax + 1).
+        widest = self.max_gamma + 1 if self.feature_draft else 2
+        behind = [s for s in seqs if len(s.tokens) - s.draft_len > widest]
         if behind:
             rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len : -1]) for s in behind]
+            catchup = self._with_features(
+                make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows])
+            )
             # Per column of the padded pass: it is as wide as its longest row.
             with self.timer.measure(PassKind.CATCHUP, len(rows), max(len(r.tokens) for r in rows)):
-                model(make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows]), cache)
+                model(catchup, cache)
             for s in behind:
                 s.draft_len = len(s.tokens) - 1
         # Pass 0 feeds each row's unseen tokens (1, or 2 after a fully accepted step).
         rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len :]) for s in seqs]
         batch = make_batch(rows, device, self.capacity, logits_columns=[[len(r.tokens) - 1] for r in rows])
+        batch = self._with_features(batch)
+        features = None  # a feature-reading draft's own, from the pass before
         st = SamplingTensors.from_params([s.request.params for s in seqs], device)
         seeds = _device_ints([s.seed for s in seqs], device)
         lengths_host = [len(s.tokens) for s in seqs]
@@ -245,7 +262,7 @@ class SpeculativeStep:
         for j in range(passes):
             with self.timer.measure(PassKind.DRAFT, len(seqs), 1):
                 if j == 0:
-                    logits = model(batch, cache)[:, 0]
+                    logits, features = model.forward_features(batch, cache)
                 else:
                     # Feed the previous proposal; every row is one token wide at index len + j - 1.
                     step = ForwardBatch(
@@ -255,8 +272,10 @@ class SpeculativeStep:
                         n_valid=torch.ones_like(lengths),
                         kv_len=kv_extent(max(lengths_host) + j, self.capacity),
                         first_slot=batch.first_slot,
+                        features=features if self.feature_draft else None,
                     )
-                    logits = model(step, cache)[:, 0]
+                    logits, features = model.forward_features(step, cache)
+                logits = logits[:, 0]
                 if grammar.masked:
                     logits = apply_bitmask(logits, grammar.masks_at(j), self.vocab_size, grammar.masked)
                 q = None
@@ -282,6 +301,15 @@ class SpeculativeStep:
             grammar_masks=grammar.final_masks(tokens),
             grammar_passes=dict(grammar.usable),
         )
+
+    def _with_features(self, batch: ForwardBatch) -> ForwardBatch:
+        """`batch` with a feature-reading draft's features: the target's, of each position before
+        a token (all written by the target's passes: a draft reads only what the target has)."""
+        if self.feature_draft:
+            batch.features = self.target_cache.features_before(
+                batch.slots, batch.start, batch.tokens.shape[1]
+            )
+        return batch
 
     def _score_externals(self, plans: list[RowPlan]) -> torch.Tensor:
         """q [Bx, n, V] of each row's external chunk (the draft model's own earlier samples), in

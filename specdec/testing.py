@@ -228,6 +228,32 @@ PAIRS = {
 }
 
 
+def feature_draft(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], feature_scale: float = 0.1, seed: int = 0
+) -> Path:
+    """Copy the draft checkpoint `src` to `dst` as a feature-reading (EAGLE) draft: its fc passes
+    the embedding through and adds `feature_scale` x a random projection of the target's feature,
+    so it drafts much as `src` does while every proposal depends on the features it is fed."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config["specdec_feature_input"] = True
+    (dst / "config.json").write_text(json.dumps(config))
+    state = load_file(str(src / "model.safetensors"))
+    hidden = config["hidden_size"]
+    generator = torch.Generator().manual_seed(seed)
+    mix = feature_scale * torch.randn(hidden, hidden, generator=generator) / hidden**0.5
+    state["model.fc.weight"] = torch.cat([torch.eye(hidden), mix], dim=1)
+    state["model.fc.bias"] = torch.zeros(hidden)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 def hf_reference(path):
     """The `transformers` model of a checkpoint, fp32 with eager attention: the ground truth."""
     from transformers import AutoModelForCausalLM

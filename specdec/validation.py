@@ -25,8 +25,9 @@ class RequestLimits:
     max_context: int  # prompt + output tokens per sequence
     max_gamma: int  # the most drafts a request may force per step
     has_draft: bool
-    # Whether the draft can answer alone (draft mode): not with a subset output head, which can
-    # never emit most of the vocabulary; such a draft only speculates.
+    # Whether the draft can answer alone (draft mode, ModelConfig.answers_alone): not with a subset
+    # output head, which can never emit most of the vocabulary, nor when it reads the target's
+    # features; such a draft only speculates.
     draft_answers: bool = True
     # Text longer than this cannot fit the context (no token spells more than the vocabulary's
     # longest token string), so it is refused before paying for its tokenization.
@@ -49,7 +50,7 @@ class RequestLimits:
             max_context=max_context,
             max_gamma=config.max_gamma,
             has_draft=draft is not None,
-            draft_answers=draft is not None and draft.config.head_tokens is None,
+            draft_answers=draft is not None and draft.config.answers_alone,
             max_prompt_chars=min(MAX_PROMPT_CHARS, max_context * max(longest_token, 1)),
         )
 
@@ -79,8 +80,8 @@ def validate(request: Request, limits: RequestLimits) -> Mode:
     if mode is Mode.DRAFT and not limits.draft_answers:
         raise InvalidRequestError(
             "mode",
-            "mode draft needs a draft that can answer alone; this one has a small output head (a subset "
-            "of the vocabulary) and only speculates: use speculative or target",
+            "mode draft needs a draft that can answer alone; this one only speculates (it has a small "
+            "output head, a subset of the vocabulary, or reads the target's features): use speculative or target",
         )
     ids = request.prompt_ids
     if not ids:

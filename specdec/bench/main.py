@@ -81,7 +81,7 @@ def _held_out_prompts(target_dir: Path, draft_dir: Path) -> Any:
 def _hf_loadable(model: Any) -> bool:
     """Whether transformers can load the checkpoint (not a subset head or borrowed tensors)."""
     config = model.config
-    return config.head_tokens is None and not config.shared_embeddings and not config.shared_layers
+    return config.answers_alone and not config.shared_embeddings and not config.shared_layers
 
 
 def quantized_pairs(
@@ -210,7 +210,7 @@ def run(args: Any) -> dict[str, Any]:
     configs: list[Config] = []
     for quant, (_, quant_draft) in pairs.items():
         configs.append(("target", Mode.TARGET, 0, quant))
-        if quant_draft.config.head_tokens is None:  # a subset-head draft only speculates (validation)
+        if quant_draft.config.answers_alone:  # else it only speculates (validation)
             configs.append(("draft", Mode.DRAFT, 0, quant))
         for gamma in settings.gammas:
             if gamma != 0:  # γ = 0 is the target alone, measured above

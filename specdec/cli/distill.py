@@ -46,6 +46,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="run the target once over the training text and keep its top K (default 0: every step)",
     )
+    dist.add_argument(
+        "--feature-input",
+        action="store_true",
+        help="an EAGLE-style draft: reads the target's final hidden state of the position before each "
+        "token (needs --teacher-top-k, which caches them); it only speculates",
+    )
+    dist.add_argument(
+        "--feature-unroll",
+        type=int,
+        default=2,
+        help="with --feature-input: drafting passes trained per step, each after the first reading the "
+        "draft's own features (default 2)",
+    )
+    dist.add_argument(
+        "--feature-weight",
+        type=float,
+        default=0.0,
+        help="with --feature-input: weight of the regression of the draft's features onto the target's",
+    )
     dist.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     dist.add_argument("--steps", type=int, default=1000)
     dist.add_argument("--batch-size", type=int, default=16)
@@ -140,6 +159,7 @@ def run_distill_command(args: argparse.Namespace) -> int:
         head_tokens=args.head_tokens,
         share_embeddings=args.share_embeddings,
         shared_layers=args.shared_layers,
+        feature_input=args.feature_input,
     )
     split = None
     if args.heldout_data:
@@ -158,6 +178,8 @@ def run_distill_command(args: argparse.Namespace) -> int:
         resume=args.resume,
         teacher_top_k=args.teacher_top_k,
         save_dtype=getattr(torch, args.save_dtype),
+        feature_unroll=args.feature_unroll,
+        feature_weight=args.feature_weight,
         split=split,
     )
     print(json.dumps(result.final))

@@ -41,6 +41,9 @@ class DraftShape:
     # shared_layers + layers layers, at the target's width): features the target itself computes,
     # which a draft trained on little text generalises from far better than from embeddings alone.
     shared_layers: int = 0
+    # Read the target's features (EAGLE, distill.eagle): the draft's input is its token and the
+    # target's final hidden state at the position before. Needs the target's hidden size.
+    feature_input: bool = False
 
 
 def draft_config(target_config: Any, shape: DraftShape, tokenizer: Any) -> Any:
@@ -194,6 +197,8 @@ def run_distill(
     split: tuple[list[Document], list[Document]] | None = None,
     teacher_top_k: int = 0,
     save_dtype: torch.dtype = torch.float32,
+    feature_unroll: int = 2,
+    feature_weight: float = 0.0,
 ) -> TrainResult:
     """Distil a draft for the checkpoint `target_dir` (a directory, GGUF file or hub id) into
     `out_dir`: a normal HF checkpoint, or specdec's own when the draft has a subset head or borrows
@@ -202,7 +207,9 @@ def run_distill(
     `split` gives (train, held-out) documents directly; otherwise `data` is read and every
     round(1 / heldout_fraction)-th document is held out. `teacher_top_k` > 0: the target runs once
     over the training text and its top-k is kept (distill.teacher) instead of running every step.
-    `save_dtype`: what the checkpoint stores (training itself is fp32)."""
+    `save_dtype`: what the checkpoint stores (training itself is fp32). A feature-reading draft
+    (`shape.feature_input`) trains on the cached teacher's features, `feature_unroll` passes each
+    step, with `feature_weight` x the feature regression (distill.eagle)."""
     from transformers import AutoModelForCausalLM
 
     from specdec.distill.teacher import TeacherCache, topk_distill_loss
@@ -215,6 +222,16 @@ def run_distill(
     tokenizer = load_tokenizer(target_dir)
     if not 0 <= self_generated < 1:
         raise SpecdecError(f"--self-generated must be in [0, 1), got {self_generated}")
+    if shape.feature_input:
+        if not teacher_top_k:
+            raise SpecdecError("--feature-input trains on the target's cached features: give --teacher-top-k")
+        if shape.hidden is not None or shape.shared_layers:
+            raise SpecdecError(
+                "--feature-input reads the target's features at its hidden size, on no borrowed layers: "
+                f"drop --{'hidden' if shape.hidden is not None else 'shared-layers'}"
+            )
+        if feature_unroll < 1:
+            raise SpecdecError(f"--feature-unroll must be >= 1, got {feature_unroll}")
     train_docs, heldout_docs = (
         split if split is not None else split_heldout(read_documents(data), heldout_fraction)
     )
@@ -243,6 +260,10 @@ def run_distill(
         draft.set_input_embeddings(target.get_input_embeddings())  # frozen: the target's, never trained
     for i in range(shape.shared_layers):
         draft.model.layers[i] = target.model.layers[i]  # frozen likewise
+    if shape.feature_input:
+        from specdec.distill.eagle import add_feature_input
+
+        add_feature_input(draft)
     head = torch.tensor(head_ids if head_ids is not None else range(vocab), device=device)
     eval_batches = heldout.eval_batches(config.batch_size, config.seq_len, max_batches=4)
     prompts = heldout_prompts(heldout_docs, tokenizer, count=16, length=48)
@@ -259,7 +280,12 @@ def run_distill(
         return batch.to(device)
 
     def save(directory: Path) -> None:
-        if head_ids is None and not shape.share_embeddings and not shape.shared_layers:
+        if (
+            head_ids is None
+            and not shape.share_embeddings
+            and not shape.shared_layers
+            and not shape.feature_input
+        ):
             draft.save_pretrained(
                 directory, state_dict={k: v.to(save_dtype) for k, v in draft.state_dict().items()}
             )
@@ -277,9 +303,16 @@ def run_distill(
             tokenizer.save_pretrained(directory)
 
     def evaluate() -> dict[str, Any]:
-        metrics = heldout_agreement(
-            target, draft, eval_batches, vocab, device, head if head_ids is not None else None
-        )
+        if shape.feature_input:
+            from specdec.distill.eagle import eagle_agreement
+
+            metrics = eagle_agreement(
+                target, draft, eval_batches, vocab, device, head if head_ids is not None else None
+            )
+        else:
+            metrics = heldout_agreement(
+                target, draft, eval_batches, vocab, device, head if head_ids is not None else None
+            )
         save(out_dir)
         metrics.update(
             measure_acceptance(target_dir, out_dir, prompts, max_new_tokens=32, gamma=4, device=device)
@@ -291,12 +324,23 @@ def run_distill(
             raise SpecdecError(
                 "--teacher-top-k caches the target over the given text; it excludes --self-generated"
             )
-        cache = TeacherCache.build(target, train, config.seq_len, head, teacher_top_k, device)
+        cache = TeacherCache.build(
+            target, train, config.seq_len, head, teacher_top_k, device, keep_features=shape.feature_input
+        )
 
         def loss_fn(step: int) -> torch.Tensor:
             tokens, logp, index = cache.batch(config.seed, step, config.batch_size)
-            logits = draft(input_ids=tokens.to(device)).logits[..., : len(head)]
-            return topk_distill_loss(logits, logp.to(device), index.to(device))
+            tokens, logp, index = tokens.to(device), logp.to(device), index.to(device)
+            if shape.feature_input:
+                from specdec.distill.eagle import eagle_loss
+
+                assert cache.features is not None
+                features = cache.features[cache.pick(config.seed, step, config.batch_size)].to(device).float()
+                return eagle_loss(
+                    draft, tokens, features, logp, index, len(head), feature_unroll, feature_weight
+                )
+            logits = draft(input_ids=tokens).logits[..., : len(head)]
+            return topk_distill_loss(logits, logp, index)
     else:
 
         def loss_fn(step: int) -> torch.Tensor:
@@ -318,6 +362,8 @@ def run_distill(
         "initialised_from_target": len(copied),
         "head_tokens": len(head_ids) if head_ids is not None else None,
         "teacher_top_k": teacher_top_k,
+        "feature_unroll": feature_unroll if shape.feature_input else None,
+        "feature_weight": feature_weight if shape.feature_input else None,
         "train_tokens": len(train),
         "heldout_tokens": len(heldout),
         "final": result.final,

@@ -30,6 +30,9 @@ class TeacherCache:
     windows: torch.Tensor  # [W, T] token ids
     logp: torch.Tensor  # [W, T, K] float16: the target's top-k log-probabilities, renormalised over the k
     index: torch.Tensor  # [W, T, K] int32: their positions in the head's token list
+    # [W, T, hidden] float16: the target's final hidden states (after its final norm), kept for a
+    # feature-reading draft (distill.eagle); None otherwise.
+    features: torch.Tensor | None = None
 
     @staticmethod
     def build(
@@ -40,6 +43,7 @@ class TeacherCache:
         top_k: int,
         device: str,
         batch_size: int = 8,
+        keep_features: bool = False,
     ) -> TeacherCache:
         count = len(stream) // seq_len
         if count < 1:
@@ -49,7 +53,7 @@ class TeacherCache:
         windows = torch.from_numpy(stream.ids[: count * seq_len].reshape(count, seq_len).copy())
         head = target.get_output_embeddings().weight[head_ids.to(device)]
         k = min(top_k, len(head_ids))
-        logps, indices = [], []
+        logps, indices, features = [], [], []
         from tqdm import tqdm
 
         with torch.no_grad():
@@ -60,14 +64,22 @@ class TeacherCache:
                 top, where = logits.topk(k, dim=-1)
                 logps.append(F.log_softmax(top, dim=-1).half().cpu())
                 indices.append(where.int().cpu())
-        return TeacherCache(windows, torch.cat(logps), torch.cat(indices))
+                if keep_features:
+                    features.append(hidden.half().cpu())
+        return TeacherCache(
+            windows, torch.cat(logps), torch.cat(indices), torch.cat(features) if keep_features else None
+        )
 
     def __len__(self) -> int:
         return self.windows.shape[0]
 
+    def pick(self, seed: int, step: int, batch_size: int) -> torch.Tensor:
+        """The `batch_size` windows of step `step`, drawn by (seed, step)."""
+        return torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(self), size=batch_size))
+
     def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, teacher log-probs, their head positions) of `batch_size` windows drawn by (seed, step)."""
-        pick = torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(self), size=batch_size))
+        pick = self.pick(seed, step, batch_size)
         return self.windows[pick], self.logp[pick].float(), self.index[pick].long()
 
 

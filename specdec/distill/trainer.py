@@ -185,25 +185,29 @@ def heldout_agreement(
     acceptance of sampling at temperature 1). `head`: a subset head's tokens (the draft's logits
     are over them, q is 0 elsewhere); KL is then over the target renormalised to the subset (it is
     infinite over the whole vocabulary), agreement and Σ min(p, q) over the whole vocabulary."""
-    kl = agree = overlap = 0.0
-    n = 0
+    sums = {"heldout_kl": 0.0, "top1_agreement": 0.0, "sum_min_pq": 0.0}
     for batch in batches:
         batch = batch.to(device)
         t = F.log_softmax(target(input_ids=batch).logits[..., :vocab].float(), dim=-1)
-        d_logits = draft(input_ids=batch).logits.float()
-        if head is None:
-            d = F.log_softmax(d_logits[..., :vocab], dim=-1)
-            kl += (t.exp() * (t - d)).sum(-1).mean().item()
-        else:
-            d_sub = F.log_softmax(d_logits, dim=-1)
-            t_sub = F.log_softmax(t[..., head], dim=-1)
-            kl += (t_sub.exp() * (t_sub - d_sub)).sum(-1).mean().item()
-            d = torch.full_like(t, float("-inf")).index_copy_(-1, head, d_sub)
-        agree += (t.argmax(-1) == d.argmax(-1)).float().mean().item()
-        overlap += torch.minimum(t.exp(), d.exp()).sum(-1).mean().item()
-        n += 1
+        for name, value in agreement_metrics(t, draft(input_ids=batch).logits.float(), head).items():
+            sums[name] += value
+    return {name: round(value / len(batches), 4) for name, value in sums.items()}
+
+
+def agreement_metrics(t: torch.Tensor, d_logits: torch.Tensor, head: torch.Tensor | None) -> dict[str, float]:
+    """One batch's KL, top-1 agreement and Σ min(p, q) (see `heldout_agreement`): `t` the
+    target's log-probabilities over the vocabulary, `d_logits` the draft's (over `head`'s tokens
+    when it is a subset head)."""
+    if head is None:
+        d = F.log_softmax(d_logits[..., : t.shape[-1]], dim=-1)
+        kl = (t.exp() * (t - d)).sum(-1).mean().item()
+    else:
+        d_sub = F.log_softmax(d_logits, dim=-1)
+        t_sub = F.log_softmax(t[..., head], dim=-1)
+        kl = (t_sub.exp() * (t_sub - d_sub)).sum(-1).mean().item()
+        d = torch.full_like(t, float("-inf")).index_copy_(-1, head, d_sub)
     return {
-        "heldout_kl": round(kl / n, 4),
-        "top1_agreement": round(agree / n, 4),
-        "sum_min_pq": round(overlap / n, 4),
+        "heldout_kl": kl,
+        "top1_agreement": (t.argmax(-1) == d.argmax(-1)).float().mean().item(),
+        "sum_min_pq": torch.minimum(t.exp(), d.exp()).sum(-1).mean().item(),
     }

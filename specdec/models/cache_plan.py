@@ -61,9 +61,11 @@ def plan_cache(
     max_batch_size: int | None,
     max_context: int | None,
     fraction: float | None,
+    target_features: bool = False,
 ) -> CachePlan:
-    """The slots and context for caches of `models` (target and draft) in `dtype` on `device`."""
-    per_token = sum(bytes_per_token(m, dtype) for m in models)
+    """The slots and context for caches of `models` (target and draft) in `dtype` on `device`.
+    target_features: the target's cache keeps its features too (a feature-reading draft's)."""
+    per_token = sum(bytes_per_token(m, dtype, target_features and i == 0) for i, m in enumerate(models))
 
     def size(slots: int, context: int) -> int:
         return slots * (context + lookahead + 1) * per_token

@@ -67,6 +67,17 @@ class ModelConfig:
     # The first `shared_layers` decoder layers are the target's own, borrowed at load rather than
     # stored (a draft only: the self-speculative idea; its trained layers sit on top of them).
     shared_layers: int = 0
+    # The draft reads the target's features (EAGLE): its input at position p is
+    # fc([embedding of token p, the target's final hidden state at p - 1]) (`specdec_feature_input`),
+    # and it answers with its own final hidden state, which the next drafting pass reads in place
+    # of the target's. Such a draft speculates only: it needs the target beside it.
+    feature_input: bool = False
+
+    @property
+    def answers_alone(self) -> bool:
+        """Whether this model can answer a request by itself (draft mode): not with a subset head,
+        which can never emit most of the vocabulary, and not when it reads the target's features."""
+        return self.head_tokens is None and not self.feature_input
 
     @property
     def q_size(self) -> int:
@@ -87,6 +98,8 @@ class ModelConfig:
             + 3 * self.hidden_size * self.intermediate_size
         )
         embed = 0 if self.shared_embeddings else self.vocab_size * self.hidden_size
+        if self.feature_input:
+            embed += 2 * self.hidden_size * self.hidden_size + self.hidden_size  # fc
         if not self.tie_word_embeddings:
             embed += (self.head_tokens or self.vocab_size) * self.hidden_size
         return embed + (self.num_layers - self.shared_layers) * per_layer
@@ -241,6 +254,7 @@ def model_config_from_hf(hf: Any, generation_eos: Any = None) -> ModelConfig:
         head_tokens=getattr(hf, "specdec_head_tokens", None),
         shared_embeddings=bool(getattr(hf, "specdec_shared_embeddings", False)),
         shared_layers=int(getattr(hf, "specdec_shared_layers", 0) or 0),
+        feature_input=bool(getattr(hf, "specdec_feature_input", False)),
         **flags,
     )
 

@@ -36,6 +36,10 @@ class ForwardBatch:
     # Set when slots are first_slot, first_slot + 1, ... in row order: the cache is then read as a
     # view of that range of slots instead of gathered row by row (a copy per layer).
     first_slot: int | None = None
+    # [B, T, hidden]: a feature-reading draft's (ModelConfig.feature_input) second input - the
+    # target's final hidden state at the position before each token (or the draft's own, for its
+    # proposals). Required by such a draft, ignored by every other model.
+    features: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -142,6 +146,8 @@ class Decoder(nn.Module):
         self.attention = attention  # the backend asked for (a quantized copy is built alike)
         attn_fn = select_backend(attention, needs_softcap=cfg.attn_softcap is not None)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.feature_input:  # EAGLE: [embedding, feature] -> the first layer's input
+            self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=True)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_fn) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
         self.lm_head = Linear(cfg.hidden_size, cfg.head_tokens or cfg.vocab_size, bias=False)
@@ -202,19 +208,37 @@ class Decoder(nn.Module):
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:
         """Logits [B, K, vocab] float32 at batch.logits_index (all T if None); None if K == 0."""
+        return self.forward_features(batch, cache)[0]
+
+    def forward_features(
+        self, batch: ForwardBatch, cache: KVCache
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, features) at batch.logits_index: the features are the final hidden states the
+        head reads ([B, K, hidden], after the final norm) - what a feature-reading draft is fed.
+        When `cache` keeps features (KVCache.features: the target of such a draft), every valid
+        position's are written there too."""
         ctx = self._context(batch, cache)
         x = self.embed_tokens(batch.tokens)
         if self.cfg.embed_scale is not None:
             # Gemma rounds the scale to the activation dtype before multiplying.
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        if self.cfg.feature_input:
+            if batch.features is None:
+                raise ValueError("a feature-reading draft needs ForwardBatch.features")
+            x = self.fc(torch.cat([x, batch.features.to(x.dtype)], dim=-1))
         for layer in self.layers:
             x = layer(x, ctx)
+        if cache.features is not None:
+            # Every position's, for the draft's later passes (padding goes to the scratch row).
+            x = self.norm(x)
+            cache.features[ctx.slot_index, ctx.write_positions] = x
         if batch.logits_index is not None:
             if batch.logits_index.shape[1] == 0:
-                return None
+                return None, None
             index = batch.logits_index[:, :, None].expand(-1, -1, x.shape[-1])
             x = torch.gather(x, 1, index)
-        logits = self.lm_head(self.norm(x)).float()
+        features = x if cache.features is not None else self.norm(x)
+        logits = self.lm_head(features).float()
         if self.cfg.final_softcap is not None:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         if self.head_token_ids is not None:
@@ -222,4 +246,4 @@ class Decoder(nn.Module):
             # sees full-vocabulary logits and the acceptance rule stays exact.
             full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
             logits = full.index_copy_(-1, self.head_token_ids, logits)
-        return logits
+        return logits, features

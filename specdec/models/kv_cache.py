@@ -4,6 +4,10 @@ k, v: [layers, slots, kv_heads, capacity, head_dim]. A sequence owns one slot; t
 length. Rolling back rejected draft tokens is setting that length: nothing is copied, and positions
 past the length are simply never attended (every query attends only to positions <= its own).
 
+The target of a feature-reading draft (EAGLE, ModelConfig.feature_input) also keeps each position's
+final hidden state here, `features` [slots, capacity, hidden]: the draft's input at position p
+reads the target's at p - 1. Like K/V they are overwritten, never copied, when a row rolls back.
+
 capacity = max_context + lookahead + 1. The lookahead positions take the speculative writes past
 the context limit (a verify of γ+1 tokens at the last position); the final position is a scratch
 row where padded tokens of ragged batches write, so no real position is ever clobbered by padding.
@@ -20,9 +24,10 @@ from specdec.errors import CapacityError
 from specdec.models.config import ModelConfig
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """KV bytes one token occupies across all layers."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, features: bool = False) -> int:
+    """KV bytes one token occupies across all layers (and its feature, when the cache keeps one)."""
+    values = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim + (cfg.hidden_size if features else 0)
+    return values * torch.empty((), dtype=dtype).element_size()
 
 
 def available_memory(device: torch.device) -> int:
@@ -63,15 +68,17 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         memory_fraction: float = 0.9,
+        features: bool = False,
     ):
         device = torch.device(device)
         self.layout = layout
-        self.nbytes = layout.num_slots * layout.capacity * bytes_per_token(cfg, dtype)
+        per_token = bytes_per_token(cfg, dtype, features)
+        self.nbytes = layout.num_slots * layout.capacity * per_token
         free = available_memory(device)
         if self.nbytes > memory_fraction * free:
             raise CapacityError(
                 f"KV cache needs {self.nbytes / 2**20:.1f} MiB ({layout.num_slots} slots x {layout.capacity} "
-                f"positions x {bytes_per_token(cfg, dtype)} bytes/token) but only {free / 2**20:.1f} MiB is "
+                f"positions x {per_token} bytes/token) but only {free / 2**20:.1f} MiB is "
                 f"free on {device}: lower the number of slots (--max-batch-size) or the context length "
                 "(--max-context)"
             )
@@ -79,6 +86,20 @@ class KVCache:
         # Zeros, not empty: padded queries read positions nobody wrote, and must read finite numbers.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.features: torch.Tensor | None = None
+        if features:
+            self.features = torch.zeros(
+                (layout.num_slots, layout.capacity, cfg.hidden_size), dtype=dtype, device=device
+            )
+
+    def features_before(self, slots: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, width, hidden]: for the tokens at positions start[b] + t of each row's slot, the
+        feature of the position before (zeros before position 0, as in training)."""
+        assert self.features is not None
+        positions = start[:, None] + torch.arange(width, device=start.device)[None, :] - 1
+        # Padding columns may run past the cache; they read any real row, which nothing uses.
+        found = self.features[slots[:, None], positions.clamp(0, self.layout.capacity - 1)]
+        return torch.where((positions >= 0)[..., None], found, 0.0)
 
     def write(
         self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -10,7 +10,13 @@ def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
     """Refuse a draft whose tokenizer maps tokens to ids differently from the target's.
 
     Logits widths may differ (checkpoints pad the vocabulary differently); the token <-> id mapping
-    may not."""
+    may not. A feature-reading draft (ModelConfig.feature_input) must also have the target's
+    hidden size: it reads the target's final hidden states."""
+    if draft.config.feature_input and draft.config.hidden_size != target.config.hidden_size:
+        raise IncompatiblePairError(
+            f"draft {draft.path} reads its target's features (specdec_feature_input) at hidden size "
+            f"{draft.config.hidden_size}, but target {target.path} has hidden size {target.config.hidden_size}"
+        )
     t_vocab, d_vocab = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
     if t_vocab == d_vocab:
         return

@@ -343,7 +343,7 @@ def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> 
         if "draft" in route.tiers and not draft_answers:
             raise RoutesError(
                 f"route {route.name!r}: tier 'draft': this pair's draft cannot answer alone (a subset-head "
-                "draft speculates only); use speculative as the small tier"
+                "or feature-reading draft speculates only); use speculative as the small tier"
             )
         if route.rules.confidence_below is not None and route.primary not in LOCAL_MODES:
             raise RoutesError(

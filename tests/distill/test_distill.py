@@ -183,3 +183,43 @@ def test_a_draft_on_the_targets_first_layers_trains_only_its_own(tmp_path, targe
             DraftShape(layers=1, shared_layers=1, hidden=32),
             _config(1),
         )
+
+
+def test_a_feature_reading_draft_learns_from_the_targets_features(tmp_path, target, corpus):
+    """--feature-input (EAGLE): trained on the cached teacher's features, unrolled over two passes;
+    it learns (held-out KL and agreement of both passes improve), stores its fc beside one layer and
+    a subset head, and serves with its target, greedy output equal to the target alone."""
+    from safetensors.torch import load_file
+
+    from specdec import Engine, SamplingParams
+    from specdec.config import EngineConfig
+    from specdec.request import Mode
+
+    shape = DraftShape(layers=1, head_tokens=64, share_embeddings=True, feature_input=True)
+    before = run_distill(
+        target, tmp_path / "untrained", [corpus], shape, _config(1), heldout_fraction=0.25, teacher_top_k=64
+    )
+    out = tmp_path / "eagle"
+    after = run_distill(target, out, [corpus], shape, _config(60), heldout_fraction=0.25, teacher_top_k=64)
+    assert after.final["heldout_kl"] < 0.8 * before.final["heldout_kl"]
+    assert after.final["top1_agreement"] > before.final["top1_agreement"]
+    assert after.final["top1_agreement_pass2"] > before.final["top1_agreement_pass2"]
+    assert after.final["acceptance_rate"] > 0
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored["model.fc.weight"].shape == (64, 128) and "model.embed_tokens.weight" not in stored
+    assert json.loads((out / "config.json").read_text())["specdec_feature_input"] is True
+    engine = Engine(target, out, config=EngineConfig(max_batch_size=2, max_context=96, warmup=False))
+    assert engine.draft.config.feature_input and engine.runner.target_cache.features is not None
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got = engine.generate(prompts, params, mode=Mode.SPECULATIVE, num_speculative_tokens=3)
+    expected = engine.generate(prompts, params, mode=Mode.TARGET)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert sum(r.stats.accepted_tokens for r in got) > 0
+    with pytest.raises(SpecdecError, match="--feature-input trains on the target's cached features"):
+        run_distill(target, tmp_path / "x", [corpus], shape, _config(1), heldout_fraction=0.25)
+    with pytest.raises(SpecdecError, match="drop --hidden"):
+        run_distill(
+            target, tmp_path / "y", [corpus], DraftShape(hidden=32, feature_input=True), _config(1),
+            teacher_top_k=8,
+        )  # fmt: skip

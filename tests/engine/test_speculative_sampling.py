@@ -174,6 +174,40 @@ def test_a_draft_on_the_targets_first_layer_keeps_the_targets_joint(engine, pair
 
 
 @pytest.fixture(scope="module")
+def feature_engine(pair, engine, tmp_path_factory):
+    """A feature-reading (EAGLE) draft: the noisy draft with an fc that mixes in the target's
+    features, so its proposals - and their q - depend on them."""
+    from specdec.testing import feature_draft
+
+    draft = feature_draft(pair[1], tmp_path_factory.mktemp("eagle-draft"), feature_scale=0.03, seed=4)
+    eagle = Engine(target=engine.target, draft=draft, config=dataclasses.replace(engine.config, warmup=False))
+    assert eagle.draft.config.feature_input and eagle.runner.target_cache.features is not None
+    return eagle
+
+
+def test_a_feature_reading_draft_keeps_the_targets_joint(feature_engine, pair):
+    params = SamplingParams(temperature=1.0)
+    observed = sampled_joint(feature_engine, params, 2, seed_base=70_000)
+    assert chi_square_pvalue(observed, exact_joint(pair[0], params)) > ALPHA
+
+
+def test_a_wrong_rule_with_a_feature_reading_draft_fails(feature_engine, pair):
+    """The negative control for the feature path: the same χ² test rejects a wrong residual."""
+    kernels = dataclasses.replace(
+        AcceptKernels.for_device(feature_engine.runner.device),
+        rejection_sample=_with_rule(residual_rule=lambda p, q: p),
+    )
+    wrong = Engine(
+        target=feature_engine.target,
+        draft=feature_engine.draft,
+        config=feature_engine.config,
+        kernels=kernels,
+    )
+    observed = sampled_joint(wrong, SamplingParams(temperature=1.0), 2, seed_base=80_000)
+    assert chi_square_pvalue(observed, exact_joint(pair[0], SamplingParams(temperature=1.0))) < ALPHA
+
+
+@pytest.fixture(scope="module")
 def small_answers(engine):
     """N sampled answers of the draft model alone: what the router's small tier returns."""
     return engine.generate(

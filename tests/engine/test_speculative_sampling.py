@@ -71,21 +71,21 @@ def test_a_wrong_rule_through_the_engine_fails(engine, pair, rule):
     """Negative controls end to end: the same test rejects a wrong rule run through the engine."""
     params = SamplingParams(temperature=1.0)
     expected = exact_joint(pair[0], params)
-    kernels = dataclasses.replace(
-        AcceptKernels.for_device(engine.runner.device), rejection_sample=_with_rule(**rule)
-    )
-    # γ is forced, so the wrong engine needs no start-up cost measurement.
-    config = dataclasses.replace(engine.config, warmup=False)
-    wrong = Engine(target=engine.target, draft=engine.draft, config=config, kernels=kernels)
+    wrong = _with_wrong_rule(engine, **rule)
     observed = sampled_joint(wrong, params, 2, seed_base=10_000)
     assert chi_square_pvalue(observed, expected) < ALPHA
 
 
-def _with_rule(**rule):
+def _with_wrong_rule(engine: Engine, **rule) -> Engine:
+    """An engine on `engine`'s models whose rejection sampling runs the reference with `rule`
+    swapped in. γ is forced in these tests, so it needs no start-up cost measurement."""
+
     def run(*args, **kwargs):
         return rs.rejection_sample_reference(*args, **kwargs, **rule)
 
-    return run
+    kernels = dataclasses.replace(AcceptKernels.for_device(engine.runner.device), rejection_sample=run)
+    config = dataclasses.replace(engine.config, warmup=False)
+    return Engine(target=engine.target, draft=engine.draft, config=config, kernels=kernels)
 
 
 def test_seeded_requests_reproduce_and_seeds_differ(engine):
@@ -143,13 +143,7 @@ def test_a_subset_head_draft_keeps_the_targets_joint(subset_engine, pair):
 
 def test_a_wrong_rule_with_a_subset_head_draft_fails(subset_engine, pair):
     """The negative control for the subset path: the same χ² test rejects a wrong residual."""
-    kernels = dataclasses.replace(
-        AcceptKernels.for_device(subset_engine.runner.device),
-        rejection_sample=_with_rule(residual_rule=lambda p, q: p),
-    )
-    wrong = Engine(
-        target=subset_engine.target, draft=subset_engine.draft, config=subset_engine.config, kernels=kernels
-    )
+    wrong = _with_wrong_rule(subset_engine, residual_rule=lambda p, q: p)
     observed = sampled_joint(wrong, SamplingParams(temperature=1.0), 2, seed_base=30_000)
     assert chi_square_pvalue(observed, exact_joint(pair[0], SamplingParams(temperature=1.0))) < ALPHA
 
@@ -193,16 +187,7 @@ def test_a_feature_reading_draft_keeps_the_targets_joint(feature_engine, pair):
 
 def test_a_wrong_rule_with_a_feature_reading_draft_fails(feature_engine, pair):
     """The negative control for the feature path: the same χ² test rejects a wrong residual."""
-    kernels = dataclasses.replace(
-        AcceptKernels.for_device(feature_engine.runner.device),
-        rejection_sample=_with_rule(residual_rule=lambda p, q: p),
-    )
-    wrong = Engine(
-        target=feature_engine.target,
-        draft=feature_engine.draft,
-        config=feature_engine.config,
-        kernels=kernels,
-    )
+    wrong = _with_wrong_rule(feature_engine, residual_rule=lambda p, q: p)
     observed = sampled_joint(wrong, SamplingParams(temperature=1.0), 2, seed_base=80_000)
     assert chi_square_pvalue(observed, exact_joint(pair[0], SamplingParams(temperature=1.0))) < ALPHA
 
@@ -261,12 +246,7 @@ def test_a_reused_small_answer_keeps_the_targets_joint(engine, pair, small_answe
 def test_a_reused_small_answer_with_a_wrong_residual_fails(engine, pair, small_answers):
     """The negative control for the q path: replacing a rejected token from p instead of
     norm(max(0, p - q)) is caught by the same test."""
-    kernels = dataclasses.replace(
-        AcceptKernels.for_device(engine.runner.device),
-        rejection_sample=_with_rule(residual_rule=lambda p, q: p),
-    )
-    config = dataclasses.replace(engine.config, warmup=False)
-    wrong = Engine(target=engine.target, draft=engine.draft, config=config, kernels=kernels)
+    wrong = _with_wrong_rule(engine, residual_rule=lambda p, q: p)
     escalated = _escalate(wrong, small_answers, Mode.SPECULATIVE, seed_base=70_000)
     assert chi_square_pvalue(_joint(escalated), exact_joint(pair[0], SamplingParams(temperature=1.0))) < ALPHA
 

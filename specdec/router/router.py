@@ -9,6 +9,15 @@ last local answer as its draft - until a tier's answer passes or the cascade end
   (`validators`) and the arguments of every tool call (`tools`); `tools_needed` counts the
   answer's tool calls, when the request offered tools. A rule that cannot read a tier's answer
   (confidence of an endpoint's answer, which carries no probabilities) does not fire for it.
+- Constraints (`specdec.grammar.Constraint`: a JSON Schema, any JSON object, a regex or a grammar):
+  every local tier decodes under it, so the small answer and the big one both match it, and the
+  small answer is still the big tier's draft - verified under the same grammar, exactly the big
+  tier's own constrained output. An endpoint tier is asked for it as OpenAI's `response_format`
+  (JSON kinds only: a regex or grammar cannot be sent to an endpoint, and is refused for a cascade
+  that would run one). `schema_invalid` fires on an answer whose constraint is incomplete (cut by
+  max_new_tokens, a stop string or the context) and, for the JSON kinds, on one that fails the
+  schema (keywords the grammar does not enforce): the request's `json_schema` if it gave one, else
+  the constraint's own schema.
 - Overrides (`Override`, for API keys granted them - the server's check): a forced tier answers
   alone, no rule read; a threshold replaces the route's `confidence_below`.
 - Draft reuse: escalating to a local mode, the last local answer is the target's external draft
@@ -32,6 +41,7 @@ endpoint's blocking call runs on a worker thread either way.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,7 +49,8 @@ from typing import Any
 import torch
 
 from specdec.errors import InvalidRequestError, SpecdecError
-from specdec.request import GenerationResult, Mode, Request
+from specdec.grammar import Constraint, ConstraintKind
+from specdec.request import ConstraintOutcome, GenerationResult, Mode, Request
 from specdec.router.endpoints import EndpointError
 from specdec.router.routes import LOCAL_MODES, Route, RoutesConfig, RoutesError, Rules
 from specdec.router.tools import Tool, ToolCall, calls_in, check_calls, with_tools
@@ -85,6 +96,9 @@ class RoutedResult:
     record: RouteRecord
     result: GenerationResult | None = field(default=None, repr=False)  # the answering local tier's
     tool_calls: tuple[ToolCall, ...] = ()  # the answer's, checked
+    # How the answer stands against the request's constraint (None: it gave none). A local tier's
+    # is its matcher's; an endpoint's is the schema check's verdict (complete = it validates).
+    constraint: ConstraintOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,7 @@ class Router:
         json_schema: Any = None,
         tools: tuple[Tool, ...] = (),
         override: Override | None = None,
+        constraint: Constraint | None = None,
     ) -> RoutedResult:
         """Route one chat request in-process (blocking; not from inside a running event loop)."""
 
@@ -132,9 +147,17 @@ class Router:
             [result] = self.engine.generate([request])
             return result
 
-        return asyncio.run(
-            self.agenerate(route_name, messages, params, json_schema, run, tools=tools, override=override)
+        routed = self.agenerate(
+            route_name,
+            messages,
+            params,
+            json_schema,
+            run,
+            tools=tools,
+            override=override,
+            constraint=constraint,
         )
+        return asyncio.run(routed)
 
     async def agenerate(
         self,
@@ -146,13 +169,17 @@ class Router:
         prompt: list[int] | None = None,
         tools: tuple[Tool, ...] = (),
         override: Override | None = None,
+        constraint: Constraint | None = None,
     ) -> RoutedResult:
         """Route one chat request; `run` runs a local tier's request to its end. `prompt`: the
         messages (and tools: `tools.with_tools`) already rendered (the server tokenizes off its
-        event loop)."""
+        event loop). `constraint`: every tier's output constrained to it (the server has compiled
+        it: `Engine.check_constraint`)."""
         override = override or Override()
         route = self._overridden(self.route(route_name), override)
         params = params or SamplingParams()
+        if json_schema is None and constraint is not None:
+            json_schema = constraint_schema(constraint)
         validator = None if json_schema is None else self.schemas.validator(json_schema)
         if prompt is None:
             prompt = self.engine.render_chat(with_tools(messages, tools))
@@ -168,6 +195,8 @@ class Router:
             reasons.append(too_long)
             fired.append("input_tokens_above")
             tiers = tiers[-1:]  # the earlier tiers' answers would not be used
+        if constraint is not None:
+            check_constrained(route, tiers, constraint, tools)
         spent: list[TierSpend] = []
         answer: _Answer | None = None
         verdict: Verdict | None = None  # the rules on `answer`
@@ -176,7 +205,9 @@ class Router:
         for i, tier in enumerate(tiers):
             last = i == len(tiers) - 1
             try:
-                answer = await self._run(tier, prompt, messages, tier_params(params, i), local, run, tools)
+                answer = await self._run(
+                    tier, prompt, messages, tier_params(params, i), local, run, tools, constraint
+                )
             except EndpointError as e:
                 spent.append(TierSpend(tier, 0, 0, error=str(e)))
                 reasons.append(f"{tier} failed: {e}")
@@ -192,7 +223,17 @@ class Router:
             local = answer if answer.result is not None else local
             calls = answer.calls if answer.calls is not None else calls_in(answer.text)
             checked = check_calls(calls, tools, self.schemas) if tools else None
-            verdict = check_answer(route, answer.text, answer.token_probs, validator, checked)
+            verdict = check_answer(
+                route,
+                answer.text,
+                answer.token_probs,
+                validator,
+                checked,
+                answer.constraint,
+                answer.finish_reason,
+            )
+            if constraint is not None and answer.constraint is None:  # an endpoint's: the schema check says
+                answer = replace(answer, constraint=ConstraintOutcome(complete=verdict.schema_valid is True))
             if tier == route.primary:
                 primary_verdict = verdict
             if last or not verdict.reasons:
@@ -241,12 +282,15 @@ class Router:
         previous: _Answer | None,  # the last local tier's answer, if any
         run: Callable[[Request], Awaitable[GenerationResult]],
         tools: tuple[Tool, ...],
+        constraint: Constraint | None,
     ) -> _Answer:
         if tier not in LOCAL_MODES:
-            return await asyncio.to_thread(self._endpoint, tier, messages, params, tools)
+            return await asyncio.to_thread(self._endpoint, tier, messages, params, tools, constraint)
         draft = previous.result if previous is not None else None
         drafted_by = previous.tier if previous is not None else None
-        result = await run(draft_request(self.engine, prompt, params, Mode(tier), draft, drafted_by))
+        result = await run(
+            draft_request(self.engine, prompt, params, Mode(tier), draft, drafted_by, constraint)
+        )
         if result.error:
             raise SpecdecError(f"tier {tier}: {result.error}")
         probs = torch.tensor([lp.logprob for lp in result.logprobs], dtype=torch.float64).exp()
@@ -260,15 +304,23 @@ class Router:
             probs,
             TierSpend(tier, result.prompt_tokens, len(result.token_ids), reused),
             result,
+            constraint=result.constraint,
         )
 
     def _endpoint(
-        self, tier: str, messages: list[dict[str, str]], params: SamplingParams, tools: tuple[Tool, ...]
+        self,
+        tier: str,
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        tools: tuple[Tool, ...],
+        constraint: Constraint | None,
     ) -> _Answer:
         endpoint = self.config.endpoints[tier]
         fields: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
         if tools:  # the endpoint's own template renders them; its answer's calls come back parsed
             fields["tools"] = [t.openai() for t in tools]
+        if constraint is not None:  # JSON kinds only (check_constrained)
+            fields["response_format"] = response_format(constraint)
         if params.top_p < 1:
             fields["top_p"] = params.top_p
         if params.seed is not None:
@@ -314,7 +366,13 @@ class Router:
         )
         tokens = list(answer.result.token_ids) if answer.result is not None else []
         return RoutedResult(
-            answer.text, tokens, answer.finish_reason, record, answer.result, verdict.tool_calls or ()
+            answer.text,
+            tokens,
+            answer.finish_reason,
+            record,
+            answer.result,
+            verdict.tool_calls or (),
+            answer.constraint,
         )
 
 
@@ -327,6 +385,7 @@ class _Answer:
     spend: TierSpend
     result: GenerationResult | None
     calls: list[tuple[str, Any]] | None = None  # an endpoint's tool calls (a local tier's are in its text)
+    constraint: ConstraintOutcome | None = None  # a constrained local tier's
 
 
 def check_routes(config: RoutesConfig, has_draft: bool, draft_answers: bool) -> None:
@@ -362,6 +421,10 @@ class AnswerFacts:
     schema_valid: bool | None  # against json_schema (None: none given, or the answer calls tools)
     schema_error: str | None = None  # why not
     tool_calls: tuple[ToolCall, ...] | None = None  # checked (None: the request offered no tools)
+    # A constrained local answer: whether its output is a whole match (None: unconstrained, or an
+    # endpoint's answer, which the schema check alone judges); how it ended, when it is not.
+    constraint_complete: bool | None = None
+    finish_reason: str | None = None
 
 
 def facts_of(
@@ -370,6 +433,8 @@ def facts_of(
     token_probs: torch.Tensor | None,
     validator: Any,
     tool_calls: tuple[ToolCall, ...] | None = None,
+    constraint: ConstraintOutcome | None = None,
+    finish_reason: str | None = None,
 ) -> AnswerFacts:
     confidence = calibrated = None
     if token_probs is not None:
@@ -379,7 +444,10 @@ def facts_of(
     if validator is not None and not tool_calls:  # an answer that calls tools is checked by its calls
         verdict = check_json(text, validator)
         schema_valid, schema_error = verdict.valid, verdict.error
-    return AnswerFacts(confidence, calibrated, schema_valid, schema_error, tool_calls)
+    complete = constraint.complete if constraint is not None else None
+    return AnswerFacts(
+        confidence, calibrated, schema_valid, schema_error, tool_calls, complete, finish_reason
+    )
 
 
 def rules_fired(rules: Rules, facts: AnswerFacts) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -391,7 +459,12 @@ def rules_fired(rules: Rules, facts: AnswerFacts) -> tuple[tuple[str, ...], tupl
         name = "calibrated confidence" if facts.calibrated is not None else "confidence"
         reasons.append(f"{name} {judged:.3f} < {threshold:g}")
         fired.append("confidence_below")
-    if rules.schema_invalid and facts.schema_valid is False:
+    if rules.schema_invalid and facts.constraint_complete is False:  # one reason: its schema check fails too
+        reasons.append(
+            f"schema_invalid: the output ended ({facts.finish_reason}) before its constraint was complete"
+        )
+        fired.append("schema_invalid")
+    elif rules.schema_invalid and facts.schema_valid is False:
         reasons.append(f"schema_invalid: {facts.schema_error}")
         fired.append("schema_invalid")
     if facts.tool_calls is not None:
@@ -419,9 +492,11 @@ def check_answer(
     token_probs: torch.Tensor | None,
     validator: Any,
     tool_calls: tuple[ToolCall, ...] | None = None,  # checked (None: the request offered no tools)
+    constraint: ConstraintOutcome | None = None,  # a constrained local answer's
+    finish_reason: str | None = None,
 ) -> Verdict:
     """The route's rules on one tier's answer: the reasons that fire, with their values."""
-    facts = facts_of(route, text, token_probs, validator, tool_calls)
+    facts = facts_of(route, text, token_probs, validator, tool_calls, constraint, finish_reason)
     reasons, fired = rules_fired(route.rules, facts)
     return Verdict(reasons, fired, facts.confidence, facts.calibrated, facts.schema_valid, tool_calls)
 
@@ -433,6 +508,7 @@ def draft_request(
     mode: Mode,
     draft: GenerationResult | None,
     drafted_by: str | None = None,
+    constraint: Constraint | None = None,
 ) -> Any:
     """The request of a local tier: the client's settings, token probabilities asked for (the
     confidence rule reads them), and the previous local answer as the external draft.
@@ -444,7 +520,8 @@ def draft_request(
     shapes) and no top-k / top-p (a token at the truncation's edge could fall out of the
     recomputed support, where q = 0 would always accept it). Anything else - those, the target
     tier (which keeps no draft cache), an answer of another tier - is verified as point masses,
-    which is exact for any proposal but accepts only with probability p."""
+    which is exact for any proposal but accepts only with probability p. A constrained request's
+    draft is verified under its grammar (as point masses: the engine's, `speculative._scored`)."""
     asked = replace(params, logprobs=True, top_logprobs=params.top_logprobs if params.logprobs else 0)
     external = list(draft.token_ids) if draft is not None and draft.token_ids else None
     reproducible = engine.draft is not None and engine.draft.dtype == torch.float32
@@ -457,8 +534,51 @@ def draft_request(
         and untruncated
     )
     return engine.make_request(
-        prompt, asked, mode, external_draft=external, external_draft_from_draft=from_draft
+        prompt,
+        asked,
+        mode,
+        external_draft=external,
+        external_draft_from_draft=from_draft,
+        constraint=constraint,
     )
+
+
+def constraint_schema(constraint: Constraint) -> Any:
+    """The JSON Schema a constrained answer is checked against (None: a regex or grammar, which
+    its matcher's completeness alone judges)."""
+    if constraint.kind is ConstraintKind.JSON_SCHEMA:
+        return json.loads(constraint.text)
+    if constraint.kind is ConstraintKind.JSON_OBJECT:
+        return {"type": "object"}
+    return None
+
+
+def check_constrained(
+    route: Route, tiers: list[str], constraint: Constraint, tools: tuple[Tool, ...]
+) -> None:
+    """What a constrained routed request cannot be, refused by the constraint's field: one that
+    offers tools (a tool call is not output under the constraint), and a regex or grammar for a
+    cascade with an endpoint tier (OpenAI's API takes JSON schemas only)."""
+    if tools:
+        raise InvalidRequestError(
+            constraint.field, "a constrained answer cannot make tool calls; give tools or a constraint"
+        )
+    if constraint.kind in (ConstraintKind.REGEX, ConstraintKind.GRAMMAR):
+        endpoint = next((t for t in tiers if t not in LOCAL_MODES), None)
+        if endpoint is not None:
+            raise InvalidRequestError(
+                constraint.field,
+                f"route {route.name!r} has the endpoint tier {endpoint!r}, which cannot be sent a "
+                f"{constraint.kind.value} (only a JSON schema or JSON object); use a route of local tiers",
+            )
+
+
+def response_format(constraint: Constraint) -> dict[str, Any]:
+    """The constraint as OpenAI's response_format, for an endpoint tier."""
+    if constraint.kind is ConstraintKind.JSON_OBJECT:
+        return {"type": "json_object"}
+    schema = {"name": "response", "schema": json.loads(constraint.text)}
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def tier_params(params: SamplingParams, index: int) -> SamplingParams:

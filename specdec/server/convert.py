@@ -16,6 +16,7 @@ from specdec.engine import Engine
 from specdec.errors import InvalidRequestError
 from specdec.grammar import Constraint, ConstraintKind
 from specdec.request import (
+    ConstraintOutcome,
     FinishReason,
     GenerationResult,
     Mode,
@@ -188,10 +189,6 @@ def constraint_from_proto(msg: pb.GenerateRequest) -> Constraint | None:
         raise InvalidRequestError(
             given[1][0], f"give at most one constraint (got {' and '.join(n for n, _ in given)})"
         )
-    if given and msg.route:
-        raise InvalidRequestError(
-            given[0][0], "constrained output is not yet available with a route; leave route unset"
-        )
     return given[0][1] if given else None
 
 
@@ -223,7 +220,7 @@ def routed_fields(msg: pb.GenerateRequest, schemas: SchemaCache) -> RoutedFields
         o = msg.route_override
         override = Override(o.tier or None, o.confidence_below if o.HasField("confidence_below") else None)
     local, sent = conversation(msg)
-    return RoutedFields(msg.route, local, schema, tools, override, sent)
+    return RoutedFields(msg.route, local, schema, tools, override, sent, constraint_from_proto(msg))
 
 
 _ENDPOINT_FINISH = {"stop": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
@@ -272,6 +269,8 @@ def routed_response(tokenizer: Any, routed: Any, msg: pb.GenerateRequest) -> pb.
     for name in ("confidence", "calibrated_confidence", "schema_valid", "tool_calls_valid"):
         if getattr(record, name) is not None:
             setattr(out.route, name, getattr(record, name))
+    if routed.constraint is not None:  # a local tier's is its result's; an endpoint's, the check's
+        out.constraint.CopyFrom(_constraint(routed.constraint))
     return out
 
 
@@ -351,9 +350,11 @@ def _set_totals(msg: pb.GenerateResponse, out: RequestOutput | GenerationResult)
     if out.seed is not None:
         msg.seed = out.seed
     if out.constraint is not None:
-        msg.constraint.CopyFrom(
-            pb.ConstraintResult(complete=out.constraint.complete, unenforced=list(out.constraint.unenforced))
-        )
+        msg.constraint.CopyFrom(_constraint(out.constraint))
+
+
+def _constraint(outcome: ConstraintOutcome) -> pb.ConstraintResult:
+    return pb.ConstraintResult(complete=outcome.complete, unenforced=list(outcome.unenforced))
 
 
 def model_info(engine: Engine) -> pb.GetModelInfoResponse:

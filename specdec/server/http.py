@@ -260,6 +260,7 @@ class OpenAIApp:
             tools,
             Override(*parsed.override),
             parsed.endpoint_messages,
+            parsed.constraint,
         )
         loop = asyncio.get_running_loop()
 

@@ -22,7 +22,7 @@ Fields, in brief (docs/API.md has the whole table):
 - specdec's router (chat only; docs/ROUTING.md): route, json_schema (a JSON Schema object), and
   route_override {tier, confidence_below}; the route record rides in `specdec.choices[0].route`.
 - response_format (chat and completions): json_object or json_schema constrain decoding to it
-  (specdec.grammar; not yet with a route); `specdec.choices[i].constraint` says {complete,
+  (specdec.grammar; with a route, every tier under it); `specdec.choices[i].constraint` says {complete,
   unenforced}, streamed (on the finishing chunk) or not.
 - accepted only at their no-op values (stock clients send them): frequency_penalty, presence_penalty
   0; logit_bias null or {}; best_of 1; echo false; suffix null; and
@@ -321,11 +321,6 @@ def _route_fields(parsed: ParsedRequest, body: dict[str, Any], models: ServedMod
     ):
         if given:
             raise InvalidRequestError(name, "a route chooses its tiers and answers once; leave it unset")
-    if parsed.constraint is not None:
-        raise InvalidRequestError(
-            "response_format",
-            "constrained output is not yet available with a route; give json_schema to check the answer",
-        )
     parsed.route = route
     if body.get("json_schema") is not None:
         parsed.json_schema = body["json_schema"]
@@ -845,6 +840,8 @@ def routed_body(
         lp = None
     message, by_calls = tool_message(routed.text, routed.tool_calls)
     extra["route"] = record
+    if routed.constraint is not None:
+        extra["constraint"] = routed.constraint.as_dict()
     if routed.record.tool_calls_valid is not None:
         extra["tool_calls"] = checked_calls(routed.tool_calls)
     return {

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from specdec.errors import InvalidRequestError, PermissionDeniedError
+from specdec.grammar import Constraint
 from specdec.request import GenerationResult, Request
 from specdec.router.feedback import Answered, ResponseLedger, quality
 from specdec.router.router import Override, RoutedResult, Router, RouteRecord
@@ -35,6 +36,7 @@ class RoutedFields:
     # The conversation as an endpoint tier is sent it, when it differs from `messages` (an
     # assistant's earlier tool calls, which `messages` writes into the content for local models).
     endpoint_messages: list[dict[str, Any]] | None = None
+    constraint: Constraint | None = None  # every tier's output constrained to it
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,11 @@ class RoutedService:
     ) -> tuple[RoutedResult, str]:
         """The router's answer and the response id issued for it (scoped to `client`)."""
         router = self.serving()
+        if fields.constraint is not None:  # compiled off the event loop (then cached)
+            await asyncio.to_thread(router.engine.check_constraint, fields.constraint)
         routed = await router.agenerate(
             fields.route, fields.endpoint_messages or fields.messages, params, fields.json_schema, run,
-            prompt=prompt, tools=fields.tools, override=fields.override,
+            prompt=prompt, tools=fields.tools, override=fields.override, constraint=fields.constraint,
         )  # fmt: skip
         if self.hooks.routed is not None:
             self.hooks.routed(routed.record, router.route(fields.route).drift)

@@ -208,7 +208,8 @@ def test_overrides_need_their_grant_over_http_too(engine, server):
         ({"route": "careful", "mode": "target"}, "mode", "a route chooses its tiers' modes"),
         ({"json_schema": {"type": "object"}}, "json_schema", "needs a route"),
         ({"route": "careful", "json_schema": {"type": "strnig"}}, "json_schema", ""),  # named as sent
-        ({"route": "careful", "response_format": {"type": "json_object"}}, "response_format", "not yet available with a route"),
+        ({"route": "careful", "response_format": {"type": "json_object"}, "tools": [WEATHER]}, "response_format",
+         "a constrained answer cannot make tool calls"),
         ({"route_override": {"tier": "target"}}, "route_override", "needs a route"),
         ({"route": "careful", "route_override": {"tier": 3}}, "route_override.tier", "a tier of the route"),
         ({"tools": [WEATHER], "stream": True}, "stream", "tool calls are not streamed yet"),

@@ -28,13 +28,24 @@ SCHEMA = {
 }
 
 
+ROUTES = {  # "always": the small tier answers first and always escalates, drafting the big one
+    "routes": [
+        {"name": "always", "primary": "draft", "escalate_to": "speculative",
+         "escalate_if": [{"confidence_below": 1.0}, {"schema_invalid": True}]},
+    ],
+}  # fmt: skip
+CHAT = [{"role": "user", "content": "Who?"}]
+
+
 @pytest.fixture(scope="module")
-def server(pairs):
+def server(pairs, tmp_path_factory):
     target, draft = pairs("llama-close")
     engine = Engine(
         target=target, draft=draft, config=EngineConfig(max_batch_size=8, max_queue=64, max_context=256)
     )
-    srv = serve_in_thread(engine, http_port=free_port())
+    routes = tmp_path_factory.mktemp("constrained-routes") / "routes.yaml"
+    routes.write_text(json.dumps(ROUTES))  # JSON is YAML
+    srv = serve_in_thread(engine, http_port=free_port(), routes=routes)
     yield srv
     srv.stop()
 
@@ -138,3 +149,45 @@ def test_openai_stream_carries_the_constraint_on_its_finishing_chunk(server):
     assert done["complete"] is (last.choices[0].finish_reason == "stop")
     if done["complete"]:
         jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_grpc_a_constrained_route_constrains_every_tier_and_reports_the_answers_constraint(server):
+    stub = grpc_stub(server.address)
+    fields = {"max_new_tokens": 60, "json_schema": json.dumps(SCHEMA), "constrain": True}
+    routed = stub.Generate(build_request(CHAT, None, route="always", **fields), timeout=60)
+    alone = stub.Generate(build_request(CHAT, "target", **fields), timeout=60)
+    assert routed.route.tier == "speculative" and routed.route.escalated
+    assert list(routed.token_ids) == list(alone.token_ids)  # the big tier's own constrained answer
+    assert routed.constraint == alone.constraint and routed.constraint.complete
+    assert routed.route.schema_valid and routed.route.spent[1].draft_tokens_reused > 0
+    jsonschema.validate(json.loads(routed.text), SCHEMA)
+    # A regex works on a route of local tiers as well.
+    reply = stub.Generate(
+        build_request(CHAT, None, route="always", max_new_tokens=30, regex=r"[ab]{2,4}!"), timeout=60
+    )
+    assert re.fullmatch(r"[ab]{2,4}!", reply.text) and reply.constraint.complete
+    with pytest.raises(grpc.RpcError) as e:  # compiled before any tier runs, named as on a plain request
+        stub.Generate(build_request(CHAT, None, route="always", max_new_tokens=4, regex="(ab"), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("regex")
+
+
+def test_openai_a_routed_response_format_constrains_every_tier(server):
+    client = openai_client(server)
+    model = client.models.list().data[0].id
+    schema_format = {"type": "json_schema", "json_schema": {"name": "who", "schema": SCHEMA}}
+    common = {
+        "model": model,
+        "messages": CHAT,
+        "max_tokens": 60,
+        "temperature": 0,
+        "response_format": schema_format,
+    }
+    routed = client.chat.completions.create(**common, extra_body={"route": "always"})
+    alone = client.chat.completions.create(**common, extra_body={"mode": "target"})
+    extra = routed.model_extra["specdec"]["choices"][0]
+    assert extra["route"]["tier"] == "speculative" and extra["constraint"] == {
+        "complete": True,
+        "unenforced": [],
+    }
+    assert routed.choices[0].message.content == alone.choices[0].message.content
+    jsonschema.validate(json.loads(routed.choices[0].message.content), SCHEMA)

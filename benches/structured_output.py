@@ -25,36 +25,15 @@ import torch
 
 from specdec import Engine, SamplingParams
 from specdec.assets import default_draft, default_target
+from specdec.bench.workloads import EXTRACTION_SCHEMA, EXTRACTION_TEXTS, extraction_instructions
 from specdec.config import EngineConfig, Quantization
 from specdec.grammar import Constraint, ConstraintKind
 from specdec.models import load_checkpoint
 from specdec.models.quantize import quantize_pair
 from specdec.request import Mode
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 40},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "city": {"type": "string", "maxLength": 40},
-    },
-    "required": ["name", "age", "city"],
-    "additionalProperties": False,
-}
-TEXTS = [
-    "John Smith is 31 and lives in Boston.",
-    "Maria Lopez, 45, moved to Madrid last spring.",
-    "At 27, Chen Wei already runs a bakery in Shanghai.",
-    "Our neighbour Tom Baker (62) has lived in Leeds all his life.",
-    "Aisha Khan is a 38-year-old doctor from Lahore.",
-    "The winner, 19-year-old Lucas Martin of Lyon, took the prize.",
-    "Olga Petrova celebrated her 50th birthday at home in Kazan.",
-    "Kenji Sato, aged 23, studies in Osaka.",
-    "Fatima Diallo is 34; she teaches in Dakar.",
-    "Peter Novak, 71, retired to Brno.",
-    "Sofia Rossi (29) works as an architect in Milan.",
-    "David Cohen is 40 and commutes to Haifa.",
-]
+SCHEMA = EXTRACTION_SCHEMA
+TEXTS = EXTRACTION_TEXTS
 CONSTRAINT = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
 CONFIGS = [  # label, mode, γ (0 = adaptive for speculative), constrained
     ("target free", Mode.TARGET, 0, False),
@@ -132,10 +111,8 @@ def main() -> None:
     }
     any_engine = next(iter(engines.values()))
     prompts = [
-        any_engine.render_chat(
-            [{"role": "user", "content": f"Extract the name, age and city as JSON: {text}"}]
-        )
-        for text in TEXTS[: args.prompts]
+        any_engine.render_chat([{"role": "user", "content": instruction}])
+        for instruction in extraction_instructions()[: args.prompts]
     ]
     print(
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {platform.node()}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ import torch
 from specdec.assets import resolve_pair
 from specdec.bench.llama_cpp import anchor_for
 from specdec.bench.report import report, save, theoretical_speedup
-from specdec.bench.runner import Anchor, Bench, BenchSettings, Config, plans
+from specdec.bench.runner import CONSTRAINED, Anchor, Bench, BenchSettings, Config, plans
 from specdec.bench.shapes import DEFAULT_DRAFT, SHAPES, hf_model, random_model, synthetic_tokenizer
+from specdec.bench.workloads import EXTRACTION_SCHEMA, extraction_instructions
 from specdec.config import Quantization
 from specdec.engine import resolve_device, resolve_dtype
 from specdec.errors import SpecdecError
+from specdec.grammar import Constraint, ConstraintKind
 from specdec.models.loader import LoadedModel, load_checkpoint
 from specdec.models.quantize import describe_weights, quantize_pair, stored_bytes
 from specdec.request import Mode
@@ -78,6 +81,36 @@ def _held_out_prompts(target_dir: Path, draft_dir: Path) -> Any:
     return None
 
 
+@dataclass(frozen=True)
+class JsonWorkload:
+    """`--json-schema`: the schema every "json ..." configuration's answers are constrained to."""
+
+    schema: Any
+    source: str  # "extraction" (built in) or the file
+    instructions: list[str]  # the user turns, unless --prompts gives others
+    constraint: Constraint
+    validator: Any
+
+
+def json_workload(spec: str) -> JsonWorkload:
+    """`extraction`: the built-in workload (`bench.workloads`); else a JSON Schema file, whose
+    prompts are --prompts' lines (as user turns) or the extraction instructions."""
+    from specdec.router.validators import compile_schema
+
+    if spec == "extraction":
+        schema: Any = EXTRACTION_SCHEMA
+    else:
+        try:
+            schema = json.loads(Path(spec).read_text())
+        except (OSError, ValueError) as e:
+            raise SpecdecError(f"--json-schema {spec}: not a readable JSON Schema file ({e})") from None
+    constraint = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
+    constraint.check()
+    return JsonWorkload(
+        schema, spec, extraction_instructions(), constraint, compile_schema(schema, "--json-schema")
+    )
+
+
 def _hf_loadable(model: Any) -> bool:
     """Whether transformers can load the checkpoint (not a subset head or borrowed tensors)."""
     config = model.config
@@ -130,11 +163,14 @@ def run(args: Any) -> dict[str, Any]:
         device=args.device,
         dtype=args.dtype,
     )
+    workload = json_workload(args.json_schema) if args.json_schema else None
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     count = max(settings.batch_sizes) * settings.waves
     hf_target = hf_draft = llama_cpp = None
     if args.random_weights:
+        if workload is not None:
+            raise SpecdecError("--json-schema needs a real pair's tokenizer; not with --random-weights")
         if args.shape not in SHAPES:
             raise SpecdecError(f"--shape {args.shape!r} is not one of {', '.join(SHAPES)}")
         draft_shape = args.draft_shape or DEFAULT_DRAFT.get(args.shape)
@@ -159,6 +195,10 @@ def run(args: Any) -> dict[str, Any]:
         texts = chat = None
         if args.prompts:
             texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+            if workload is not None:  # the constrained workload's user turns
+                chat, texts = texts, None
+        elif workload is not None:
+            chat = workload.instructions
         else:
             held_out = _held_out_prompts(target.path, draft.path)
             if isinstance(held_out, dict):
@@ -187,7 +227,15 @@ def run(args: Any) -> dict[str, Any]:
                 )
         source = {
             "checkpoints": {"target": str(target_dir), "draft": str(draft_dir)},
-            "prompts": "chat (held-out instructions)" if chat else "text" if texts else "random ids",
+            "prompts": (
+                "chat (the --json-schema workload's instructions)"
+                if workload is not None and chat
+                else "chat (held-out instructions)"
+                if chat
+                else "text"
+                if texts
+                else "random ids"
+            ),
         }
         if not args.no_llama_cpp and 1 in settings.batch_sizes:
             context = max(len(p) for p in prompts) + settings.new_tokens + 8
@@ -209,12 +257,15 @@ def run(args: Any) -> dict[str, Any]:
     pairs = quantized_pairs(target, draft, args.quantize)
     configs: list[Config] = []
     for quant, (_, quant_draft) in pairs.items():
-        configs.append(("target", Mode.TARGET, 0, quant))
-        if quant_draft.config.answers_alone:  # else it only speculates (validation)
-            configs.append(("draft", Mode.DRAFT, 0, quant))
-        for gamma in settings.gammas:
-            if gamma != 0:  # γ = 0 is the target alone, measured above
-                configs.append(("speculative", Mode.SPECULATIVE, gamma, quant))
+        for prefix in ("", CONSTRAINED) if workload is not None else ("",):  # free, then constrained
+            configs.append((prefix + "target", Mode.TARGET, 0, quant))
+            if quant_draft.config.answers_alone:  # else it only speculates (validation)
+                configs.append((prefix + "draft", Mode.DRAFT, 0, quant))
+            for gamma in settings.gammas:
+                if gamma != 0:  # γ = 0 is the target alone, measured above
+                    configs.append((prefix + "speculative", Mode.SPECULATIVE, gamma, quant))
+    if workload is not None:
+        source["json_schema"] = {"schema": workload.schema, "source": workload.source}
     source["quantizations"] = {
         quant: {"target": describe_weights(t), "draft": describe_weights(d),
                 "target_bytes": stored_bytes(t.model), "draft_bytes": stored_bytes(d.model),
@@ -223,7 +274,10 @@ def run(args: Any) -> dict[str, Any]:
     }  # fmt: skip
     runs = plans(settings, len(configs), hf_target is not None, assisted, llama_cpp is not None)
     with tqdm(total=runs, desc="bench", unit="run") as bar:
-        bench = Bench(pairs, settings, prompts, configs, progress=bar)
+        constraint, validator = (workload.constraint, workload.validator) if workload else (None, None)
+        bench = Bench(
+            pairs, settings, prompts, configs, progress=bar, constraint=constraint, validator=validator
+        )
         for batch in settings.batch_sizes:
             anchors: list[Anchor] = []
             if hf_target is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from specdec.bench.runner import Bench, BenchSettings, Row, mode_label
+from specdec.bench.runner import CONSTRAINED, Bench, BenchSettings, Row, constrained, mode_label
 from specdec.models.kv_cache import bytes_per_token
 from specdec.models.loader import LoadedModel
 from specdec.models.quantize import stored_bytes
@@ -96,11 +96,13 @@ def report(
             item: dict[str, Any] = {"tokens_per_second": round(row.tokens_per_second, 2)}
             if base:
                 item["speedup_vs_target"] = round(row.tokens_per_second / base.tokens_per_second, 3)
-            quant_base = find(mode_label("target", row.quantization), batch)
-            if row.quantization != "none" and quant_base:
-                item["speedup_vs_same_target"] = round(
-                    row.tokens_per_second / quant_base.tokens_per_second, 3
-                )
+            # Against the target alone as this row's models are quantized and its requests constrained.
+            is_constrained = constrained(row.mode.removeprefix(f"{row.quantization} "))
+            same = find(
+                mode_label((CONSTRAINED if is_constrained else "") + "target", row.quantization), batch
+            )
+            if (row.quantization != "none" or is_constrained) and same:
+                item["speedup_vs_same_target"] = round(row.tokens_per_second / same.tokens_per_second, 3)
             if llama_cpp := find("llama.cpp", batch):
                 item["ratio_to_llama_cpp"] = round(row.tokens_per_second / llama_cpp.tokens_per_second, 3)
             if assisted:
@@ -112,6 +114,9 @@ def report(
                     item["theoretical_speedup"] = round(theoretical_speedup(row.acceptance, row.gamma, c), 3)
             if row.gamma_histogram:
                 item["gamma_histogram"] = row.gamma_histogram
+            for name in ("constraint_complete", "schema_valid", "mean_output_tokens"):
+                if name in row.extra:
+                    item[name] = row.extra[name]
             entry["modes"][key] = item
         summary.append(entry)
     return {

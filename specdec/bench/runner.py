@@ -25,6 +25,7 @@ import torch
 
 from specdec.config import EngineConfig
 from specdec.engine import Engine
+from specdec.grammar import Constraint
 from specdec.models.loader import LoadedModel
 from specdec.request import Mode, Request
 from specdec.sampling import SamplingParams
@@ -32,8 +33,17 @@ from specdec.scheduler import StepReport
 from specdec.timing import PassKind
 
 # One engine configuration of the bench: (label, mode of its requests, γ: an int or "adaptive...",
-# the quantization of its pair: a key of Bench's `pairs`, "none" for the models as loaded).
+# the quantization of its pair: a key of Bench's `pairs`, "none" for the models as loaded). A label
+# starting with CONSTRAINED ("json target", "json speculative") runs its requests under the Bench's
+# constraint (`specdec bench --json-schema`).
 Config = tuple[str, Mode, "int | str", str]
+CONSTRAINED = "json "
+
+
+def constrained(label: str) -> bool:
+    return label.startswith(CONSTRAINED)
+
+
 # A baseline outside our engine (Hugging Face generate(), llama.cpp): its label, and one timed run
 # at a batch size returning tokens/s.
 Anchor = tuple[str, Callable[[int], float]]
@@ -113,8 +123,12 @@ class Bench:
         prompts: list[list[int]],
         configs: list[Config],
         progress: Any = None,
+        constraint: Constraint | None = None,  # the "json ..." configurations' (and a validator of it)
+        validator: Any = None,
     ):
         self.settings = settings
+        self.constraint = constraint
+        self.validator = validator
         self.prompts = prompts
         self.configs = configs
         self.progress = progress
@@ -142,20 +156,26 @@ class Bench:
 
     # --------------------------------------------------------------------------- our engine
 
-    def _requests(self, engine: Engine, count: int, mode: Mode, gamma: int | str) -> list[Request]:
+    def _requests(
+        self, engine: Engine, count: int, mode: Mode, gamma: int | str, label: str
+    ) -> list[Request]:
+        """Free requests run to their drawn lengths (ignore_eos); constrained ones end where the
+        grammar does (it ends on the end-of-sequence token), at most at their drawn lengths."""
         forced = gamma if isinstance(gamma, int) else 0  # 0: the adaptive policy decides
+        constraint = self.constraint if constrained(label) else None
         return [
             engine.make_request(
                 self.prompts[i % len(self.prompts)],
-                SamplingParams(max_new_tokens=self.output_lengths[i], ignore_eos=True),
+                SamplingParams(max_new_tokens=self.output_lengths[i], ignore_eos=constraint is None),
                 mode,
                 forced,
+                constraint=constraint,
             )
             for i in range(count)
         ]
 
     def _engine_once(
-        self, engine: Engine, batch: int, mode: Mode, gamma: int | str
+        self, engine: Engine, batch: int, mode: Mode, gamma: int | str, label: str
     ) -> tuple[float, float, list, dict[int, int]]:
         """One timed run: tokens/s while all `batch` slots are busy, tokens/s of the whole run, the
         results, and the γ each verified row ran with.
@@ -176,7 +196,7 @@ class Bench:
                 busy[0] += report.seconds
                 busy[1] += sum(len(o.new_token_ids) for o in report.outputs)
 
-        requests = self._requests(engine, batch * self.settings.waves, mode, gamma)
+        requests = self._requests(engine, batch * self.settings.waves, mode, gamma, label)
         t0 = time.perf_counter()
         out = engine.generate(requests, max_concurrency=batch, on_step=observe)
         elapsed = time.perf_counter() - t0
@@ -216,7 +236,7 @@ class Bench:
         for repeat in range(self.settings.repeats + 1):
             for label, mode, gamma, quant in self.configs:
                 key = config_key(label, gamma, quant)
-                rate, whole, out, seen = self._engine_once(self.engines[key], batch, mode, gamma)
+                rate, whole, out, seen = self._engine_once(self.engines[key], batch, mode, gamma, label)
                 if repeat:
                     rates.setdefault(key, []).append(rate)
                     whole_rates.setdefault(key, []).append(whole)
@@ -234,6 +254,8 @@ class Bench:
             self._add_engine_row(batch, label, mode, gamma, rates[key], results[key], decisions.get(key, {}))
             self.rows[-1].mode, self.rows[-1].quantization = mode_label(label, quant), quant
             self.rows[-1].extra["whole_run_tokens_per_second"] = round(statistics.median(whole_rates[key]), 2)
+            if constrained(label):
+                self.rows[-1].extra.update(self._constrained_outcomes(results[key]))
         for label, _ in anchors:
             self.rows.append(
                 Row(mode=label, gamma=None, batch_size=batch, tokens_per_second=statistics.median(rates[label]),
@@ -250,7 +272,7 @@ class Bench:
         results: list,
         decisions: dict[int, int],
     ) -> None:
-        row = Row(mode=label, gamma=gamma if label == "speculative" else None, batch_size=batch,
+        row = Row(mode=label, gamma=gamma if mode is Mode.SPECULATIVE else None, batch_size=batch,
                   tokens_per_second=statistics.median(rates), samples=[round(r, 2) for r in rates])  # fmt: skip
         if mode is Mode.SPECULATIVE:
             steps = sum(r.stats.verify_steps for r in results)
@@ -279,6 +301,22 @@ class Bench:
                 row.acceptance = round(sum(acc) / tested, 4) if tested else None
                 row.gamma_histogram = dict(sorted(decisions.items()))
         self.rows.append(row)
+
+    def _constrained_outcomes(self, results: list) -> dict[str, Any]:
+        """How the constrained answers stand: the share whose constraint is complete and (a JSON
+        Schema's) the share that validates, and their mean length - shorter than the free rows'
+        drawn lengths, which tokens/s alone does not show."""
+        from specdec.router.validators import check_json
+
+        complete = sum(1 for r in results if r.constraint is not None and r.constraint.complete)
+        out = {
+            "constraint_complete": round(complete / len(results), 4),
+            "mean_output_tokens": round(statistics.mean(len(r.token_ids) for r in results), 2),
+        }
+        if self.validator is not None:
+            valid = sum(1 for r in results if check_json(r.text, self.validator).valid)
+            out["schema_valid"] = round(valid / len(results), 4)
+        return out
 
     def pass_costs(self, max_gamma: int = 4, rounds: int = 5) -> dict[str, dict[str, float]]:
         """Milliseconds of one pass at batch size 1 for each quantization: the target at width 1

@@ -51,6 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "configuration); 0 = all exactly new-tokens, which runs target-alone rows in lockstep",
     )
     bench.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
+    bench.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="extraction|FILE",
+        help="also run every configuration constrained to a JSON Schema (rows 'json target', 'json "
+        "speculative', ...) on chat prompts: 'extraction' is a built-in workload (name, age and city "
+        "from a sentence); a schema FILE takes its user turns from --prompts (one per line) or the "
+        "same extraction instructions. Constrained answers end where the grammar does",
+    )
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
     bench.add_argument(
         "--no-llama-cpp",

@@ -122,3 +122,47 @@ def test_bench_with_a_draft_that_only_speculates(pairs, tmp_path):
     assert {r["mode"] for r in result["rows"]} == {"target", "speculative", "hf-target"}
     [entry] = result["summary"]
     assert entry["cost_ratio_c"] > 0 and entry["modes"]["speculative-gamma2"]["acceptance"] > 0
+
+
+def test_bench_runs_a_json_schema_workload_beside_the_free_one(pairs, tmp_path):
+    """--json-schema: every configuration again under the schema ("json ..." rows), each compared
+    with the constrained target alone, with the share of answers complete and valid."""
+    target, draft = pairs("llama-close")
+    flag = {
+        "type": "object",
+        "properties": {"a": {"type": "boolean"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(flag))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("is it on?\nanswer as JSON\n")
+    out = tmp_path / "bench"
+    proc = _run(
+        "--target", str(target), "--draft", str(draft), "--batch-sizes", "1", "--gamma", "0,2",
+        "--new-tokens", "12", "--repeats", "1", "--no-hf", "--json-schema", str(schema),
+        "--prompts", str(prompts), "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert {r["mode"] for r in result["rows"]} == {
+        "target", "draft", "speculative", "json target", "json draft", "json speculative"
+    }  # fmt: skip
+    assert result["json_schema"]["schema"] == flag and result["prompts"].startswith("chat")
+    [entry] = result["summary"]
+    modes = entry["modes"]
+    for key in ("json target", "json draft", "json speculative-gamma2"):
+        item = modes[key]
+        # A boolean flag's object is a few tokens: every answer completes and validates.
+        assert item["constraint_complete"] == 1.0 and item["schema_valid"] == 1.0
+        assert 0 < item["mean_output_tokens"] < 12
+        same = item["tokens_per_second"] / modes["json target"]["tokens_per_second"]
+        assert item["speedup_vs_same_target"] == round(same, 3)
+    assert "constraint_complete" not in modes["speculative-gamma2"]  # the free rows are free
+    assert modes["json speculative-gamma2"]["acceptance"] > 0
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = _run("--target", str(target), "--draft", str(draft), "--json-schema", str(bad), "--out", str(out))
+    assert proc.returncode != 0 and f"--json-schema {bad}: not a readable JSON Schema file" in proc.stderr

@@ -301,11 +301,13 @@ def sampled_joint_of_three(
     seed_base: int = 0,
     constraint: Any = None,
     agreement: tuple[float, float] = (0.2, 0.95),
+    external_draft: list[int] | None = None,
 ) -> Any:
     """Counts [vocab**3] (numpy) of the first three tokens of `n` seeded speculative requests
     (seeds seed_base, seed_base + 1, ...) under `params`' sampling transform at a forced `gamma`
     (and `constraint`, which must rule out an end of sequence in three tokens: a constraint
-    cannot ignore it); asserts the draft agreed often but not always (an acceptance rate within
+    cannot ignore it), every request with `external_draft` if given (a prediction: verified as
+    point masses); asserts the draft agreed often but not always (an acceptance rate within
     `agreement`), or the test would say nothing of the rule."""
     import numpy as np
 
@@ -322,6 +324,7 @@ def sampled_joint_of_three(
             Mode.SPECULATIVE,
             gamma,
             constraint=constraint,
+            external_draft=external_draft,
         )
         for i in range(n)
     ]  # fmt: skip

@@ -427,6 +427,17 @@ def test_constrained_sampling_keeps_the_constrained_targets_joint(word_engine, w
         assert chi_square_pvalue(observed, wrong) > ALPHA
 
 
+def test_a_constrained_external_draft_keeps_the_joint(word_engine, word_pair):
+    """The router's escalation path: a previous answer (here a fixed prediction, w3 w5 w15, which
+    the grammar allows) as the external draft of a constrained sampled request, verified as point
+    masses under the grammar: still the constrained target's joint."""
+    observed = sampled_joint_of_three(
+        word_engine, PROMPT, V, PARAMS, 2, N // 2, seed_base=60_000, constraint=WORDS,
+        agreement=(0.02, 0.98), external_draft=[3, 5, 15],
+    )  # fmt: skip
+    assert chi_square_pvalue(observed, _masked_joint(word_pair[0], PARAMS, WORDS)) > ALPHA
+
+
 @pytest.fixture(scope="module")
 def subset_word_engine(word_engine, word_pair, tmp_path_factory):
     """A small-head draft without w4, w7, w8, w11, w12, w13, w14: after w3, w6 or w10 the

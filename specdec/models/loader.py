@@ -317,7 +317,13 @@ def _read_weights(
                     f"head_dim {config.head_dim}, vocab {config.vocab_size})"
                 )
             # Weights take the engine's dtype; integer tensors (a subset head's token ids) stay ids.
-            state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else torch.long)
+            loaded = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else torch.long)
+            if loaded.data_ptr() == tensor.data_ptr():
+                # Nothing was converted, so this is still safetensors' memory map of the file:
+                # a checkpoint overwritten in place under a running server would change (or
+                # corrupt: garbage token ids) the served weights. Own the memory instead.
+                loaded = loaded.clone()
+            state[key] = loaded
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise CheckpointError(f"{path}: weights missing from the checkpoint: {shown}")

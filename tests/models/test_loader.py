@@ -179,3 +179,23 @@ def test_inconsistent_heads(copy_of):
     _edit_config(path, num_key_value_heads=3)
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_overwritten_in_place_does_not_change_the_loaded_weights(copy_of):
+    """Weights loaded without a conversion (float32 served as float32, a subset head's token ids)
+    must not stay safetensors' memory map of the file: `cp new/model.safetensors old/` under a
+    running server once changed its token ids to garbage mid-request."""
+    path = copy_of()
+    loaded = load_checkpoint(path, dtype=torch.float32)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    file = path / "model.safetensors"
+    zeroed = {k: torch.zeros_like(v) for k, v in load_file(str(file)).items()}
+    data = bytearray(file.read_bytes())
+    save_file(zeroed, str(path / "zeros.safetensors"), metadata={"format": "pt"})
+    replacement = (path / "zeros.safetensors").read_bytes()
+    assert len(replacement) == len(data)  # same header length: the same layout, other bytes
+    with file.open("r+b") as f:  # in place, as cp does: the same inode, new contents
+        f.write(replacement)
+    assert any(v.abs().sum() > 0 for v in before.values())
+    for key, tensor in loaded.model.state_dict().items():
+        torch.testing.assert_close(tensor, before[key], rtol=0, atol=0, msg=key)

@@ -46,3 +46,49 @@ def test_module_keeps_nn_linear_parameters_and_gradients():
     x_ref = x.detach().clone().requires_grad_(True)
     reference(x_ref).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_each_shape_measures_its_order_once_and_the_environment_can_force_one(monkeypatch):
+    """Which order is faster depends on the machine (models.linear): each (rows, out, in) is timed
+    at its first product and keeps its choice; SPECDEC_FEW_ROW_MATMUL forces one, timing nothing.
+    Either way the result is F.linear's."""
+    from specdec.models import linear as module
+
+    calls = []
+    monkeypatch.setattr(module, "_transposed_faster", {})
+    monkeypatch.setattr(module, "_measure", lambda rows, w: calls.append((rows, *w.shape)) or rows % 2 == 0)
+    weight, x3, x4 = torch.randn(12, 8), torch.randn(3, 8), torch.randn(4, 8)
+    for _ in range(3):
+        torch.testing.assert_close(linear(x3, weight), F.linear(x3, weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(x4, weight), F.linear(x4, weight), rtol=1e-5, atol=1e-5)
+    assert calls == [(3, 12, 8), (4, 12, 8)]  # once per shape
+    assert module._transposed_faster == {(3, 12, 8): False, (4, 12, 8): True}
+    for forced in ("linear", "transposed"):
+        monkeypatch.setattr(module, "FORCED", forced)
+        assert module.transposed_is_faster(5, weight) is (forced == "transposed")
+        torch.testing.assert_close(linear(torch.ones(5, 8), weight), F.linear(torch.ones(5, 8), weight))
+    assert len(calls) == 2  # forcing measured nothing
+
+
+@pytest.mark.parametrize(
+    "linear_cost,transposed_cost,chosen", [(2.0, 1.0, True), (1.0, 2.0, False), (1.0, 0.95, False)]
+)
+def test_the_measurement_takes_the_transposed_order_only_when_clearly_faster(
+    monkeypatch, linear_cost, transposed_cost, chosen
+):
+    """_measure on a fake clock that each product advances by its cost: the transposed order is
+    taken when it is more than 10% faster, never on a tie (F.linear is the default)."""
+    from specdec.models import linear as module
+
+    clock = [0.0]
+
+    def costing(seconds):
+        def product(*args, **kwargs):
+            clock[0] += seconds
+
+        return product
+
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(module.F, "linear", costing(linear_cost))
+    monkeypatch.setattr(module.torch, "mm", costing(transposed_cost))
+    assert module._measure(3, torch.zeros(4, 2)) is chosen

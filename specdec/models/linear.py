@@ -4,8 +4,8 @@ A decode or verify pass multiplies each weight by very few rows: one per running
 draft position, 2-8 at batch size 1-4. For those shapes which of the CPU BLAS kernels is fast
 depends on the machine: on the 2-core VM this project was first measured on, ``x @ W^T``
 (F.linear) took twice as long for SmolLM2's pass at 3 rows as at 1 and the same product written
-as ``(W @ x^T)^T`` cost about what one row does (docs/BENCHMARKS.md, "Few-row matmuls on the
-CPU"); on a later AVX-512 VM it was the other way round - the rewrite 2-3x slower than F.linear at
+as ``(W @ x^T)^T`` cost about what one row does (docs/BENCHMARKS.md, "CPU: few-row
+matmuls"); on a later AVX-512 VM it was the other way round - the rewrite 2-3x slower than F.linear at
 2-5 rows, which made every verify pass cost two decode passes. So neither order is fixed: the
 first product of each (rows, out, in) shape times both (a few interleaved repeats, a few ms in
 all, during the engine's warm-up when it has one) and that shape keeps the faster for the life of

@@ -44,8 +44,9 @@ def test_smollm2_answers_the_chat_prompt_token_for_token_with_transformers():
 
 
 def test_the_shipped_draft_speculates_exactly_for_smollm2():
-    """The default pair as `make serve` serves it: the draft distilled here (a subset head over the
-    target's embeddings, bf16, small enough to ship) gives the target's greedy tokens exactly."""
+    """The default pair as `make serve` serves it: the draft distilled here (a feature-reading
+    subset head over the target's embeddings, bf16, small enough to ship) gives the target's greedy
+    tokens exactly."""
     from safetensors import safe_open
 
     from specdec.assets import default_draft
@@ -63,6 +64,7 @@ def test_the_shipped_draft_speculates_exactly_for_smollm2():
         config=EngineConfig(max_batch_size=2, max_context=256, warmup=False, dtype="float32"),
     )
     assert engine.draft.config.head_tokens == 8192 and engine.draft.config.shared_embeddings
+    assert engine.draft.config.feature_input  # EAGLE-style: it reads the target's hidden states
     assert engine.draft.model.embed_tokens.weight is engine.target.model.embed_tokens.weight
     prompts = [
         engine.render_chat([{"role": "user", "content": text}])

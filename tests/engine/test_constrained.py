@@ -459,3 +459,44 @@ def test_a_subset_head_draft_under_a_grammar_keeps_the_joint(subset_word_engine,
     )
     assert observed.sum() == N // 2  # no row failed for want of a proposable token
     assert chi_square_pvalue(observed, _masked_joint(word_pair[0], PARAMS, WORDS)) > ALPHA
+
+
+def test_free_rows_keep_one_host_read_per_step_and_constrained_rows_add_one_per_draft_pass(
+    engine, monkeypatch
+):
+    """The design's one device-to-host copy per step (`readback.HostCopy.fetch`) holds for every
+    decode step; the matchers' read of the proposals (`_DraftGrammar.advance`, one per draft pass) happens
+    only in steps that have a constrained drafting row - never for a batch of free rows."""
+    from specdec import speculative
+    from specdec.readback import HostCopy
+
+    counts = {"fetch": 0, "advance": 0}
+    real_fetch, real_advance = HostCopy.fetch, speculative._DraftGrammar.advance
+
+    def fetch(self, device):
+        counts["fetch"] += 1
+        return real_fetch(self, device)
+
+    def advance(self, *args):
+        counts["advance"] += 1
+        return real_advance(self, *args)
+
+    monkeypatch.setattr(HostCopy, "fetch", fetch)
+    monkeypatch.setattr(speculative._DraftGrammar, "advance", advance)
+    runner = _scheduled(engine, [3])  # γ = 3 every step
+    steps = []
+    free = [
+        runner.make_request(p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for p in ("the cat", "x")
+    ]
+    runner.generate(free, on_step=steps.append)
+    decode_steps = sum(1 for s in steps if s.gammas)
+    assert counts["advance"] == 0 and counts["fetch"] == decode_steps > 0
+    counts.update(fetch=0, advance=0)
+    steps.clear()
+    mixed = [
+        runner.make_request("the cat", SamplingParams(max_new_tokens=12, ignore_eos=True)),
+        runner.make_request("x", SamplingParams(max_new_tokens=12), constraint=CONSTRAINTS["json"]),
+    ]
+    runner.generate(mixed, on_step=steps.append)
+    assert counts["fetch"] == sum(1 for s in steps if s.gammas)
+    assert 0 < counts["advance"] <= 3 * len(steps)  # at most one per draft pass of each step

@@ -7,9 +7,13 @@ import torch.nn.functional as F
 from specdec.models.linear import FEW_ROWS, Linear, linear
 
 
+@pytest.mark.parametrize("order", ["linear", "transposed"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_equals_f_linear(rows, with_bias):
+def test_linear_equals_f_linear(rows, with_bias, order, monkeypatch):
+    from specdec.models import linear as module
+
+    monkeypatch.setattr(module, "FORCED", order)
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 40, generator=g)
     bias = torch.randn(96, generator=g) if with_bias else None
@@ -55,6 +59,7 @@ def test_each_shape_measures_its_order_once_and_the_environment_can_force_one(mo
     from specdec.models import linear as module
 
     calls = []
+    monkeypatch.setattr(module, "FORCED", None)  # the suite pins one order (tests/conftest.py)
     monkeypatch.setattr(module, "_transposed_faster", {})
     monkeypatch.setattr(module, "_measure", lambda rows, w: calls.append((rows, *w.shape)) or rows % 2 == 0)
     weight, x3, x4 = torch.randn(12, 8), torch.randn(3, 8), torch.randn(4, 8)

@@ -17,13 +17,34 @@ with near-tie tolerance, a χ² test, a synthetic cost model, and a server on a 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from specdec.grammar import Constraint, ConstraintKind
 from specdec.tokenization import END_OF_TEXT, train_byte_bpe
+
+# One constraint of each kind, for the constrained-output tests (engine, router): a JSON Schema
+# with a bounded string, an integer and an enum, any JSON object, a regex, and an EBNF grammar.
+EXAMPLE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "pet": {"enum": ["cat", "dog"]},
+    },
+    "required": ["name", "age", "pet"],
+    "additionalProperties": False,
+}
+EXAMPLE_CONSTRAINTS = {
+    "schema": Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(EXAMPLE_SCHEMA)),
+    "json": Constraint(ConstraintKind.JSON_OBJECT),
+    "regex": Constraint(ConstraintKind.REGEX, r"(cat|dog) [0-9]{1,3}!"),
+    "grammar": Constraint(ConstraintKind.GRAMMAR, 'root ::= "[" item ("," item)* "]"\nitem ::= [a-c]+'),
+}
 
 # A small mixed corpus: enough structure for BPE merges, embedded so nothing is read from disk.
 _CORPUS = [

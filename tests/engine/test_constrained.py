@@ -22,26 +22,17 @@ from specdec.grammar import UNENFORCED_KEYWORDS, Constraint, ConstraintKind, Gra
 from specdec.planner import GammaPlanner
 from specdec.request import FinishReason, Mode
 from specdec.sampling import SamplingTensors, probabilities
-from specdec.testing import chi_square_pvalue, hf_reference, sampled_joint_of_three, tiny_tokenizer
+from specdec.testing import (
+    EXAMPLE_CONSTRAINTS,
+    chi_square_pvalue,
+    hf_reference,
+    sampled_joint_of_three,
+    tiny_tokenizer,
+)
 
 CONFIG = EngineConfig(max_batch_size=8, max_context=160, max_gamma=8)
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "pet": {"enum": ["cat", "dog"]},
-    },
-    "required": ["name", "age", "pet"],
-    "additionalProperties": False,
-}
-CONSTRAINTS = {
-    "schema": Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(PERSON)),
-    "json": Constraint(ConstraintKind.JSON_OBJECT),
-    "regex": Constraint(ConstraintKind.REGEX, r"(cat|dog) [0-9]{1,3}!"),
-    "grammar": Constraint(ConstraintKind.GRAMMAR, 'root ::= "[" item ("," item)* "]"\nitem ::= [a-c]+'),
-}
+CONSTRAINTS = EXAMPLE_CONSTRAINTS
 
 
 def _valid(constraint: Constraint, text: str) -> bool:

@@ -20,21 +20,10 @@ from specdec.router.router import Router
 from specdec.router.routes import parse_routes
 from specdec.router.tools import parse_tools
 from specdec.router.validators import SchemaCache
-from specdec.testing import ToolCallingEndpoint
+from specdec.testing import EXAMPLE_CONSTRAINTS, EXAMPLE_SCHEMA, ToolCallingEndpoint
 
 MESSAGES = [{"role": "user", "content": "name and age, please"}]
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
-CONSTRAINTS = {
-    "schema": Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(PERSON)),
-    "json": Constraint(ConstraintKind.JSON_OBJECT),
-    "regex": Constraint(ConstraintKind.REGEX, r"(cat|dog) [0-9]{1,3}!"),
-    "grammar": Constraint(ConstraintKind.GRAMMAR, 'root ::= "[" item ("," item)* "]"\nitem ::= [a-c]+'),
-}
+CONSTRAINTS = EXAMPLE_CONSTRAINTS
 PARAMS = SamplingParams(max_new_tokens=40)
 
 
@@ -78,7 +67,7 @@ def test_every_tier_decodes_under_the_constraint_and_escalation_is_exact(engine,
     if big.constraint.complete:
         text = routed.text
         if kind == "schema":
-            assert set(json.loads(text)) == {"name", "age"} and record.schema_valid is True
+            assert set(json.loads(text)) == {"name", "age", "pet"} and record.schema_valid is True
         elif kind == "json":
             assert isinstance(json.loads(text), dict) and record.schema_valid is True
         elif kind == "regex":
@@ -141,7 +130,7 @@ def test_an_endpoint_tier_is_asked_for_the_schema_and_judged_by_it(engine):
         [body] = api.bodies
         assert body["response_format"] == {
             "type": "json_schema",
-            "json_schema": {"name": "response", "schema": PERSON},
+            "json_schema": {"name": "response", "schema": EXAMPLE_SCHEMA},
         }
         assert routed.record.tier == "big" and routed.record.schema_valid is False
         assert routed.constraint is not None and routed.constraint.complete is False

@@ -178,8 +178,10 @@ class Router:
         override = override or Override()
         route = self._overridden(self.route(route_name), override)
         params = params or SamplingParams()
-        if json_schema is None and constraint is not None:
-            json_schema = constraint_schema(constraint)
+        if constraint is not None:
+            constraint.check()  # named errors before its schema is read (the servers compiled it already)
+            if json_schema is None:
+                json_schema = constraint_schema(constraint)
         validator = None if json_schema is None else self.schemas.validator(json_schema)
         if prompt is None:
             prompt = self.engine.render_chat(with_tools(messages, tools))

@@ -153,3 +153,9 @@ def test_a_constraint_with_tools_is_refused_by_name(engine):
         _router(engine, {"confidence_below": 1.0}).generate(
             "r", MESSAGES, PARAMS, tools=tools, constraint=CONSTRAINTS["json"]
         )
+
+
+def test_a_constraint_that_is_not_json_is_refused_by_name_before_any_tier_runs(engine):
+    broken = Constraint(ConstraintKind.JSON_SCHEMA, "{not json")
+    with pytest.raises(InvalidRequestError, match=r"^json_schema: not valid JSON"):
+        _router(engine, {"confidence_below": 1.0}).generate("r", MESSAGES, PARAMS, constraint=broken)

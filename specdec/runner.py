@@ -71,7 +71,7 @@ class ModelRunner:
             self.vocab_size,
             kernels,
             config.max_gamma,
-            mask_drafts=config.mask_constrained_drafts,
+            mask_drafts=mask_drafts_on(config.mask_constrained_drafts, target.device),
         )
 
     @property
@@ -208,3 +208,8 @@ def _defers_last_chunk(seq: Sequence, n: int) -> bool:
     return (
         bool(seq.external_pending) and seq.mode in _TARGET_MODES and seq.prefilled + n >= seq.num_prompt - 1
     )
+
+
+def mask_drafts_on(configured: bool | None, device: torch.device) -> bool:
+    """EngineConfig.mask_constrained_drafts as it applies on `device` (None: masked on the CPU only)."""
+    return device.type == "cpu" if configured is None else configured

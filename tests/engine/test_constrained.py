@@ -491,3 +491,14 @@ def test_free_rows_keep_one_host_read_per_step_and_constrained_rows_add_one_per_
     runner.generate(mixed, on_step=steps.append)
     assert counts["fetch"] == sum(1 for s in steps if s.gammas)
     assert 0 < counts["advance"] <= 3 * len(steps)  # at most one per draft pass of each step
+
+
+def test_drafts_are_masked_by_default_on_the_cpu_only():
+    """On the CPU a host read costs nothing and masked drafting measured faster; on a GPU each read
+    synchronises, so by default constrained rows draft unmasked there (one extra read a step, not
+    one per draft pass); EngineConfig.mask_constrained_drafts overrides either way."""
+    from specdec.runner import mask_drafts_on
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert mask_drafts_on(None, cpu) is True and mask_drafts_on(None, cuda) is False
+    assert mask_drafts_on(True, cuda) is True and mask_drafts_on(False, cpu) is False

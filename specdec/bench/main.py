@@ -159,6 +159,7 @@ def run(args: Any) -> dict[str, Any]:
         repeats=args.repeats,
         waves=args.waves,
         length_spread=args.length_spread,
+        respect_eos=args.respect_eos,
         hf=not args.no_hf,
         device=args.device,
         dtype=args.dtype,

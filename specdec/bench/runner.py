@@ -66,6 +66,10 @@ class BenchSettings:
     # rows run in lockstep - finishing together, prefilled as one batch, all at one position - which
     # no server with real traffic sees and speculation (rows advance unevenly) cannot match.
     length_spread: float = 0.5
+    # Answers end at their end of sequence (at most their drawn length), as a chat server's do:
+    # the acceptance then is that of real answers, not of text past the end of turn, which no
+    # draft is trained on. Off by default: fixed lengths keep the configurations' work equal.
+    respect_eos: bool = False
     hf: bool = True
     device: str = "auto"
     dtype: str = "auto"
@@ -159,14 +163,18 @@ class Bench:
     def _requests(
         self, engine: Engine, count: int, mode: Mode, gamma: int | str, label: str
     ) -> list[Request]:
-        """Free requests run to their drawn lengths (ignore_eos); constrained ones end where the
-        grammar does (it ends on the end-of-sequence token), at most at their drawn lengths."""
+        """Free requests run to their drawn lengths (ignore_eos) unless `respect_eos`; constrained
+        ones end where the grammar does (it ends on the end-of-sequence token), at most at their
+        drawn lengths."""
         forced = gamma if isinstance(gamma, int) else 0  # 0: the adaptive policy decides
         constraint = self.constraint if constrained(label) else None
         return [
             engine.make_request(
                 self.prompts[i % len(self.prompts)],
-                SamplingParams(max_new_tokens=self.output_lengths[i], ignore_eos=constraint is None),
+                SamplingParams(
+                    max_new_tokens=self.output_lengths[i],
+                    ignore_eos=constraint is None and not self.settings.respect_eos,
+                ),
                 mode,
                 forced,
                 constraint=constraint,

@@ -50,6 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="each output's length is drawn from new-tokens x [1 - s, 1 + s] (seeded, the same for every "
         "configuration); 0 = all exactly new-tokens, which runs target-alone rows in lockstep",
     )
+    bench.add_argument(
+        "--respect-eos",
+        action="store_true",
+        help="our engine's answers end at their end of sequence (at most their drawn length), as a chat "
+        "server's do, so acceptance is that of real answers; by default they run to their drawn lengths "
+        "(Hugging Face's always do)",
+    )
     bench.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
     bench.add_argument(
         "--json-schema",

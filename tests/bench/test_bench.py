@@ -166,3 +166,29 @@ def test_bench_runs_a_json_schema_workload_beside_the_free_one(pairs, tmp_path):
     bad.write_text("{not json")
     proc = _run("--target", str(target), "--draft", str(draft), "--json-schema", str(bad), "--out", str(out))
     assert proc.returncode != 0 and f"--json-schema {bad}: not a readable JSON Schema file" in proc.stderr
+
+
+@pytest.mark.parametrize("respect_eos", [False, True])
+def test_respect_eos_lets_the_engines_answers_end_at_their_end_of_sequence(pairs, respect_eos):
+    from specdec.bench.runner import CONSTRAINED, Bench, BenchSettings
+    from specdec.grammar import Constraint, ConstraintKind
+    from specdec.models import load_checkpoint
+    from specdec.request import Mode
+
+    target_dir, draft_dir = pairs("llama-close")
+    target = load_checkpoint(target_dir)
+    draft = load_checkpoint(draft_dir)
+    settings = BenchSettings(batch_sizes=[1], gammas=[0], new_tokens=8, respect_eos=respect_eos)
+    configs = [("target", Mode.TARGET, 0, "none"), (CONSTRAINED + "target", Mode.TARGET, 0, "none")]
+    bench = Bench(
+        {"none": (target, draft)},
+        settings,
+        [[5, 6, 7]],
+        configs,
+        constraint=Constraint(ConstraintKind.JSON_OBJECT),
+    )
+    engine = next(iter(bench.engines.values()))
+    [free] = bench._requests(engine, 1, Mode.TARGET, 0, "target")
+    [constrained] = bench._requests(engine, 1, Mode.TARGET, 0, CONSTRAINED + "target")
+    assert free.params.ignore_eos is not respect_eos and constrained.params.ignore_eos is False
+    assert free.params.max_new_tokens == bench.output_lengths[0]

@@ -87,7 +87,6 @@ class JsonWorkload:
 
     schema: Any
     source: str  # "extraction" (built in) or the file
-    instructions: list[str]  # the user turns, unless --prompts gives others
     constraint: Constraint
     validator: Any
 
@@ -106,9 +105,7 @@ def json_workload(spec: str) -> JsonWorkload:
             raise SpecdecError(f"--json-schema {spec}: not a readable JSON Schema file ({e})") from None
     constraint = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
     constraint.check()
-    return JsonWorkload(
-        schema, spec, extraction_instructions(), constraint, compile_schema(schema, "--json-schema")
-    )
+    return JsonWorkload(schema, spec, constraint, compile_schema(schema, "--json-schema"))
 
 
 def _hf_loadable(model: Any) -> bool:
@@ -194,12 +191,13 @@ def run(args: Any) -> dict[str, Any]:
         target = load_checkpoint(target_dir, device=device, dtype=dtype)
         draft = load_checkpoint(draft_dir, device=device, dtype=dtype, borrow_from=target)
         texts = chat = None
+        kind = "held-out instructions"
         if args.prompts:
             texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
             if workload is not None:  # the constrained workload's user turns
-                chat, texts = texts, None
+                chat, texts, kind = texts, None, "--prompts, as user turns"
         elif workload is not None:
-            chat = workload.instructions
+            chat, kind = extraction_instructions(), "the extraction instructions"
         else:
             held_out = _held_out_prompts(target.path, draft.path)
             if isinstance(held_out, dict):
@@ -228,15 +226,7 @@ def run(args: Any) -> dict[str, Any]:
                 )
         source = {
             "checkpoints": {"target": str(target_dir), "draft": str(draft_dir)},
-            "prompts": (
-                "chat (the --json-schema workload's instructions)"
-                if workload is not None and chat
-                else "chat (held-out instructions)"
-                if chat
-                else "text"
-                if texts
-                else "random ids"
-            ),
+            "prompts": f"chat ({kind})" if chat else "text" if texts else "random ids",
         }
         if not args.no_llama_cpp and 1 in settings.batch_sizes:
             context = max(len(p) for p in prompts) + settings.new_tokens + 8

@@ -318,8 +318,9 @@ def _read_weights(
                 )
             # Weights take the engine's dtype; integer tensors (a subset head's token ids) stay ids.
             loaded = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else torch.long)
-            if loaded.data_ptr() == tensor.data_ptr():
-                # Nothing was converted, so this is still safetensors' memory map of the file:
+            if len(parts) == 1 and loaded.data_ptr() == tensor.data_ptr():
+                # Read from one tensor and not converted, so still safetensors' memory map of the
+                # file (a concatenation of several is already a copy):
                 # a checkpoint overwritten in place under a running server would change (or
                 # corrupt: garbage token ids) the served weights. Own the memory instead.
                 loaded = loaded.clone()

@@ -12,11 +12,14 @@ be added as further steps before temperature without touching the callers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from specdec.errors import InvalidRequestError
+from specdec.staging import HostStaging
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -99,19 +102,50 @@ class SamplingTensors:
     top_k: torch.Tensor  # [N] int64, 0 = off
     top_p: torch.Tensor  # [N] float32
     greedy: torch.Tensor  # [N] bool
-    any_sampled: bool  # host-side: is there any row to transform at all
-    any_truncation: bool  # host-side: does any row use top-k or top-p (the sort is skipped if not)
+    sampled_rows: tuple[bool, ...]  # host-side, per row: does it sample (not greedy)
+    truncating_rows: tuple[bool, ...]  # host-side, per row: does it sample with top-k or top-p
+
+    @property
+    def any_sampled(self) -> bool:
+        """Is there any row to transform at all."""
+        return any(self.sampled_rows)
+
+    @property
+    def any_truncation(self) -> bool:
+        """Does any row use top-k or top-p (the sort is skipped if not)."""
+        return any(self.truncating_rows)
 
     @staticmethod
     def from_params(params: list[SamplingParams], device: torch.device) -> SamplingTensors:
-        temperature = [p.temperature if not p.greedy else 1.0 for p in params]
+        staging = HostStaging()
+        staged = SamplingTensors.stage(params, staging)
+        return staged.on_device(staging.upload(device))
+
+    @staticmethod
+    def stage(params: list[SamplingParams], staging: HostStaging) -> StagedSampling:
+        """The parameters' arrays, added to a step's one host-to-device copy (`specdec.staging`)."""
+        floats = np.array(
+            [[p.temperature if not p.greedy else 1.0 for p in params], [p.top_p for p in params]],
+            dtype=np.float32,
+        ).reshape(2, len(params))
+        return StagedSampling(
+            staging.add(floats),
+            staging.add(np.array([p.top_k for p in params], dtype=np.int64)),
+            staging.add(np.array([p.greedy for p in params], dtype=np.bool_)),
+            tuple(not p.greedy for p in params),
+            tuple(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+        )
+
+    def take(self, rows: list[int], select: Callable[[torch.Tensor], torch.Tensor]) -> SamplingTensors:
+        """The parameters of some rows: `select` takes them from each [N] tensor (a slice or a
+        gather made by the caller, which knows how the rows lie), `rows` names them for the host."""
         return SamplingTensors(
-            temperature=torch.tensor(temperature, dtype=torch.float32).to(device, non_blocking=True),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64).to(device, non_blocking=True),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True),
-            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool).to(device, non_blocking=True),
-            any_sampled=any(not p.greedy for p in params),
-            any_truncation=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+            temperature=select(self.temperature),
+            top_k=select(self.top_k),
+            top_p=select(self.top_p),
+            greedy=select(self.greedy),
+            sampled_rows=tuple(self.sampled_rows[r] for r in rows),
+            truncating_rows=tuple(self.truncating_rows[r] for r in rows),
         )
 
     def repeat_rows(self, n: int) -> SamplingTensors:
@@ -121,8 +155,30 @@ class SamplingTensors:
             top_k=self.top_k.repeat_interleave(n),
             top_p=self.top_p.repeat_interleave(n),
             greedy=self.greedy.repeat_interleave(n),
-            any_sampled=self.any_sampled,
-            any_truncation=self.any_truncation,
+            sampled_rows=tuple(f for f in self.sampled_rows for _ in range(n)),
+            truncating_rows=tuple(f for f in self.truncating_rows for _ in range(n)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StagedSampling:
+    """SamplingTensors staged for an upload: the handles of its arrays and the host-side flags."""
+
+    floats: int  # [2, N] float32: temperature, top_p
+    top_k: int
+    greedy: int
+    sampled_rows: tuple[bool, ...]
+    truncating_rows: tuple[bool, ...]
+
+    def on_device(self, uploaded: list[torch.Tensor]) -> SamplingTensors:
+        floats = uploaded[self.floats]
+        return SamplingTensors(
+            floats[0],
+            uploaded[self.top_k],
+            floats[1],
+            uploaded[self.greedy],
+            self.sampled_rows,
+            self.truncating_rows,
         )
 
 

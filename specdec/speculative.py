@@ -8,8 +8,10 @@ supplied from outside instead of by the draft model. Draft-only rows ride along 
 and keep every token they sample. Committing the results (stop conditions, cache lengths) is the
 scheduler's.
 
-The host reads the device exactly once per step (`readback.HostCopy`): accepted counts, emitted
-tokens, per-row non-finite flags and any log-probabilities asked for, in one copy. Constrained rows
+The step's inputs reach the device in one copy (`staging.HostStaging`): every row's tokens, slot,
+positions, sampling parameters, seed and draft placements are built on the host before the first
+pass. The host reads the device exactly once per step (`readback.HostCopy`): accepted counts,
+emitted tokens, per-row non-finite flags and any log-probabilities asked for, in one copy. Constrained rows
 (`specdec.grammar`) add one small read per draft pass - their proposals, to advance their matchers
 and mask the next pass and the verify positions (docs/STRUCTURED_OUTPUT.md); free rows never do.
 """
@@ -19,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from specdec.batching import Row, kv_extent, make_batch
+from specdec.batching import HostBatch, Row, kv_extent
 from specdec.grammar import apply_bitmask, new_bitmask
 from specdec.kernels import use_triton
 from specdec.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
@@ -35,8 +38,9 @@ from specdec.models.kv_cache import KVCache
 from specdec.models.loader import LoadedModel
 from specdec.readback import DraftReadback, HostCopy, HostLogprobs, StepReadback, VerifyReadback
 from specdec.request import TokenLogprob
-from specdec.sampling import SamplingTensors, probabilities
+from specdec.sampling import SamplingTensors, StagedSampling, probabilities
 from specdec.sequence import Sequence
+from specdec.staging import HostStaging
 from specdec.timing import PassKind, PassTimer
 
 
@@ -105,6 +109,129 @@ class _Verified:
     logprobs: Logprobs | None  # of the candidates, when a row asked
 
 
+@dataclass(slots=True)
+class _RowSet:
+    """Some rows of the step's row table (`_RowTable`), and how to take their per-row tensors: a
+    slice when they are consecutive (no kernel), else a gather by an index staged with the step."""
+
+    rows: list[int]
+    span: slice | None = None
+    handle: int | None = None
+    index: torch.Tensor | None = None  # after the upload, when the rows are not consecutive
+
+    @staticmethod
+    def stage(rows: list[int], staging: HostStaging) -> _RowSet:
+        first = rows[0] if rows else 0
+        if rows == list(range(first, first + len(rows))):
+            return _RowSet(rows, span=slice(first, first + len(rows)))
+        return _RowSet(rows, handle=staging.add(np.asarray(rows, dtype=np.int64)))
+
+    def resolve(self, uploaded: list[torch.Tensor]) -> None:
+        if self.handle is not None:
+            self.index = uploaded[self.handle]
+
+    def take(self, values: torch.Tensor) -> torch.Tensor:
+        if self.span is not None:
+            return values[self.span]
+        assert self.index is not None
+        return values.index_select(0, self.index)
+
+
+@dataclass(slots=True)
+class _RowTable:
+    """Per-row values of every row of the step, staged once: the sampling parameters (one
+    SamplingTensors per step, which each phase takes its rows of), the seeds, and the lengths -
+    the position of the next token each row samples."""
+
+    sampling: StagedSampling
+    ints: int  # handle of [2, N] int64: seeds, lengths
+    sampling_t: SamplingTensors | None = None
+    seeds: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+    @staticmethod
+    def stage(seqs: list[Sequence], staging: HostStaging) -> _RowTable:
+        ints = np.array([[s.seed for s in seqs], [len(s.tokens) for s in seqs]], dtype=np.int64)
+        return _RowTable(
+            SamplingTensors.stage([s.request.params for s in seqs], staging), staging.add(ints.reshape(2, -1))
+        )
+
+    def resolve(self, uploaded: list[torch.Tensor]) -> None:
+        self.sampling_t = self.sampling.on_device(uploaded)
+        self.seeds, self.lengths = uploaded[self.ints]
+
+    def take(self, rows: _RowSet) -> tuple[SamplingTensors, torch.Tensor, torch.Tensor]:
+        """The sampling parameters, seeds and lengths of `rows`."""
+        assert self.sampling_t is not None and self.seeds is not None and self.lengths is not None
+        return self.sampling_t.take(rows.rows, rows.take), rows.take(self.seeds), rows.take(self.lengths)
+
+
+@dataclass(slots=True)
+class _DraftInputs:
+    """The draft passes' host-side inputs, staged (`SpeculativeStep._stage_draft`)."""
+
+    seqs: list[Sequence]  # model-drafted rows, then draft-only rows
+    passes: int
+    draft_only_from: int
+    rows: _RowSet  # the seqs' rows in the step's table
+    behind: list[Sequence]  # rows the catch-up pass feeds
+    catchup: HostBatch | None
+    pass0: HostBatch
+    needed: int  # handle of [Bd] int64: the passes each row uses
+    grammar: _DraftGrammar
+    longest: int  # the longest row's length (the attention extent of later passes)
+    catchup_batch: ForwardBatch | None = None
+    batch: ForwardBatch | None = None
+    needed_t: torch.Tensor | None = None
+
+    def resolve(self, uploaded: list[torch.Tensor]) -> None:
+        self.rows.resolve(uploaded)
+        self.catchup_batch = None if self.catchup is None else self.catchup.on_device(uploaded)
+        self.batch = self.pass0.on_device(uploaded)
+        self.needed_t = uploaded[self.needed]
+        self.grammar.resolve(uploaded)
+
+
+@dataclass(slots=True)
+class _ScoreInputs:
+    """The scored external chunks' wide draft pass, staged (`SpeculativeStep._stage_scoring`)."""
+
+    rows: _RowSet
+    batch: HostBatch
+    forward: ForwardBatch | None = None
+
+    def resolve(self, uploaded: list[torch.Tensor]) -> None:
+        self.rows.resolve(uploaded)
+        self.forward = self.batch.on_device(uploaded)
+
+
+@dataclass(slots=True)
+class _VerifyInputs:
+    """One verify pass's host-side inputs, staged (`SpeculativeStep._stage_verify`)."""
+
+    group: list[int]  # the rows' indices in the step's plans (and rows of its table)
+    plans: list[RowPlan]
+    draft_rows: list[int]  # each row's row of the draft passes (-1: none)
+    rows: _RowSet
+    batch: HostBatch
+    per_row: int  # handle of [3, B] int64: first draft column, drafts, row of the stacked q (-1: none)
+    point_mass: int  # handle of [B] bool: the drafts are point masses (an unscored external draft)
+    placements: int | None  # handle of [4, P] int64: (row, column) <- (draft row, pass), model drafts
+    gamma: int  # the widest row's drafts
+    width: int  # as the cost model prices the pass
+    forward: ForwardBatch | None = None
+    per_row_t: torch.Tensor | None = None
+    point_mass_t: torch.Tensor | None = None
+    placements_t: torch.Tensor | None = None
+
+    def resolve(self, uploaded: list[torch.Tensor]) -> None:
+        self.rows.resolve(uploaded)
+        self.forward = self.batch.on_device(uploaded)
+        self.per_row_t = uploaded[self.per_row]
+        self.point_mass_t = uploaded[self.point_mass]
+        self.placements_t = None if self.placements is None else uploaded[self.placements]
+
+
 class SpeculativeStep:
     def __init__(
         self,
@@ -136,29 +263,61 @@ class SpeculativeStep:
 
     def run(self, plans: list[RowPlan], draft_only: list[Sequence]) -> list[RowOutcome]:
         """One step for `plans` (target-verified rows) and `draft_only` rows; one outcome per row,
-        plans first. The passes' timings wait in `self.timer`."""
+        plans first. Every per-row input of the step is built on the host before the first pass
+        and reaches the device in one copy (`specdec.staging`); the passes' timings wait in
+        `self.timer`."""
         if self.feature_draft:
             # Its q of an external chunk would need the target's features of tokens the target has
             # not read yet: such chunks are verified as point masses (exact for any proposal).
             for plan in plans:
                 plan.external_q = False
-        model_drafted = [p for p in plans if p.gamma > 0 and p.external is None]
-        drafting = [p.seq for p in model_drafted] + draft_only
-        passes = max((p.gamma for p in model_drafted), default=1 if draft_only else 0)
+        model_drafted = [b for b, p in enumerate(plans) if p.gamma > 0 and p.external is None]
+        drafting = [plans[b].seq for b in model_drafted] + draft_only
+        passes = max((plans[b].gamma for b in model_drafted), default=1 if draft_only else 0)
         # Each row's own passes: a row's status counts only the proposals it uses.
-        needed = [p.gamma for p in model_drafted] + [passes] * len(draft_only)
-        drafts = self._draft(drafting, passes, len(model_drafted), needed) if drafting else None
-        if drafts is not None and drafts.grammar_passes:  # the grammar may have cut drafts short
-            for i, plan in enumerate(model_drafted):
-                plan.gamma = min(plan.gamma, drafts.grammar_passes.get(i, plan.gamma))
-        scored = [p for p in plans if _scored(p)]
-        external_q = self._score_externals(scored) if scored else None
+        needed = [plans[b].gamma for b in model_drafted] + [passes] * len(draft_only)
+        scored = [b for b, p in enumerate(plans) if _scored(p)]
         # Where each plan's proposals and q are: its row of the draft passes (model drafts), or of
-        # the q stacked after theirs (scored external chunks); -1: none.
-        draft_row = {id(p): i for i, p in enumerate(model_drafted)}
-        has_model_q = drafts is not None and drafts.probs is not None  # only when a drafting row samples
-        q_offset = drafts.probs.shape[0] if has_model_q else 0
-        q_row = {id(p): q_offset + i for i, p in enumerate(scored)} | (draft_row if has_model_q else {})
+        # the q stacked after theirs (scored external chunks); -1: none. The draft passes keep q
+        # only when a drafting row samples.
+        draft_row = {b: i for i, b in enumerate(model_drafted)}
+        has_model_q = any(not s.request.params.greedy for s in drafting)
+        q_offset = len(drafting) if has_model_q else 0
+        q_row = {b: q_offset + i for i, b in enumerate(scored)} | (draft_row if has_model_q else {})
+
+        # The step's row table holds the plans' rows, then the draft-only rows: a plan's row in
+        # it is its index in `plans`.
+        staging = HostStaging()
+        table = _RowTable.stage([p.seq for p in plans] + draft_only, staging)
+        draft_in = score_in = None
+        if drafting:
+            table_rows = model_drafted + list(range(len(plans), len(plans) + len(draft_only)))
+            draft_in = self._stage_draft(
+                drafting, passes, needed, len(model_drafted), _RowSet.stage(table_rows, staging), staging
+            )
+        if scored:
+            score_in = self._stage_scoring(
+                [plans[b] for b in scored], _RowSet.stage(scored, staging), staging
+            )
+        verify_in = self._stage_verify(plans, draft_row, q_row, staging)
+        uploaded = staging.upload(self.device)
+        for part in (table, draft_in, score_in, *verify_in):
+            if part is not None:
+                part.resolve(uploaded)
+
+        drafts = self._draft(draft_in, table) if draft_in is not None else None
+        if drafts is not None and drafts.grammar_passes:  # the grammar may have cut drafts short
+            cut = False
+            for i, b in enumerate(model_drafted):
+                gamma = min(plans[b].gamma, drafts.grammar_passes.get(i, plans[b].gamma))
+                cut, plans[b].gamma = cut or gamma < plans[b].gamma, gamma
+            if cut:  # a row's γ shapes its verify inputs: a constrained step stages them again
+                staging = HostStaging()
+                verify_in = self._stage_verify(plans, draft_row, q_row, staging)
+                uploaded = staging.upload(self.device)
+                for part in verify_in:
+                    part.resolve(uploaded)
+        external_q = self._score_externals(score_in, table) if score_in is not None else None
         order: list[int] = []  # the plans' indices in the order of the verified rows
         verified = None
         if plans:
@@ -168,11 +327,9 @@ class SpeculativeStep:
             )
             q = _stack_q(drafts.probs if drafts else None, external_q)
             parts = []
-            for group in _verify_groups(plans, self.max_gamma):
-                chosen = [plans[b] for b in group]
-                rows_of = ([draft_row.get(id(p), -1) for p in chosen], [q_row.get(id(p), -1) for p in chosen])
-                parts.append(self._verify(chosen, drafts, q, rows_of, top_n))
-                order += group
+            for v in verify_in:
+                parts.append(self._verify(v, drafts, q, table, top_n))
+                order += v.group
             verified = _stack_verified(parts)
         readback = _read_back(self.device, verified, drafts)
 
@@ -190,7 +347,7 @@ class SpeculativeStep:
                 # A feature-reading draft read its own features there, not the target's: its next
                 # pass 0 reads the accepted tokens again, with the features the verify pass wrote.
                 draft_fed = 0 if self.feature_draft else min(accepted, passes - 1)
-                error = _row_error(draft.status[draft_row[id(plan)]], "draft")
+                error = _row_error(draft.status[draft_row[b]], "draft")
             elif _scored(plan):
                 # The wide pass fed every unseen token and the chunk but its last token.
                 draft_fed = min(accepted, len(plan.external) - 1)
@@ -217,48 +374,74 @@ class SpeculativeStep:
 
     # ------------------------------------------------------------------------- draft
 
-    def _draft(self, seqs: list[Sequence], passes: int, draft_only_from: int, needed: list[int]) -> _Drafts:
-        """`passes` draft passes over `seqs`; pass j samples the token at index len(tokens) + j.
-        Rows from `draft_only_from` on are draft-only: their log-probabilities are the output's.
-        needed[b]: the passes row b uses (a ragged batch runs every row to the longest)."""
-        assert self.draft is not None and self.draft_cache is not None
-        model, cache, device = self.draft.model, self.draft_cache, self.device
-        # Catch-up: rows that ran plain target steps are several tokens behind; feed all but the
-        # last in one eager pass of its own, so the drafting passes below stay narrow. A
-        # feature-reading draft's pass 0 reads every token accepted last step (up to γmax + 1).
+    def _stage_draft(
+        self,
+        seqs: list[Sequence],
+        passes: int,
+        needed: list[int],
+        draft_only_from: int,
+        rows: _RowSet,
+        staging: HostStaging,
+    ) -> _DraftInputs:
+        """The draft passes' inputs (`_draft`), staged. Catch-up: rows that ran plain target steps
+        are several tokens behind; all but their last token go in one eager pass of its own, so
+        the drafting passes stay narrow. A feature-reading draft's pass 0 reads every token
+        accepted last step (up to γmax + 1)."""
         widest = self.max_gamma + 1 if self.feature_draft else 2
         behind = [s for s in seqs if len(s.tokens) - s.draft_len > widest]
+        catchup = None
         if behind:
-            rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len : -1]) for s in behind]
-            catchup = self._with_features(
-                make_batch(rows, device, self.capacity, logits_columns=[[] for _ in rows])
-            )
+            catchup_rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len : -1]) for s in behind]
+            catchup = HostBatch.pack(catchup_rows, self.capacity, [[] for _ in behind]).stage(staging)
+        # Pass 0 feeds each row's unseen tokens (1, or 2 after a fully accepted step), from where
+        # the catch-up leaves it.
+        behind_ids = {id(s) for s in behind}
+        starts = [len(s.tokens) - 1 if id(s) in behind_ids else s.draft_len for s in seqs]
+        pass0_rows = [Row(s.slot, start, s.tokens[start:]) for s, start in zip(seqs, starts)]
+        pass0 = HostBatch.pack(pass0_rows, self.capacity, [[len(r.tokens) - 1] for r in pass0_rows])
+        width = self.target.config.vocab_size
+        grammar = _DraftGrammar(seqs, passes, needed, width, staging, self.mask_drafts, draft_only_from)
+        return _DraftInputs(
+            seqs,
+            passes,
+            draft_only_from,
+            rows,
+            behind,
+            catchup,
+            pass0.stage(staging),
+            staging.add(np.asarray(needed, dtype=np.int64)),
+            grammar,
+            max(len(s.tokens) for s in seqs),
+        )
+
+    def _draft(self, d: _DraftInputs, table: _RowTable) -> _Drafts:
+        """`d.passes` draft passes over `d.seqs`; pass j samples the token at index len(tokens) + j.
+        Rows from `d.draft_only_from` on are draft-only: their log-probabilities are the output's.
+        d.needed[b]: the passes row b uses (a ragged batch runs every row to the longest)."""
+        assert self.draft is not None and self.draft_cache is not None
+        model, cache, device = self.draft.model, self.draft_cache, self.device
+        seqs, passes = d.seqs, d.passes
+        if d.catchup is not None:
+            assert d.catchup_batch is not None
             # Per column of the padded pass: it is as wide as its longest row.
-            with self.timer.measure(PassKind.CATCHUP, len(rows), max(len(r.tokens) for r in rows)):
-                model(catchup, cache)
-            for s in behind:
+            with self.timer.measure(PassKind.CATCHUP, len(d.behind), d.catchup.tokens.shape[1]):
+                model(self._with_features(d.catchup_batch), cache)
+            for s in d.behind:
                 s.draft_len = len(s.tokens) - 1
-        # Pass 0 feeds each row's unseen tokens (1, or 2 after a fully accepted step).
-        rows = [Row(s.slot, s.draft_len, s.tokens[s.draft_len :]) for s in seqs]
-        batch = make_batch(rows, device, self.capacity, logits_columns=[[len(r.tokens) - 1] for r in rows])
-        batch = self._with_features(batch)
+        assert d.batch is not None and d.needed_t is not None
+        batch = self._with_features(d.batch)
         features = None  # a feature-reading draft's own, from the pass before
-        st = SamplingTensors.from_params([s.request.params for s in seqs], device)
-        seeds = _device_ints([s.seed for s in seqs], device)
-        lengths_host = [len(s.tokens) for s in seqs]
-        lengths = _device_ints(lengths_host, device)
-        needed_t = _device_ints(needed, device)
+        st, seeds, lengths = table.take(d.rows)
+        needed_t = d.needed_t
         tokens = torch.empty((len(seqs), passes), dtype=torch.int64, device=device)
         status = torch.zeros(len(seqs), dtype=torch.int8, device=device)
         probs = None
         if st.any_sampled:
             probs = torch.empty((len(seqs), passes, self.vocab_size), dtype=torch.float32, device=device)
-        want = [s.request.params for s in seqs[draft_only_from:] if s.request.params.logprobs]
+        want = [s.request.params for s in seqs[d.draft_only_from :] if s.request.params.logprobs]
         top_n = max((p.top_logprobs for p in want), default=0)
         pass_logprobs: list[Logprobs] = []
-        grammar = _DraftGrammar(
-            seqs, passes, needed, self.target.config.vocab_size, device, self.mask_drafts, draft_only_from
-        )
+        grammar = d.grammar
         for j in range(passes):
             with self.timer.measure(PassKind.DRAFT, len(seqs), 1):
                 if j == 0:
@@ -270,7 +453,7 @@ class SpeculativeStep:
                         slots=batch.slots,
                         start=lengths + (j - 1),
                         n_valid=torch.ones_like(lengths),
-                        kv_len=kv_extent(max(lengths_host) + j, self.capacity),
+                        kv_len=kv_extent(d.longest + j, self.capacity),
                         first_slot=batch.first_slot,
                         features=features if self.feature_draft else None,
                     )
@@ -311,85 +494,108 @@ class SpeculativeStep:
             )
         return batch
 
-    def _score_externals(self, plans: list[RowPlan]) -> torch.Tensor:
-        """q [Bx, n, V] of each row's external chunk (the draft model's own earlier samples), in
-        one wide draft pass over the row's unseen tokens and the chunk (all but its last token,
-        whose successor is the target's to choose), under the row's own sampling transform - the
-        distributions the tokens were sampled from. The pass also catches the draft cache up."""
-        assert self.draft is not None and self.draft_cache is not None
-        rows, columns = [], []
+    def _stage_scoring(self, plans: list[RowPlan], rows: _RowSet, staging: HostStaging) -> _ScoreInputs:
+        """The wide draft pass of `_score_externals`, staged: each row's unseen tokens and its
+        external chunk but the chunk's last token (whose successor is the target's to choose)."""
+        batch_rows, columns = [], []
         for plan in plans:
             seq, chunk = plan.seq, plan.external
             assert chunk
             unseen = seq.tokens[seq.draft_len :]
-            rows.append(Row(seq.slot, seq.draft_len, unseen + chunk[:-1]))
+            batch_rows.append(Row(seq.slot, seq.draft_len, unseen + chunk[:-1]))
             columns.append([len(unseen) - 1 + i for i in range(len(chunk))])
-        batch = make_batch(rows, self.device, self.capacity, logits_columns=columns)
-        with self.timer.measure(PassKind.CATCHUP, len(rows), max(len(r.tokens) for r in rows)):
-            logits = self.draft.model(batch, self.draft_cache)  # [Bx, n, V]
+        return _ScoreInputs(rows, HostBatch.pack(batch_rows, self.capacity, columns).stage(staging))
+
+    def _score_externals(self, s: _ScoreInputs, table: _RowTable) -> torch.Tensor:
+        """q [Bx, n, V] of each row's external chunk (the draft model's own earlier samples), in
+        one wide draft pass, under the row's own sampling transform - the distributions the tokens
+        were sampled from. The pass also catches the draft cache up."""
+        assert self.draft is not None and self.draft_cache is not None and s.forward is not None
+        width = s.batch.tokens.shape[1]
+        with self.timer.measure(PassKind.CATCHUP, len(s.rows.rows), width):
+            logits = self.draft.model(s.forward, self.draft_cache)  # [Bx, n, V]
         b, n, _ = logits.shape
-        st = SamplingTensors.from_params([p.seq.request.params for p in plans], self.device)
+        st, _, _ = table.take(s.rows)
         flat = logits[..., : self.vocab_size].reshape(b * n, -1)
         return probabilities(flat, st.repeat_rows(n)).view(b, n, -1)
 
     # ------------------------------------------------------------------------- verify + accept
 
+    def _stage_verify(
+        self, plans: list[RowPlan], draft_row: dict[int, int], q_row: dict[int, int], staging: HostStaging
+    ) -> list[_VerifyInputs]:
+        """Each verify pass's inputs (`_verify_groups`), staged: per row its pending tokens and
+        drafts (model drafts are placed on the device, from the draft passes' output), the
+        columns whose logits acceptance reads, and where its proposals' q is."""
+        passes = []
+        for group in _verify_groups(plans, self.max_gamma):
+            chosen = [plans[b] for b in group]
+            draft_rows = [draft_row.get(b, -1) for b in group]
+            rows, columns, placements = [], [], []
+            for b, plan in enumerate(chosen):
+                seq = plan.seq
+                pending = seq.tokens[seq.target_len :]
+                if plan.external is not None:
+                    inputs = pending + plan.external
+                else:
+                    inputs = pending + [0] * plan.gamma  # the model's drafts go here on the device
+                    placements += [(b, len(pending) + i, draft_rows[b], i) for i in range(plan.gamma)]
+                rows.append(Row(seq.slot, seq.target_len, inputs))
+                columns.append([len(pending) - 1 + i for i in range(plan.gamma + 1)])
+            batch = HostBatch.pack(rows, self.capacity, columns)
+            gamma = max(p.gamma for p in chosen)
+            per_row = np.array(
+                [
+                    [len(r.tokens) - p.gamma for r, p in zip(rows, chosen)],  # the first draft's column
+                    [p.gamma for p in chosen],
+                    [q_row.get(b, -1) for b in group],
+                ],
+                dtype=np.int64,
+            )
+            point_mass = np.array([p.external is not None and not _scored(p) for p in chosen], dtype=np.bool_)
+            width = batch.tokens.shape[1]
+            passes.append(
+                _VerifyInputs(
+                    group=group,
+                    plans=chosen,
+                    draft_rows=draft_rows,
+                    rows=_RowSet.stage(group, staging),
+                    batch=batch.stage(staging),
+                    per_row=staging.add(per_row),
+                    point_mass=staging.add(point_mass),
+                    placements=staging.add(np.array(placements, dtype=np.int64).T) if placements else None,
+                    gamma=gamma,
+                    # The cost model prices a verify pass by γ + 1; a pass that also reads a
+                    # prompt's last chunk (`_verify_groups`) is priced by what it reads.
+                    width=width if width > gamma + 2 else gamma + 1,
+                )
+            )
+        return passes
+
     def _verify(
-        self,
-        plans: list[RowPlan],
-        drafts: _Drafts | None,
-        q: torch.Tensor | None,
-        rows_of: tuple[list[int], list[int]],
-        top_n: int,
+        self, v: _VerifyInputs, drafts: _Drafts | None, q: torch.Tensor | None, table: _RowTable, top_n: int
     ) -> _Verified:
-        """One target pass over [pending tokens, drafts] per row, and acceptance. `q`: the model
-        drafts' and scored external chunks' q, stacked (`_stack_q`); rows_of: each plan's row of
-        the draft passes' proposals and of `q` (-1: none). top_n: the step's most top logprobs
-        asked (-1: no row asks), so that the groups' logprobs stack."""
-        device = self.device
-        rows, columns, placements = [], [], []
-        point_mass = [p.external is not None and not _scored(p) for p in plans]
-        draft_rows, q_row = rows_of
-        for b, plan in enumerate(plans):
-            seq = plan.seq
-            pending = seq.tokens[seq.target_len :]
-            if plan.external is not None:
-                inputs = pending + plan.external
-            else:
-                inputs = pending + [0] * plan.gamma  # model drafts are placed on the device below
-                if plan.gamma:
-                    placements.append((b, len(pending), draft_rows[b], plan.gamma))
-            rows.append(Row(seq.slot, seq.target_len, inputs))
-            columns.append([len(pending) - 1 + i for i in range(plan.gamma + 1)])
-        batch = make_batch(rows, device, self.capacity, logits_columns=columns)
-        if placements:
+        """One target pass over [pending tokens, drafts] per row of `v`, and acceptance. `q`: the
+        model drafts' and scored external chunks' q, stacked (`_stack_q`). top_n: the step's most
+        top logprobs asked (-1: no row asks), so that the groups' logprobs stack."""
+        assert v.forward is not None and v.per_row_t is not None and v.point_mass_t is not None
+        batch = v.forward
+        if v.placements_t is not None:
             assert drafts is not None
-            r, c, d, j = [], [], [], []
-            for b, start, draft_row, gamma in placements:
-                r += [b] * gamma
-                c += range(start, start + gamma)
-                d += [draft_row] * gamma
-                j += range(gamma)
-            batch.tokens[_device_ints(r, device), _device_ints(c, device)] = drafts.tokens[
-                _device_ints(d, device), _device_ints(j, device)
-            ]
-        g = max(p.gamma for p in plans)
+            row, column, draft_row, draft_pass = v.placements_t
+            batch.tokens[row, column] = drafts.tokens[draft_row, draft_pass]
+        first, num_drafts, q_rows = v.per_row_t
         # The drafts sit in the verify input right after each row's pending tokens.
-        first = _device_ints([len(r.tokens) - p.gamma for r, p in zip(rows, plans)], device)
-        cols = (first[:, None] + torch.arange(g, device=device)[None, :]).clamp(max=batch.tokens.shape[1] - 1)
+        offsets = torch.arange(v.gamma, device=self.device)[None, :]
+        cols = (first[:, None] + offsets).clamp(max=batch.tokens.shape[1] - 1)
         draft_tokens = torch.gather(batch.tokens, 1, cols)  # [B, G]
-        num_drafts = _device_ints([p.gamma for p in plans], device)
-        q_rows = _device_ints(q_row, device)
-        point_masses = torch.tensor(point_mass).to(device, non_blocking=True)
-        # The cost model prices a verify pass by γ + 1; a pass that also reads a prompt's last
-        # chunk (`_verify_groups`) is priced by what it reads.
-        width = batch.tokens.shape[1] if batch.tokens.shape[1] > g + 2 else g + 1
-        with self.timer.measure(PassKind.VERIFY, len(plans), width):
+        st, seeds, positions = table.take(v.rows)
+        with self.timer.measure(PassKind.VERIFY, len(v.plans), v.width):
             logits = self.target.model(batch, self.target_cache)  # [B, G+1, V_target]
-            if any(p.seq.grammar is not None for p in plans):
-                logits = self._mask_target(logits, plans, drafts, draft_rows)
+            if any(p.seq.grammar is not None for p in v.plans):
+                logits = self._mask_target(logits, v.plans, drafts, v.draft_rows)
             accepted, tokens, status = self.accept(
-                logits, draft_tokens, num_drafts, plans, q, q_rows, point_masses
+                logits, draft_tokens, num_drafts, st, seeds, positions, q, q_rows, v.point_mass_t
             )
         logprobs = None
         if top_n >= 0:
@@ -428,15 +634,17 @@ class SpeculativeStep:
         logits: torch.Tensor,
         draft_tokens: torch.Tensor,
         num_drafts: torch.Tensor,
-        plans: list[RowPlan],
+        st: SamplingTensors,
+        seeds: torch.Tensor,
+        positions: torch.Tensor,
         q: torch.Tensor | None,
         q_row: torch.Tensor,
         point_mass: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """accepted [B], emitted-token candidates [B, G+1], status [B] for a mixed batch: greedy rows
         through the greedy kernel (raw logits), sampled rows through rejection sampling (the
-        transformed distributions of both models)."""
-        st = SamplingTensors.from_params([p.seq.request.params for p in plans], self.device)
+        transformed distributions of both models). st, seeds, positions: the rows' sampling
+        parameters, seeds and lengths (the position of the first token they emit)."""
         all_greedy = not st.any_sampled
         accepted, tokens, status = self.kernels.greedy_accept(
             logits, draft_tokens, num_drafts, self.vocab_size, None if all_greedy else st.greedy
@@ -447,8 +655,6 @@ class SpeculativeStep:
         p = probabilities(logits[..., : self.vocab_size].reshape(b * g1, -1), st.repeat_rows(g1)).view(
             b, g1, -1
         )
-        seeds = _device_ints([pl.seq.seed for pl in plans], self.device)
-        positions = _device_ints([len(pl.seq.tokens) for pl in plans], self.device)
         s_acc, s_tok, s_status = self.kernels.rejection_sample(
             p, q, q_row, point_mass, draft_tokens, num_drafts, ~st.greedy, seeds, positions, self.vocab_size
         )
@@ -553,10 +759,6 @@ def _logprobs_of(
     return logprobs.row(row, tokens, params.top_logprobs)
 
 
-def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
-
 def _scored(plan: RowPlan) -> bool:
     """Whether the row's external draft is verified against the draft model's recomputed q. Not
     for a constrained row: its q would have to be the masked one it was sampled from, so its
@@ -578,7 +780,7 @@ class _DraftGrammar:
         passes: int,
         needed: list[int],
         width: int,
-        device,
+        staging: HostStaging,
         mask_drafts: bool = True,
         draft_only_from: int | None = None,
     ):
@@ -594,8 +796,17 @@ class _DraftGrammar:
         self.masks = {i: new_bitmask(passes + 1, width) for i in self.rows}
         self.batch, self.width = len(seqs), width
         self._told: set[int] = set()  # rows whose cut needed_t already knows
-        self.index = _device_ints(self.masked, device) if self.masked else None
-        self.unmasked_index = _device_ints(self.unmasked, device) if self.unmasked else None
+        # The rows' indices travel with the step's other inputs (`resolve`).
+        self._handles = [
+            staging.add(np.asarray(r, dtype=np.int64)) if r else None for r in (self.masked, self.unmasked)
+        ]
+        self.index: torch.Tensor | None = None
+        self.unmasked_index: torch.Tensor | None = None
+
+    def resolve(self, uploaded: list[torch.Tensor]) -> None:
+        masked, unmasked = self._handles
+        self.index = None if masked is None else uploaded[masked]
+        self.unmasked_index = None if unmasked is None else uploaded[unmasked]
 
     def masks_at(self, j: int) -> torch.Tensor:
         """The [B, words] bitmask of pass j (every row but the constrained ones: all allowed)."""

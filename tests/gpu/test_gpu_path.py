@@ -112,3 +112,31 @@ def test_quantized_pair_speculates_like_its_target_on_cuda(pairs, scheme):
     spec = engine.generate(prompts, params, mode=Mode.SPECULATIVE, num_speculative_tokens=3)
     same = sum(a.token_ids == b.token_ids for a, b in zip(alone, spec))
     assert same >= 6, f"{same}/8 prompts agree"
+
+
+def test_the_step_upload_comes_back_equal_from_pinned_memory_under_back_to_back_copies():
+    """`HostStaging.upload` on CUDA: one pinned buffer per upload, copied asynchronously. Many
+    uploads in a row, none waited for, must each arrive intact (the pinned-memory cache must not
+    hand a buffer still being copied to the next upload), in every dtype a step sends."""
+    import numpy as np
+
+    from specdec.staging import HostStaging
+
+    rng = np.random.default_rng(0)
+    sent, received = [], []
+    for i in range(200):
+        arrays = [
+            rng.integers(0, 2**40, (3, 17 + i % 5)),
+            rng.standard_normal(9 + i % 3).astype(np.float32),
+            rng.integers(0, 2, 5 + i % 7).astype(np.bool_),
+            rng.integers(-100, 100, 11).astype(np.int8),
+        ]
+        staging = HostStaging()
+        handles = [staging.add(a) for a in arrays]
+        tensors = staging.upload(torch.device("cuda"))
+        sent.append(arrays)
+        received.append([tensors[h] for h in handles])
+    torch.cuda.synchronize()
+    for arrays, tensors in zip(sent, received):
+        for a, t in zip(arrays, tensors):
+            assert t.device.type == "cuda" and np.array_equal(t.cpu().numpy(), a)

@@ -16,7 +16,6 @@ import torch
 
 from specdec.logprobs import Logprobs
 from specdec.request import TokenLogprob
-from specdec.staging import widest_first
 from specdec.timing import sync_point
 
 _NUMPY = {
@@ -44,10 +43,11 @@ class HostCopy:
         return self.add(logprobs.chosen), self.add(logprobs.top_values), self.add(logprobs.top_ids)
 
     def fetch(self, device: torch.device) -> list[np.ndarray]:
-        """The host arrays, in the order added (laid out `widest_first` in the one copy)."""
+        """The host arrays, in the order added. The bytes are laid out widest element type first,
+        so every array starts aligned to its own element size."""
         if not self._tensors:
             return []
-        order = widest_first([t.element_size() for t in self._tensors])
+        order = sorted(range(len(self._tensors)), key=lambda i: -self._tensors[i].element_size())
         parts = [self._tensors[i].contiguous().view(-1).view(torch.uint8) for i in order]
         with sync_point(device):
             host = torch.cat(parts).cpu().numpy()

@@ -20,12 +20,7 @@ _TORCH = {
     np.dtype(np.float32): torch.float32,
     np.dtype(np.bool_): torch.bool,
 }
-
-
-def widest_first(element_sizes: list[int]) -> list[int]:
-    """The order in which to lay mixed arrays end to end in one byte buffer: widest element type
-    first, so that every array starts aligned to its own element size."""
-    return sorted(range(len(element_sizes)), key=lambda i: -element_sizes[i])
+_ALIGN = 16
 
 
 class HostStaging:
@@ -44,23 +39,23 @@ class HostStaging:
         return len(self._arrays) - 1
 
     def upload(self, device: torch.device) -> list[torch.Tensor]:
-        """The arrays on `device`, in one copy (no copy at all on the CPU: views of the buffer).
+        """The arrays on `device`, in one copy (on the CPU the buffer itself: no second copy).
         The staging is empty afterwards, ready for another round."""
         arrays, self._arrays = self._arrays, []
         if not arrays:
             return []
-        order = widest_first([a.itemsize for a in arrays])
-        total = sum(a.nbytes for a in arrays)
+        # Every array starts on a 16-byte boundary, as a fresh allocation would: Triton
+        # specialises kernels on their pointers' alignment, so a view must not lose it.
+        offsets, total = [], 0
+        for a in arrays:
+            offsets.append(total)
+            total += -(-a.nbytes // _ALIGN) * _ALIGN
         # Pinned on CUDA; PyTorch's pinned-memory cache does not reuse the block until the
         # asynchronous copy from it has finished, so a second upload in the same step is safe.
         host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
         host_bytes = host.numpy()
-        offsets = [0] * len(arrays)
-        offset = 0
-        for i in order:
-            offsets[i] = offset
-            host_bytes[offset : offset + arrays[i].nbytes] = arrays[i].reshape(-1).view(np.uint8)
-            offset += arrays[i].nbytes
+        for a, offset in zip(arrays, offsets):
+            host_bytes[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
         moved = host.to(device, non_blocking=True)
         return [
             moved[offsets[i] : offsets[i] + a.nbytes].view(_TORCH[a.dtype]).view(a.shape)

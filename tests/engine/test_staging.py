@@ -37,6 +37,7 @@ def test_mixed_dtypes_and_odd_sizes_round_trip():
     assert handles == list(range(len(arrays)))
     for a, h in zip(arrays, handles):
         assert np.array_equal(uploaded[h].numpy(), np.asarray(a)) and uploaded[h].shape == np.shape(a)
+        assert uploaded[h].data_ptr() % 16 == 0  # as a fresh allocation's (Triton specialises on it)
     assert staging.upload(torch.device("cpu")) == []  # emptied: ready for another round
     with pytest.raises(TypeError, match="float64"):
         staging.add(np.zeros(2))

@@ -5,7 +5,10 @@ scaled dot product) and the norms - with what is left (Python, per-layer glue op
 difference; for int8, the whole pass again with the per-row arithmetic as tensor ops instead of
 the C row kernels (specdec/kernels/int8_rows.py). The figures behind docs/QUANTIZATION.md's account of the missed targets.
 
-    python benches/decode_profile.py [--quantize none,int8]
+    python benches/decode_profile.py [--quantize none,int8] [--against OTHER/specdec/models/decoder.py]
+
+--against also times the whole pass with another version's decoder layers (an older checkout's
+decoder.py; the same weights), taken in turn with this one's (benches/other_version.py).
 
 Medians of 15 runs after 2 warm-ups, at position 64 of a 256-token cache, batch size 1.
 """
@@ -19,6 +22,7 @@ from datetime import datetime, timezone
 
 import medians  # benches/medians.py, beside this script
 import torch
+from other_version import load_module, restore, swap_classes
 
 from specdec.assets import default_target
 from specdec.batching import Row, make_batch
@@ -35,7 +39,7 @@ median_ms = functools.partial(medians.median_ms, runs=15)  # one call = one medi
 POSITION = 64
 
 
-def profile(model, width: int) -> dict[str, float]:
+def profile(model, width: int, against=None) -> dict[str, float]:
     decoder, cpu = model.model, torch.device("cpu")
     cache = KVCache(model.config, CacheLayout(1, 256, 16), model.dtype, cpu)
     decoder.init_rope(cache.layout.capacity)
@@ -51,15 +55,14 @@ def profile(model, width: int) -> dict[str, float]:
     q_size, kv_size = attn.cfg.q_size, attn.cfg.kv_size
     qkv = torch.randn(1, width, q_size + 2 * kv_size)
 
-    def attention_core():
+    def attention_core():  # Attention.forward without its two products
         for layer in layers:
             a = layer.self_attn
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(1, width, a.cfg.num_heads, a.cfg.head_dim)
-            k = k.view(1, width, a.cfg.num_kv_heads, a.cfg.head_dim)
-            q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)
-            k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)
-            v = v.view(1, width, a.cfg.num_kv_heads, a.cfg.head_dim).transpose(1, 2)
+            heads, kv_heads = a.cfg.num_heads, a.cfg.num_kv_heads
+            split = qkv.view(1, width, heads + 2 * kv_heads, a.cfg.head_dim)
+            qk = apply_rope(split[:, :, : heads + kv_heads].transpose(1, 2), ctx.cos, ctx.sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = split[:, :, heads + kv_heads :].transpose(1, 2)
             ctx.cache.write(a.layer_idx, ctx.slot_index, ctx.write_positions, k, v)
             k_all, v_all = ctx.cache.read(a.layer_idx, ctx.slots, ctx.kv_len, ctx.first_slot)
             a.attn_fn(q, k_all, v_all, ctx.masks[a.window], a.cfg.softmax_scale, a.cfg.attn_softcap)
@@ -97,6 +100,22 @@ def profile(model, width: int) -> dict[str, float]:
         pass_with(kernels)
         out["pass, int8 rows in C (interleaved)"] = both["C"]
         out["pass, int8 rows as tensor ops (interleaved)"] = both["tensor ops"]
+    if against is not None:
+        # The whole pass with this checkout's layers and with another version's (the same
+        # weights), taken in turn.
+        def pass_as(other: bool):
+            swapped = swap_classes(decoder, against) if other else {}
+            try:
+                decoder(batch, cache)
+            finally:
+                restore(swapped)
+
+        with torch.no_grad():
+            both = medians.interleaved_median_ms(
+                {"this": lambda: pass_as(False), "other": lambda: pass_as(True)}, runs=31
+            )
+        out["pass, this decoder (interleaved)"] = both["this"]
+        out["pass, --against decoder (interleaved)"] = both["other"]
     return {k: round(v, 2) for k, v in out.items()}
 
 
@@ -107,7 +126,11 @@ def _linears(layer):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quantize", default="none,int8")
+    ap.add_argument(
+        "--against", default=None, help="another version's specdec/models/decoder.py, timed in turn"
+    )
     args = ap.parse_args()
+    against = load_module(args.against, "other_decoder") if args.against else None
     base = load_checkpoint(default_target())
     print(
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {platform.node()}, "
@@ -117,7 +140,7 @@ def main() -> None:
     for name in args.quantize.split(","):
         model = quantized(base, Quantization(name))
         for width in (1, 5):
-            results[(name, width)] = profile(model, width)
+            results[(name, width)] = profile(model, width, against)
     parts = list(dict.fromkeys(part for r in results.values() for part in r))
     print("| part | " + " | ".join(f"{n} width {w}" for n, w in results) + " |")
     print("|---|" + "---|" * len(results))

@@ -14,7 +14,6 @@ step. Greedy and sampled rows alike, a fixed γ, answers that never end early.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -24,6 +23,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from other_version import load_module  # benches/other_version.py, beside this script
 from torch.overrides import TorchFunctionMode
 
 from specdec import Engine, SamplingParams
@@ -109,16 +109,6 @@ def step_costs(engine: Engine, batch: int, repeats: int, steps: dict[str, type])
     }
 
 
-def load_step(path: str) -> type:
-    """`SpeculativeStep` of another version's speculative.py (it imports this checkout's modules)."""
-    spec = importlib.util.spec_from_file_location("other_speculative", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.SpeculativeStep
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", default="1,16")
@@ -136,7 +126,7 @@ def main() -> None:
         engine = Engine(target=str(target), draft=str(draft), config=config, planner=planner)
         steps = {"this": SpeculativeStep}
         if args.against:
-            steps["against"] = load_step(args.against)
+            steps["against"] = load_module(args.against, "other_speculative").SpeculativeStep
         results = {batch: step_costs(engine, batch, args.repeats, steps) for batch in batches}
     record = {
         "bench": "step_host_time",

@@ -11,9 +11,10 @@ scheduler's.
 The step's inputs reach the device in one copy (`staging.HostStaging`): every row's tokens, slot,
 positions, sampling parameters, seed and draft placements are built on the host before the first
 pass. The host reads the device exactly once per step (`readback.HostCopy`): accepted counts,
-emitted tokens, per-row non-finite flags and any log-probabilities asked for, in one copy. Constrained rows
-(`specdec.grammar`) add one small read per draft pass - their proposals, to advance their matchers
-and mask the next pass and the verify positions (docs/STRUCTURED_OUTPUT.md); free rows never do.
+emitted tokens, per-row non-finite flags and any log-probabilities asked for, in one copy.
+Constrained rows (`specdec.grammar`) add one small read per draft pass - their proposals, to
+advance their matchers and mask the next pass and the verify positions
+(docs/STRUCTURED_OUTPUT.md) - and their bitmasks' uploads; free rows never do.
 """
 
 from __future__ import annotations

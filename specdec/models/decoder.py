@@ -50,6 +50,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not self.plus_one:
+            # One fused op instead of six (at a decode's width each op is mostly dispatch: 61 norms
+            # a SmolLM2 pass, docs/QUANTIZATION.md); the same arithmetic in float32.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:
@@ -74,14 +78,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: _PassContext) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(b, t, cfg.num_heads, cfg.head_dim)
-        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+        qkv = self.qkv_proj(x).view(b, t, heads + 2 * kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)  # [B, H, T, D]
-        k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)  # [B, KVH, T, D]
-        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            q, k = self.q_norm(qkv[:, :, :heads]), self.k_norm(qkv[:, :, heads : heads + kv_heads])
+            qk = torch.cat([q, k], dim=2)
+        else:
+            qk = qkv[:, :, : heads + kv_heads]
+        # q and k rotated together: one set of rotary ops a layer, not two.
+        qk = apply_rope(qk.transpose(1, 2), ctx.cos, ctx.sin)  # [B, H + KVH, T, D]
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)  # [B, KVH, T, D]
         ctx.cache.write(self.layer_idx, ctx.slot_index, ctx.write_positions, k, v)
         k_all, v_all = ctx.cache.read(self.layer_idx, ctx.slots, ctx.kv_len, ctx.first_slot)  # [B, KVH, L, D]
         mask = ctx.masks[self.window]

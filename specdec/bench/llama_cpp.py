@@ -14,6 +14,8 @@ other would not be a batched figure.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,8 +66,42 @@ def _version() -> str | None:
 
 
 def anchor_for(target_spec: Any, context: int, threads: int) -> LlamaCppAnchor | None:
-    """The anchor for a target named as a .gguf file when llama-cpp-python is installed; else None."""
+    """The anchor for a target named as a .gguf file when llama-cpp-python is installed and decodes
+    here (`probe`); else None."""
     path = Path(str(target_spec))
     if not available() or path.suffix.lower() != ".gguf" or not path.is_file():
         return None
+    problem = probe(path, threads)
+    if problem is not None:
+        print(f"note: the llama.cpp anchor is skipped: {problem}", file=sys.stderr)
+        return None
     return LlamaCppAnchor(path, context, threads)
+
+
+def probe(path: Path, threads: int, timeout: float = 120.0) -> str | None:
+    """Why llama.cpp cannot decode `path` here, or None when it can: a few tokens decoded in a child
+    process first. A build whose native code this CPU cannot run (seen: `-march=native` builds
+    with AMX kernels on a VM that reports AMX) dies of a signal inside llama.cpp, which would
+    take the whole bench, and every result measured before it, down with it."""
+    code = (
+        "import sys; from llama_cpp import Llama; "
+        "m = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False); "
+        "g = m.generate([1, 2, 3, 4], top_k=1, temp=0.0, reset=True); [next(g) for _ in range(2)]"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(threads)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return f"decoding two tokens of {path.name} took over {timeout:.0f} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return (
+            f"llama.cpp died of signal {-done.returncode} decoding {path.name} (a build whose native "
+            "code this CPU cannot run; rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_NATIVE=OFF)"
+        )
+    return f"llama.cpp failed decoding {path.name}: {done.stderr.strip()[-300:]}"

@@ -24,32 +24,12 @@ from datetime import datetime, timezone
 
 import torch
 from other_version import load_module  # benches/other_version.py, beside this script
-from torch.overrides import TorchFunctionMode
 
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
 from specdec.planner import GammaPlanner
 from specdec.speculative import SpeculativeStep
-from specdec.testing import perturb_checkpoint, write_tiny_checkpoint
-
-
-class HostTensors(TorchFunctionMode):
-    """Counts tensors moved to a device or made from Python values (each a host copy on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.moves = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        devices = (*args[1:], kwargs.get("device"))
-        if (name == "to" and any(isinstance(a, (torch.device, str)) for a in devices)) or name in (
-            "tensor",
-            "as_tensor",
-        ):
-            self.moves += 1
-        return func(*args, **kwargs)
+from specdec.testing import HostTensorCount, perturb_checkpoint, write_tiny_checkpoint
 
 
 def generate(engine: Engine, batch: int) -> None:
@@ -74,7 +54,7 @@ def step_costs(engine: Engine, batch: int, repeats: int, steps: dict[str, type])
 
         def timed(self, plans, draft_only):
             if count:
-                with HostTensors() as seen:
+                with HostTensorCount() as seen:
                     out = real_run(self, plans, draft_only)
                 moves[name].append(seen.moves)
                 return out

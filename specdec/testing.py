@@ -590,3 +590,24 @@ def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+class HostTensorCount(torch.overrides.TorchFunctionMode):
+    """Counts, while active, what on a GPU would each be a copy from the host: a tensor moved to a
+    device (`.to(device)`, `.cuda()`) or made from Python values (`torch.tensor`, `as_tensor`).
+    The step's one upload (`specdec.staging`) is one `.to`; the tests and the step benchmark count
+    the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_device = name == "to" and any(
+            isinstance(a, (torch.device, str)) for a in (*args[1:], kwargs.get("device"))
+        )
+        if to_device or name in ("tensor", "as_tensor", "cuda"):
+            self.moves += 1
+        return func(*args, **kwargs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from specdec import Engine, SamplingParams
 from specdec.config import EngineConfig
@@ -16,6 +15,7 @@ from specdec.planner import GammaPlanner
 from specdec.request import Mode
 from specdec.speculative import SpeculativeStep
 from specdec.staging import HostStaging
+from specdec.testing import HostTensorCount
 
 CONFIG = EngineConfig(max_batch_size=8, max_context=160, max_gamma=6)
 
@@ -41,25 +41,6 @@ def test_mixed_dtypes_and_odd_sizes_round_trip():
     assert staging.upload(torch.device("cpu")) == []  # emptied: ready for another round
     with pytest.raises(TypeError, match="float64"):
         staging.add(np.zeros(2))
-
-
-class _HostTensors(TorchFunctionMode):
-    """Counts what, on a GPU, would be a copy from the host: a tensor moved to a device, or made
-    from Python values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.moves = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        to_device = name == "to" and any(
-            isinstance(a, (torch.device, str)) for a in (*args[1:], kwargs.get("device"))
-        )
-        if to_device or name in ("tensor", "as_tensor", "cuda"):
-            self.moves += 1
-        return func(*args, **kwargs)
 
 
 def _own_gamma(seq) -> int:
@@ -101,7 +82,7 @@ def test_a_decode_step_sends_its_inputs_in_one_copy(engine, monkeypatch):
     def run(self, plans, draft_only):
         counts["runs"] += 1
         counts["in_step"] = True
-        with _HostTensors() as seen:
+        with HostTensorCount() as seen:
             outcomes = real_run(self, plans, draft_only)
         counts["in_step"] = False
         counts["moves"] += seen.moves

@@ -2,8 +2,8 @@
 the whole pass at a decode's width (1) and a verify pass's (5), and its parts timed alone - the
 linear layers (all of them, the head apart), the attention core (rotary, cache write and read,
 scaled dot product) and the norms - with what is left (Python, per-layer glue ops) as the
-difference; for int8, the whole pass again with the per-row arithmetic as tensor ops instead of
-the C row kernels (specdec/kernels/int8_rows.py). The figures behind docs/QUANTIZATION.md's account of the missed targets.
+difference; for int8, the whole pass again with the int8 product as tensor ops (its reference) instead of
+the C kernel (specdec/kernels/int8_linear.py). The figures behind docs/QUANTIZATION.md's account of the missed targets.
 
     python benches/decode_profile.py [--quantize none,int8] [--against OTHER/specdec/models/decoder.py]
 
@@ -27,7 +27,7 @@ from other_version import load_module, restore, swap_classes
 from specdec.assets import default_target
 from specdec.batching import Row, make_batch
 from specdec.config import Quantization
-from specdec.kernels.int8_rows import REFERENCE
+from specdec.kernels.int8_linear import REFERENCE
 from specdec.models import load_checkpoint
 from specdec.models.kv_cache import CacheLayout, KVCache
 from specdec.models.quant_linear import Int8LinearCPU
@@ -84,13 +84,13 @@ def profile(model, width: int, against=None) -> dict[str, float]:
     out["rest (Python, glue ops)"] = out["pass"] - sum(v for k, v in out.items() if k != "pass")
     int8_layers = [m for m in decoder.modules() if isinstance(m, Int8LinearCPU)]
     if int8_layers:
-        # The whole pass with CPU int8's row arithmetic in C and as tensor ops (what runs where no
-        # C compiler works), taken in turn: a comparison this noisy machine would spoil otherwise.
-        kernels = int8_layers[0].rows
+        # The whole pass with CPU int8's product in C and as tensor ops (what runs where no C
+        # compiler works), taken in turn: a comparison this noisy machine would spoil otherwise.
+        kernels = int8_layers[0].kernel
 
-        def pass_with(rows):
+        def pass_with(kernel):
             for m in int8_layers:
-                m.rows = rows
+                m.kernel = kernel
             decoder(batch, cache)
 
         with torch.no_grad():
@@ -98,8 +98,8 @@ def profile(model, width: int, against=None) -> dict[str, float]:
                 {"C": lambda: pass_with(kernels), "tensor ops": lambda: pass_with(REFERENCE)}, runs=31
             )
         pass_with(kernels)
-        out["pass, int8 rows in C (interleaved)"] = both["C"]
-        out["pass, int8 rows as tensor ops (interleaved)"] = both["tensor ops"]
+        out["pass, int8 product in C (interleaved)"] = both["C"]
+        out["pass, int8 product as tensor ops (interleaved)"] = both["tensor ops"]
     if against is not None:
         # The whole pass with this checkout's layers and with another version's (the same
         # weights), taken in turn.

@@ -22,24 +22,37 @@ from datetime import datetime, timezone
 import medians  # benches/medians.py, beside this script
 import torch
 
-from specdec.kernels.int8_rows import REFERENCE, row_kernels
+from specdec.kernels.int8_linear import REFERENCE, Isa, int8_kernel
 from specdec.models.quant_linear import (
     Int4Linear,
     Int8LinearCPU,
     Int8LinearWeightOnly,
-    _pack_fbgemm,
     dequantize_int4,
     quantize_int4,
     quantize_int8,
 )
 
 
-def rows_on(layers, kernels):
-    """Every module of `layers`, its per-row arithmetic set to `kernels` (C or the reference)."""
+def on_kernel(layers, kernel):
+    """Every module of `layers`, its product set to `kernel` (a C path or the reference)."""
     for layer in layers:
         for m in layer:
-            m.rows = kernels
+            m.kernel = kernel
             yield layer, m
+
+
+def pack_fbgemm_per_tensor(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fbgemm's packed weight (per-channel int8) for its own dynamic linear."""
+    n = codes.shape[0]
+    qweight = torch._make_per_channel_quantized_tensor(
+        codes, scale.double(), torch.zeros(n, dtype=torch.long), 0
+    )
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        return torch.ops.quantized.linear_prepack(qweight, None)
+    finally:
+        torch.backends.quantized.engine = engine
 
 
 median_ms = functools.partial(medians.median_ms, runs=7)  # one call = one median of 7 runs
@@ -61,7 +74,9 @@ def main() -> None:
     ]
     int4 = [[Int4Linear(*quantize_int4(w), None, torch.float32) for w in layer] for layer in weights]
     # fbgemm's own dynamic linear, one activation scale per tensor (not usable: see the docs).
-    per_tensor = [[_pack_fbgemm(*quantize_int8(w)) for w in layer] for layer in weights]
+    per_tensor = [[pack_fbgemm_per_tensor(*quantize_int8(w)) for w in layer] for layer in weights]
+    kernel = int8_kernel()
+    paths = [] if kernel is REFERENCE else [kernel.on(isa) for isa in Isa if isa <= kernel.best]
     print(
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {platform.node()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
@@ -69,12 +84,13 @@ def main() -> None:
     print("| path | width 1 (ms) | width 5 (ms) |\n|---|---|---|")
     for name, run in [
         ("float32 (F.linear)", lambda x: [torch.nn.functional.linear(x[w.shape[1]], w) for layer in weights for w in layer]),
-        ("int8, per-row activations (fbgemm + guard columns), C row kernels: specdec's CPU int8",
-         lambda x: [m(x[m.in_features]) for layer, m in rows_on(int8_rows, row_kernels())]),
-        ("the same, the row arithmetic as tensor ops (the reference; where no C compiler works)",
-         lambda x: [m(x[m.in_features]) for layer, m in rows_on(int8_rows, REFERENCE)]),
-        ("int8, one activation scale per tensor (fbgemm as is)",
-         lambda x: [torch.ops.quantized.linear_dynamic(torch.nn.functional.pad(x[w.shape[1]], (0, 2)), p, False)
+        *[(f"int8, per-row activations in two digits: specdec's C kernel, {path.isa.name} path",
+           lambda x, path=path: [m(x[m.in_features]) for layer, m in on_kernel(int8_rows, path)])
+          for path in paths],
+        ("the same as tensor ops (the reference; where no C compiler works)",
+         lambda x: [m(x[m.in_features]) for layer, m in on_kernel(int8_rows, REFERENCE)]),
+        ("int8, fbgemm's dynamic linear as is (one activation scale per tensor, one digit)",
+         lambda x: [torch.ops.quantized.linear_dynamic(x[w.shape[1]], p, False)
                     for packs, ws in zip(per_tensor, weights) for p, w in zip(packs, ws)]),
         ("int8 weight-only (aten._weight_int8pack_mm)",
          lambda x: [m(x[m.in_features]) for layer in int8_weight_only for m in layer]),

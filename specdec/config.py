@@ -17,7 +17,7 @@ class Quantization(Enum):
     """How a model's weights are stored and multiplied (models.quantize; docs/QUANTIZATION.md)."""
 
     NONE = "none"  # the compute dtype
-    INT8 = "int8"  # per channel; on the CPU activations are quantized too, per row (fbgemm)
+    INT8 = "int8"  # per channel; on the CPU activations are quantized too, per row (kernels/int8_linear)
     INT4 = "int4"  # groups of 32, weight-only; on the CPU for memory, not speed
 
     @classmethod

@@ -611,3 +611,19 @@ class HostTensorCount(torch.overrides.TorchFunctionMode):
         if to_device or name in ("tensor", "as_tensor", "cuda"):
             self.moves += 1
         return func(*args, **kwargs)
+
+
+def int8_per_tensor_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """Int8LinearCPU's product with what its per-row scale replaces: one activation scale for the
+    whole pass and one 8-bit digit (fbgemm's dynamic linear as is). The negative control of the
+    batch-invariance tests: a row's numbers then depend on the rows beside it."""
+    from specdec.kernels.int8_linear import unpack_weights
+
+    rows = x.reshape(-1, layer.in_features).float()
+    top = rows.abs().max().clamp(min=1e-30)
+    codes = torch.round(rows * (127.0 / top))
+    weights = unpack_weights(layer.packed)[: layer.out_features, : layer.in_features].float()
+    y = (codes @ weights.t()) * (top / 127.0) * layer.wscale[: layer.out_features]
+    if layer.bias is not None:
+        y = y + layer.bias[: layer.out_features]
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)

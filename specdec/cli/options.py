@@ -62,7 +62,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         choices=schemes,
         default="none",
         help="weights of both models: int8 (on the CPU the activations are quantized to int8 too, per "
-        "row, by fbgemm: about 2x faster decoding) or int4 (layers in groups of 32, weight-only, the "
+        "row, in two digits, by specdec's C kernel: about 2x faster decoding) or int4 (layers in groups of 32, weight-only, the "
         "embedding and head int8: the least memory, but on the CPU slower than float32); see "
         "docs/QUANTIZATION.md",
     )

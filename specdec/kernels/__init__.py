@@ -1,5 +1,5 @@
 """Triton kernels of the speculative hot loop, each with a pure-PyTorch reference beside it; and
-the C row kernels of CPU int8 (`int8_rows`), with theirs.
+CPU int8's product in C (`int8_linear`), with its own.
 
 Installed as ``specdec.kernels``. The references are also the CPU path; `use_triton` says which of
 the two the engine runs. On a machine without a GPU the kernels themselves run only under
@@ -18,7 +18,7 @@ from specdec.kernels.philox import HAVE_TRITON
 def use_triton(device: torch.device) -> bool:
     """Run the Triton kernels on CUDA devices (when Triton is installed); the references elsewhere.
 
-    SPECDEC_KERNELS=reference forces the references everywhere, the C row kernels' too (to bisect a
+    SPECDEC_KERNELS=reference forces the references everywhere, CPU int8's C product's too (to bisect a
     suspected kernel bug);
     SPECDEC_KERNELS=triton forces the kernels (on a CPU that needs TRITON_INTERPRET=1)."""
     choice = os.environ.get("SPECDEC_KERNELS", "auto")

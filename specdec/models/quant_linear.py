@@ -13,18 +13,18 @@ tests hold the fast paths to:
 
 How each format multiplies, by device (docs/QUANTIZATION.md has the measurements behind this):
 
-- int8 on the CPU: fbgemm's dynamic int8 linear (`quantized::linear_dynamic`), which quantizes
-  the activations too. It picks one activation scale for the whole input tensor, so a row's
-  numbers would depend on the other rows in the pass: a verify pass of 5 rows would round the
-  target's activations differently from a 1-row decode, and speculative output would drift from
-  the target alone. We make the scale per row: each row is divided by its own absolute maximum
-  and two guard columns (+1, -1, against zero weights) are appended, so every pass's activations
-  span exactly [-1, 1] and fbgemm's tensor-wide scale is one constant. Each row is then quantized
-  alone, the integer products are exact, and the row's output is bitwise the same in any batch at
-  any width. A row goes in as two 8-bit digits (the row on fbgemm's grid, and what that rounding
-  lost), both in the one call, so the activations lose next to nothing. That per-row arithmetic
-  runs in C (specdec/kernels/int8_rows.c, one call before the product and one after), bitwise
-  equal to its tensor-op reference, which runs where no C compiler works.
+- int8 on the CPU: our own product (specdec/kernels/int8_linear.c), which quantizes the
+  activations too, each row on its own scale - divided by its absolute maximum and put on a grid
+  of 127 steps - as two int8 digits: the row rounded to that grid, and what the rounding lost on a
+  grid 254 times finer. One digit is not enough: an outlier channel sets a row's scale and LLM
+  activations have them (SmolLM2: KL 0.053 from float32 with one digit, 0.005 with two, as
+  weight-only int8; docs/QUANTIZATION.md). The integer products are exact and a row is never
+  scaled with another, so a row's output is bitwise the same in any batch at any width: a verify
+  pass of 5 rows rounds the target exactly as its 1-row decode does, and speculative output stays
+  the quantized target's. One C call does the digits, both products (the weights read once for
+  every row) and the rescaling; its tensor-op reference runs where no C compiler works.
+  (PyTorch's fbgemm path, `quantized::linear_dynamic`, has one activation scale per tensor - not
+  batch-invariant - and made each product three calls; docs/QUANTIZATION.md has the timings.)
 - int8 on CUDA: weight-only (`aten._weight_int8pack_mm`; activations stay bf16).
 - int4 on the CPU: `aten._weight_int4pack_mm_for_cpu`, weight-only. On the machines measured it
   is slower than fp32: int4 on the CPU is for memory, not speed.
@@ -34,13 +34,11 @@ How each format multiplies, by device (docs/QUANTIZATION.md has the measurements
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import nn
 
-from specdec.errors import SpecdecError
-from specdec.kernels.int8_rows import row_kernels
+from specdec.kernels.int8_linear import int8_kernel, pack_weights, unpack_weights
 
 INT4_GROUP = 32  # GGUF's Q4_0 / Q4_1 block; divides every hidden size in the seed table
 _TINY = 1e-30  # floor of a scale: an all-zero row or group stays zero instead of dividing by 0
@@ -101,85 +99,34 @@ def _bytes(tensor: torch.Tensor | None) -> int:
 # ----------------------------------------------------------------------------- int8 on the CPU
 
 
-@functools.cache
-def fbgemm_full_range() -> bool:
-    """Whether fbgemm's int8 kernels multiply full-range (0..255) activations without saturating.
-
-    Without VNNI, x86 kernels add pairs of u8 × s8 products in int16, which 255 × 127 × 2
-    overflows; PyTorch's `reduce_range` (7-bit activations) avoids that at a cost in precision. The
-    CPU is asked directly: products that would saturate are checked against their exact sum."""
-    k = 64
-    codes = torch.full((16, k), 127, dtype=torch.int8)
-    packed = _pack_fbgemm(codes, torch.ones(16))
-    x = torch.ones(1, k + 2)
-    x[0, k + 1] = -1  # the guard pair as in use; the weights there are zero
-    y = torch.ops.quantized.linear_dynamic(x, packed, False)
-    # Rounding 1.0 to 8 bits is off by under 1%; a saturated sum is off by half.
-    return bool(torch.allclose(y, torch.full_like(y, 127.0 * k), rtol=0.02))
-
-
-def _pack_fbgemm(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fbgemm's packed weight for int8 codes [N, K] and scales [N], with two zero guard columns."""
-    n = codes.shape[0]
-    guarded = torch.cat([codes, codes.new_zeros(n, 2)], dim=1)
-    with warnings.catch_warnings():
-        # PyTorch marks its quantized tensor type deprecated; fbgemm's packing still takes one.
-        warnings.simplefilter("ignore", UserWarning)
-        engine = torch.backends.quantized.engine
-        try:
-            qweight = torch._make_per_channel_quantized_tensor(
-                guarded, scale.double(), torch.zeros(n, dtype=torch.long), 0
-            )
-            # fbgemm itself rather than PyTorch's default "x86" engine, which may hand the product
-            # to oneDNN and keeps a cached primitive per input shape: ~17 MB per layer and row
-            # count, which grew a serving process by gigabytes as prompt lengths varied. The packed
-            # weight carries its engine, so the global setting is only borrowed while packing.
-            if "fbgemm" in torch.backends.quantized.supported_engines:
-                torch.backends.quantized.engine = "fbgemm"
-            return torch.ops.quantized.linear_prepack(qweight, None)
-        except RuntimeError as e:
-            raise SpecdecError(
-                f"int8 on the CPU needs PyTorch's quantized engine (fbgemm on x86; this one is "
-                f"{torch.backends.quantized.engine!r}) to pack int8 weights per channel: {e}; "
-                "use --quantize none or int4 here"
-            ) from e
-        finally:
-            torch.backends.quantized.engine = engine
-
-
 class Int8LinearCPU(nn.Module):
-    """y = x Wᵀ + b with int8 weights and per-row dynamic int8 activations (fbgemm); see the
-    module docstring for why each row is scaled alone."""
+    """y = x Wᵀ + b with int8 weights and per-row int8 activations in two digits (the C kernel of
+    specdec/kernels/int8_linear.py); see the module docstring for why each row is scaled alone."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
-        self.packed = _pack_fbgemm(codes, scale)
-        self.reduce_range = not fbgemm_full_range()
-        # fbgemm's grid over [-1, 1] is the multiples k / levels of 2 / 255 (2 / 127 with
-        # reduce_range), k in [-top, top] on both sides of its zero point, whether that is 127 or 128.
-        self.levels = 63.5 if self.reduce_range else 127.5
-        self.top = 63 if self.reduce_range else 127
-        self.bias = None if bias is None else bias.float().contiguous()
-        self.rows = row_kernels()  # the per-row arithmetic: C if it builds here, else tensor ops
-        # fbgemm's packed copy: a code per weight (guard columns too), and column offsets and scales.
-        self.stored_bytes = codes.shape[0] * (codes.shape[1] + 2) + 12 * codes.shape[0] + _bytes(bias)
+        self.packed = pack_weights(codes)  # [Np, Kp]: channels padded to 4, columns to 64
+        padded = self.packed.shape[0]
+        # The VNNI path multiplies the digits shifted by 128 and takes 128 × Σw back off.
+        self.wsum = unpack_weights(self.packed).sum(dim=1, dtype=torch.int32)
+        self.wscale = torch.zeros(padded, dtype=torch.float32)
+        self.wscale[: self.out_features] = scale.float()
+        self.bias = None
+        if bias is not None:
+            self.bias = torch.zeros(padded, dtype=torch.float32)
+            self.bias[: self.out_features] = bias.float()
+        self.kernel = int8_kernel()  # C if it builds here, else the tensor-op reference
+        self.stored_bytes = _bytes(self.packed) + _bytes(self.wsum) + _bytes(self.wscale) + _bytes(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, k = x.shape, x.shape[-1]
-        rows = x.reshape(-1, k).float().contiguous()  # [R, K]
-        # Each row on its own scale, in units of fbgemm's step over its fixed [-1, 1] range, as
-        # two 8-bit digits: the row rounded to that grid (which fbgemm then holds exactly), and
-        # what the rounding lost (|.| <= 1/2 a step). One digit is not enough: an outlier channel
-        # sets a row's scale and LLM activations have them (SmolLM2: KL 0.053 from float32 with
-        # one digit, 0.005 with two, as weight-only int8; docs/QUANTIZATION.md). The guard columns
-        # (+1, -1) end every row, so the pass's range is exactly [-1, 1].
-        digits = torch.empty(2 * rows.shape[0], k + 2, dtype=torch.float32)  # [2R, K + 2]
-        amax = self.rows.row_digits(rows, self.levels, self.top, digits)
-        # Both digits in one call: the weights are read once, as for R rows.
-        both = torch.ops.quantized.linear_dynamic(digits, self.packed, self.reduce_range)  # [2R, N]
-        y = self.rows.combine(both, amax, self.bias, self.levels)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        y = self.kernel.linear(rows, self.packed, self.wsum, self.wscale, self.bias)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 # ----------------------------------------------------------------------------- weight-only paths
@@ -277,14 +224,30 @@ class Int4Linear(nn.Module):
 
 class Int8Embedding(nn.Module):
     """Rows of an int8 table (codes [V, K], a scale per row), dequantized as they are gathered.
-    A tied head's table is this one: the head multiplies by it, the embedding reads rows of it."""
+    A tied head's table is this one: the head multiplies by it, the embedding reads rows of it -
+    on the CPU straight from the head's packed layout (`reading`), so the codes are stored once."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    def __init__(
+        self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, width: int | None = None
+    ):
         super().__init__()
-        self.register_buffer("codes", codes)
+        self.register_buffer("codes", codes)  # [V, K], or CPU int8's packed [Vp, Kp] when `width`
         self.register_buffer("scale", scale)
         self.dtype = dtype
-        self.stored_bytes = codes.numel() + scale.numel() * 4
+        self.width = width  # K of a packed table; None for plain codes
+        self.stored_bytes = 0 if width is not None else codes.numel() + scale.numel() * 4
+
+    @classmethod
+    def reading(cls, head: Int8LinearCPU, dtype: torch.dtype) -> Int8Embedding:
+        """The embedding over a CPU int8 head's own table (nothing stored twice: 28 MB less for
+        SmolLM2's 49152 × 576 table than a plain copy)."""
+        return cls(head.packed, head.wscale, dtype, width=head.in_features)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.codes[ids].float() * self.scale[ids].unsqueeze(-1)).to(self.dtype)
+        if self.width is None:
+            rows = self.codes[ids]
+        else:  # row v is block v // 4, lane v % 4, of each 64-column chunk (pack_weights)
+            np_, kp = self.codes.shape
+            blocks = self.codes.view(np_ // 4, kp // 64, 4, 64)
+            rows = blocks[ids // 4, :, ids % 4].reshape(*ids.shape, kp)[..., : self.width]
+        return (rows.float() * self.scale[ids].unsqueeze(-1)).to(self.dtype)

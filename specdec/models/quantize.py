@@ -8,9 +8,9 @@ more: the head decides every token, it is one layer of thirty where int4's round
 average out, and on the CPU the int8 head is also faster. Measured on SmolLM2, whose GGUF stores
 the table as Q8_0: int4 groups of it are 8.9% off (relative error), int8 rows 1.2%. A
 head tied to the embedding stays tied: the head multiplies by the quantized table and the
-embedding dequantizes the rows it gathers from the same codes, so tying costs one table (for
-int8 on the CPU two copies of the codes, since fbgemm keeps its own packed layout: 28 MB more for
-SmolLM2, where untying would keep a 113 MB float32 embedding).
+embedding dequantizes the rows it gathers from the same codes, so tying costs one table (on the
+CPU the embedding reads the rows out of the head's packed layout; untying would keep a 113 MB
+float32 embedding for SmolLM2).
 
 A quantized model is a new `Decoder` that shares the original's unquantized tensors (norms): the
 original is untouched, so several engines can share one loaded model, and a draft that borrows the
@@ -168,8 +168,13 @@ def _table(weight: torch.Tensor, dtype: torch.dtype, built: _Built) -> tuple[nn.
     if key not in built:
         codes, scale = quantize_int8(weight)
         cpu = weight.device.type == "cpu"
-        head = Int8LinearCPU(codes, scale, None) if cpu else Int8LinearWeightOnly(codes, scale, None, dtype)
-        built[key] = nn.ModuleList([head, Int8Embedding(codes, scale, dtype)])
+        if cpu:
+            head = Int8LinearCPU(codes, scale, None)
+            embed = Int8Embedding.reading(head, dtype)  # the head's packed codes, not a copy
+        else:
+            head = Int8LinearWeightOnly(codes, scale, None, dtype)
+            embed = Int8Embedding(codes, scale, dtype)
+        built[key] = nn.ModuleList([head, embed])
     head, embed = built[key]
     return head, embed
 

@@ -19,6 +19,7 @@ from specdec.speculative import AcceptKernels
 from specdec.testing import (
     chi_square_pvalue,
     first_divergence,
+    int8_per_tensor_forward,
     joint_of_three,
     prompt_logits,
     random_prompt,
@@ -74,17 +75,10 @@ def test_greedy_speculative_equals_the_quantized_target_alone(pairs, name, schem
 
 
 def test_with_one_activation_scale_per_pass_greedy_speculation_drifts(pairs, monkeypatch):
-    """Negative control: int8 with fbgemm's own tensor-wide activation scale (what the per-row
-    scale replaces) makes a verify pass round the target unlike its 1-row decode, and the test
-    above sees speculative output leave the target's."""
-
-    def per_tensor(self, x):
-        rows = x.reshape(-1, x.shape[-1]).float()
-        padded = torch.cat([rows, rows.new_zeros(rows.shape[0], 2)], dim=-1)  # the zero guard weights
-        y = torch.ops.quantized.linear_dynamic(padded, self.packed, self.reduce_range)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    monkeypatch.setattr(Int8LinearCPU, "forward", per_tensor)
+    """Negative control: int8 with one activation scale per pass (what the per-row scale
+    replaces; fbgemm's dynamic linear as is) makes a verify pass round the target unlike its 1-row
+    decode, and the test above sees speculative output leave the target's."""
+    monkeypatch.setattr(Int8LinearCPU, "forward", int8_per_tensor_forward)
     divergences, _ = _greedy_divergences(pairs, "llama-close", (INT8, INT8))
     assert divergences > 0
 

@@ -4,8 +4,6 @@ and whole models (tied tables, borrowed tensors, sizes, GGUF blocks)."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -23,7 +21,7 @@ from specdec.models.quant_linear import (
     quantize_int8,
 )
 from specdec.models.quantize import quantize_pair, quantized, stored_bytes
-from specdec.testing import prompt_logits, random_prompt
+from specdec.testing import int8_per_tensor_forward, prompt_logits, random_prompt
 
 
 def _weights(n=96, k=128, seed=0):
@@ -97,20 +95,16 @@ def test_a_rows_int8_output_is_the_same_in_any_batch_at_any_width():
 
 
 def test_without_the_per_row_scale_rows_depend_on_their_batch():
-    """Negative control for the test above: fbgemm's own tensor-wide scale makes a small row's
-    numbers depend on a large row beside it, which would make speculative output drift."""
+    """Negative control for the test above: one activation scale per pass (fbgemm's dynamic
+    linear as is) makes a small row's numbers depend on a large row beside it, which would make
+    speculative output drift."""
     w, g = _weights(n=200, k=192)
-    codes, scale = quantize_int8(w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        qweight = torch._make_per_channel_quantized_tensor(
-            codes, scale.double(), torch.zeros(200, dtype=torch.long), 0
-        )
-        packed = torch.ops.quantized.linear_prepack(qweight, None)
+    layer = Int8LinearCPU(*quantize_int8(w), None)
     small, large = torch.randn(1, 192, generator=g), 100 * torch.randn(1, 192, generator=g)
-    alone = torch.ops.quantized.linear_dynamic(small, packed, True)
-    beside = torch.ops.quantized.linear_dynamic(torch.cat([small, large]), packed, True)[:1]
+    alone = int8_per_tensor_forward(layer, small)
+    beside = int8_per_tensor_forward(layer, torch.cat([small, large]))[:1]
     assert not torch.equal(alone, beside)
+    assert torch.equal(layer(small), layer(torch.cat([small, large]))[:1])  # the per-row scale does not
 
 
 def test_weight_only_int8_matches_its_reference():
@@ -161,15 +155,27 @@ def test_a_quantized_model_stays_close_and_leaves_the_original_untouched(tied, s
     # the KV cache would grow by every pass (it did: 13 MB a verify pass on SmolLM2).
     assert not any(t.requires_grad for t in [*q.model.parameters(), *q.model.buffers()])
     assert q.model.norm.weight is tied.model.norm.weight  # unquantized tensors are shared, not copied
-    # A tiny model: the two int8 copies of its tied table and the scales weigh more than in a real one.
+    # A tiny model: the scales and the packing's padding weigh more than in a real one.
     assert stored_bytes(q.model) < stored_bytes(tied.model) / (2.5 if scheme is Quantization.INT8 else 3)
 
 
 def test_a_tied_head_and_its_embedding_read_one_table(tied):
     q = quantized(tied, Quantization.INT8).model
-    table = dequantize_int8(q.embed_tokens.codes, q.embed_tokens.scale)
+    vocab = tied.config.vocab_size
+    table = q.embed_tokens(torch.arange(vocab))  # every row, dequantized as the embedding reads it
+    assert q.embed_tokens.codes.data_ptr() == q.lm_head.packed.data_ptr()  # stored once, not copied
+    codes, scale = quantize_int8(tied.model.embed_tokens.weight)
+    assert torch.equal(table, dequantize_int8(codes, scale))  # the rows out of the packed layout
     x = torch.randn(2, tied.config.hidden_size)
     assert _rel(q.lm_head(x), x @ table.t()) < 1e-3
+
+
+def test_the_embedding_reads_rows_out_of_a_packed_head():
+    w, _ = _weights(n=50, k=70)  # neither dimension a multiple of the packed blocks
+    codes, scale = quantize_int8(w)
+    embed = Int8Embedding.reading(Int8LinearCPU(codes, scale, None), torch.float32)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(embed(ids), dequantize_int8(codes, scale)[ids]) and embed.stored_bytes == 0
 
 
 def test_quantized_modules_are_shared_with_a_draft_that_borrows_them(tmp_path, checkpoints):

@@ -63,7 +63,7 @@ def profile(model, width: int, against=None) -> dict[str, float]:
             qk = apply_rope(split[:, :, : heads + kv_heads].transpose(1, 2), ctx.cos, ctx.sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = split[:, :, heads + kv_heads :].transpose(1, 2)
-            ctx.cache.write(a.layer_idx, ctx.slot_index, ctx.write_positions, k, v)
+            ctx.cache.write(a.layer_idx, ctx.kv_write_index, k, v)
             k_all, v_all = ctx.cache.read(a.layer_idx, ctx.slots, ctx.kv_len, ctx.first_slot)
             a.attn_fn(q, k_all, v_all, ctx.masks[a.window], a.cfg.softmax_scale, a.cfg.attn_softcap)
 

@@ -89,7 +89,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk.transpose(1, 2), ctx.cos, ctx.sin)  # [B, H + KVH, T, D]
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)  # [B, KVH, T, D]
-        ctx.cache.write(self.layer_idx, ctx.slot_index, ctx.write_positions, k, v)
+        ctx.cache.write(self.layer_idx, ctx.kv_write_index, k, v)
         k_all, v_all = ctx.cache.read(self.layer_idx, ctx.slots, ctx.kv_len, ctx.first_slot)  # [B, KVH, L, D]
         mask = ctx.masks[self.window]
         out = self.attn_fn(q, k_all, v_all, mask, cfg.softmax_scale, cfg.attn_softcap)
@@ -141,6 +141,7 @@ class _PassContext:
     slots: torch.Tensor  # [B]
     slot_index: torch.Tensor  # [B, T]: slots broadcast over the row
     write_positions: torch.Tensor  # [B, T]: where each token's K/V goes (padding -> scratch)
+    kv_write_index: torch.Tensor  # the same places as rows of a layer's cache (KVCache.write_index)
     kv_len: int
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, kv_len] bool
     first_slot: int | None  # see ForwardBatch
@@ -208,6 +209,7 @@ class Decoder(nn.Module):
             slots=batch.slots,
             slot_index=batch.slots[:, None].expand(b, t),
             write_positions=write_positions,
+            kv_write_index=cache.write_index(batch.slots, write_positions),
             kv_len=batch.kv_len,
             masks=masks,
             first_slot=batch.first_slot,

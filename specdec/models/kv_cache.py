@@ -101,12 +101,19 @@ class KVCache:
         found = self.features[slots[:, None], positions.clamp(0, self.layout.capacity - 1)]
         return torch.where((positions >= 0)[..., None], found, 0.0)
 
-    def write(
-        self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Store k, v [B, KVH, T, D] at (slot_index[b, t], positions[b, t]) of `layer`."""
-        self.k[layer][slot_index, :, positions] = k.transpose(1, 2)
-        self.v[layer][slot_index, :, positions] = v.transpose(1, 2)
+    def write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B * KVH * T]: where `write` puts k/v [B, KVH, T, D] of tokens at positions [B, T] of
+        slots [B], as rows of one layer's cache viewed as [slots * KVH * capacity, D]. Built once
+        a pass: each layer's write is then one index_copy_ instead of an advanced-index put."""
+        heads = torch.arange(self.k.shape[2], device=slots.device)
+        rows = (slots[:, None, None] * self.k.shape[2] + heads[None, :, None]) * self.layout.capacity
+        return (rows + positions[:, None, :]).reshape(-1)
+
+    def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, KVH, T, D] of `layer` at `index` (`write_index`)."""
+        d = k.shape[-1]
+        self.k[layer].view(-1, d).index_copy_(0, index, k.reshape(-1, d).to(self.k.dtype))
+        self.v[layer].view(-1, d).index_copy_(0, index, v.reshape(-1, d).to(self.v.dtype))
 
     def read(
         self, layer: int, slots: torch.Tensor, kv_len: int, first_slot: int | None = None

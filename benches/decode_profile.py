@@ -1,7 +1,7 @@
 """Where one target pass of the default target (SmolLM2-135M) spends its time, per quantization:
 the whole pass at a decode's width (1) and a verify pass's (5), and its parts timed alone - the
 linear layers (all of them, the head apart), the attention core (rotary, cache write and read,
-scaled dot product) and the norms - with what is left (Python, per-layer glue ops) as the
+scaled dot product; one C call a layer where specdec/kernels/layer_cpu.py applies) and the norms - with what is left (Python, per-layer glue ops) as the
 difference; for int8, the whole pass again with the int8 product as tensor ops (its reference) instead of
 the C kernel (specdec/kernels/int8_linear.py). The figures behind docs/QUANTIZATION.md's account of the missed targets.
 
@@ -60,6 +60,9 @@ def profile(model, width: int, against=None) -> dict[str, float]:
             a = layer.self_attn
             heads, kv_heads = a.cfg.num_heads, a.cfg.num_kv_heads
             split = qkv.view(1, width, heads + 2 * kv_heads, a.cfg.head_dim)
+            if ctx.layer_kernels is not None:  # the C attention core (specdec/kernels/layer_cpu.py)
+                a._fused(split, ctx)
+                continue
             qk = apply_rope(split[:, :, : heads + kv_heads].transpose(1, 2), ctx.cos, ctx.sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = split[:, :, heads + kv_heads :].transpose(1, 2)

@@ -70,7 +70,9 @@ class EngineConfig:
     acceptance_prior: float = 0.5  # the engine-wide acceptance estimate before any evidence
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bf16 on cuda, fp32 on cpu; or float32 / bfloat16 / float16
-    attention: str = "auto"  # attention backend: auto | sdpa | math
+    # attention backend: auto | sdpa | math. "auto": on the CPU in float32, passes of few tokens
+    # take the C attention core (kernels/layer_cpu); the rest SDPA, or math where scores soft-cap.
+    attention: str = "auto"
     target_quantize: Quantization = Quantization.NONE  # the target's weights (models.quantize)
     draft_quantize: Quantization = Quantization.NONE  # the draft's
     memory_fraction: float = 0.9  # of free memory the KV caches may never exceed, however sized

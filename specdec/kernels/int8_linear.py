@@ -5,8 +5,7 @@ row on its own scale into two int8 digits (specdec/models/quant_linear.py says w
 does all of it in one call - the digits, both digits' integer products against weights laid out
 for it (`pack_weights`), the rescaling - on the fastest integer instructions the CPU has
 (AVX-512 VNNI, AVX2, or portable C), split over PyTorch's thread count. It is compiled at first
-use with the system's C compiler (`$CC`, else `cc`; with OpenMP where the compiler has it) into
-specdec's cache and loaded through ctypes; where no compiler works, or with
+use (specdec/kernels/native.py) and loaded through ctypes; where no compiler works, or with
 SPECDEC_KERNELS=reference, `int8_linear_reference` runs instead. Every path gives bitwise the same
 numbers (the integer products are exact; tests/models/test_int8_linear.py holds each to the
 reference), so which one ran never changes an output.
@@ -17,26 +16,17 @@ from __future__ import annotations
 import ctypes
 import enum
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shlex
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from specdec.cache import cache_root
+from specdec.kernels.native import BUILD_ERRORS, built_library
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_linear.c")
-# No fused multiply-add and no fast-math: the C must round exactly where the reference does.
-CFLAGS = ("-O3", "-std=gnu99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
-# Tried in turn: OpenMP (the channel blocks split over PyTorch's threads), else one thread.
-THREADING = (("-fopenmp",), ())
 TINY = 1e-30  # floor of a row's maximum: an all-zero row stays zero instead of dividing by 0
 CHANNEL_BLOCK, COLUMN_BLOCK = 4, 64  # the packed layout's blocks (int8_linear.c)
 _EXACT_COLUMNS = 1024  # float32 sums integer products exactly up to 2^24: 1024 × 127 × 127 < 2^24
@@ -178,8 +168,8 @@ def int8_kernel() -> Int8Kernel | _Reference:
     if os.environ.get("SPECDEC_KERNELS") == "reference":
         return REFERENCE
     try:
-        kernel = Int8Kernel(ctypes.CDLL(str(_built_library())))
-    except (OSError, subprocess.SubprocessError) as e:
+        kernel = Int8Kernel(ctypes.CDLL(str(built_library(SOURCE))))
+    except BUILD_ERRORS as e:
         log.warning(
             "int8 on the CPU: the C kernel did not build (%s); using the tensor-op reference "
             "(the same numbers, much slower: --quantize none is faster here)",
@@ -188,31 +178,3 @@ def int8_kernel() -> Int8Kernel | _Reference:
         return REFERENCE
     log.info("int8 on the CPU: the C kernel's %s path", kernel.isa.name)
     return kernel
-
-
-def _built_library() -> Path:
-    """The shared library of int8_linear.c in specdec's cache, compiled if this source, compiler
-    and machine have none yet: with OpenMP if the compiler has it, else without. Written to a
-    temporary name and renamed, so processes building at once never load a half-written file."""
-    compiler = shlex.split(os.environ.get("CC") or "cc")
-    targets = []
-    for threading in THREADING:
-        flags = (*CFLAGS, *threading)
-        key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, flags, platform.machine())).encode())
-        target = cache_root() / "kernels" / f"int8_linear-{key.hexdigest()[:16]}.so"
-        if target.exists():
-            return target
-        targets.append((flags, target))
-    errors = []
-    for flags, target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as work:
-            built = Path(work) / target.name
-            cmd = [*compiler, *flags, "-o", str(built), str(SOURCE), "-lm"]
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if result.returncode == 0:
-                os.replace(built, target)
-                log.info("int8 on the CPU: compiled the C kernel into %s", target)
-                return target
-            errors.append(f"{shlex.join(cmd)} failed: {result.stderr.strip()[-400:]}")
-    raise OSError("; ".join(errors))

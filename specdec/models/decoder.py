@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.kernels import layer_cpu
 from specdec.models.attention import AttentionFn, select_backend
 from specdec.models.config import ModelConfig
 from specdec.models.kv_cache import KVCache
@@ -51,6 +52,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not self.plus_one:
+            if x.is_cpu and not _recording(x, self.weight):
+                kernels = layer_cpu.layer_kernels()
+                if kernels is not None:
+                    return kernels.rms_norm(x, self.weight, self.eps)  # one C call: ~12 us, not ~25
             # One fused op instead of six (at a decode's width each op is mostly dispatch: 61 norms
             # a SmolLM2 pass, docs/QUANTIZATION.md); the same arithmetic in float32.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -60,6 +65,11 @@ class RMSNorm(nn.Module):
             # Gemma scales by (1 + w) in float32 and casts once, at the end.
             return (xf * (1.0 + self.weight.float())).type_as(x)
         return self.weight * xf.to(x.dtype)
+
+
+def _recording(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether autograd records ops on these (training): the C kernels have no backward."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
 
 
 class Attention(nn.Module):
@@ -80,6 +90,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
         qkv = self.qkv_proj(x).view(b, t, heads + 2 * kv_heads, cfg.head_dim)
+        if ctx.layer_kernels is not None and not _recording(qkv):
+            return self.o_proj(self._fused(qkv, ctx).view(b, t, cfg.q_size))
         if cfg.qk_norm:
             q, k = self.q_norm(qkv[:, :, :heads]), self.k_norm(qkv[:, :, heads : heads + kv_heads])
             qk = torch.cat([q, k], dim=2)
@@ -94,6 +106,30 @@ class Attention(nn.Module):
         mask = ctx.masks[self.window]
         out = self.attn_fn(q, k_all, v_all, mask, cfg.softmax_scale, cfg.attn_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_size))
+
+    def _fused(self, qkv: torch.Tensor, ctx: _PassContext) -> torch.Tensor:
+        """The lines above from the rotary embedding to the attention output, in one C call
+        (specdec/kernels/layer_cpu.py): [B, T, H, D]."""
+        cfg, heads, kv_heads = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads
+        if cfg.qk_norm:
+            q, k = self.q_norm(qkv[:, :, :heads]), self.k_norm(qkv[:, :, heads : heads + kv_heads])
+            qkv = torch.cat([q, k, qkv[:, :, heads + kv_heads :]], dim=2)
+        cache, layer = ctx.cache, self.layer_idx
+        return ctx.layer_kernels.attention(
+            qkv.contiguous(),
+            heads,
+            kv_heads,
+            ctx.rope_cos,
+            ctx.rope_sin,
+            ctx.start,
+            ctx.n_valid,
+            ctx.slots,
+            cache.k[layer],
+            cache.v[layer],
+            ctx.kv_len,
+            self.window,
+            cfg.softmax_scale,
+        )
 
 
 class MLP(nn.Module):
@@ -145,6 +181,12 @@ class _PassContext:
     kv_len: int
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, kv_len] bool
     first_slot: int | None  # see ForwardBatch
+    # Set when this pass's attention runs in C (Decoder.fused_attention), with what it reads.
+    layer_kernels: layer_cpu.LayerKernels | None
+    rope_cos: torch.Tensor  # [positions, rotary_dim]: the whole tables
+    rope_sin: torch.Tensor
+    start: torch.Tensor  # [B] int64, as in ForwardBatch
+    n_valid: torch.Tensor
 
 
 class Decoder(nn.Module):
@@ -213,7 +255,29 @@ class Decoder(nn.Module):
             kv_len=batch.kv_len,
             masks=masks,
             first_slot=batch.first_slot,
+            layer_kernels=self._attention_kernels(t, cache),
+            rope_cos=self.rope_cos,
+            rope_sin=self.rope_sin,
+            start=batch.start,
+            n_valid=batch.n_valid,
         )
+
+    def _attention_kernels(self, t: int, cache: KVCache) -> layer_cpu.LayerKernels | None:
+        """The C attention core for a pass of t tokens a row, where it applies: with the "auto"
+        backend, on the CPU in float32, at most layer_cpu.MAX_TOKENS tokens (prefills keep
+        SDPA), scores not soft-capped (Gemma 2), and where the C builds."""
+        cfg = self.cfg
+        if (
+            self.attention != "auto"
+            or t > layer_cpu.MAX_TOKENS
+            or cache.k.device.type != "cpu"
+            or cache.k.dtype != torch.float32
+            or self.rope_cos.dtype != torch.float32
+            or cfg.attn_softcap is not None
+            or cfg.head_dim > layer_cpu.MAX_HEAD_DIM
+        ):
+            return None
+        return layer_cpu.layer_kernels()
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:
         """Logits [B, K, vocab] float32 at batch.logits_index (all T if None); None if K == 0."""

@@ -19,6 +19,7 @@ from specdec.kernels.int8_linear import (
     pack_weights,
     unpack_weights,
 )
+from specdec.kernels.native import built_library
 from specdec.models.quant_linear import Int8LinearCPU, quantize_int8
 
 
@@ -146,7 +147,7 @@ def test_a_failing_compile_names_the_command(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "cc -DSPECDEC_NOT_A_FLAG=1 -Werror=this-is-not-a-warning")
     with pytest.raises(OSError, match="failed"):
-        int8_linear._built_library()
+        built_library(int8_linear.SOURCE)
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
 
 
@@ -161,6 +162,6 @@ def test_the_reference_can_be_forced(monkeypatch):
 
 def test_a_built_library_is_reused(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
-    first = int8_linear._built_library()
+    first = built_library(int8_linear.SOURCE)
     stamp = first.stat().st_mtime_ns
-    assert int8_linear._built_library() == first and first.stat().st_mtime_ns == stamp
+    assert built_library(int8_linear.SOURCE) == first and first.stat().st_mtime_ns == stamp

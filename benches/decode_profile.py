@@ -60,7 +60,7 @@ def profile(model, width: int, against=None) -> dict[str, float]:
             a = layer.self_attn
             heads, kv_heads = a.cfg.num_heads, a.cfg.num_kv_heads
             split = qkv.view(1, width, heads + 2 * kv_heads, a.cfg.head_dim)
-            if ctx.layer_kernels is not None:  # the C attention core (specdec/kernels/layer_cpu.py)
+            if ctx.fused_attention is not None:  # the C attention core (specdec/kernels/layer_cpu.py)
                 a._fused(split, ctx)
                 continue
             qk = apply_rope(split[:, :, : heads + kv_heads].transpose(1, 2), ctx.cos, ctx.sin)

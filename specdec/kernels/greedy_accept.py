@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from specdec.kernels.philox import HAVE_TRITON
-from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK, greedy_scan
 
 if HAVE_TRITON:
     import triton
@@ -42,11 +42,10 @@ def greedy_accept_reference(
     active [B] bool: the greedy rows of a mixed batch (None: all); inactive rows yield zeros."""
     x = logits[..., :vocab_size].float()
     g1 = x.shape[1]
-    nonfinite = (torch.isnan(x) | torch.isposinf(x)).any(dim=-1)  # [B, G+1]
-    masked = torch.isneginf(x).all(dim=-1) & ~nonfinite  # [B, G+1]: no possible token
+    # [B, G+1] each; masked: no possible token (never also nonfinite: a NaN or +inf is a maximum)
+    tokens, nonfinite, masked = greedy_scan(x)
     positions = torch.arange(g1, device=x.device)
     in_row = positions[None, :] <= num_drafts[:, None]
-    tokens = torch.where(nonfinite[..., None], float("-inf"), x).argmax(dim=-1)  # [B, G+1]
     tokens = torch.where(in_row & ~masked & ~nonfinite, tokens, 0)
     match = (tokens[:, :-1] == draft_tokens) & (positions[None, :-1] < num_drafts[:, None]) & ~masked[:, :-1]
     accepted = match.long().cumprod(dim=-1).sum(dim=-1)

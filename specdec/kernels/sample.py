@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from specdec.kernels.philox import HAVE_TRITON, uniform_reference
-from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK
+from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK, greedy_scan
 
 if HAVE_TRITON:
     import triton
@@ -38,10 +38,7 @@ def sample_reference(
 
     logits [N, >=V] raw (greedy rows), probs [N, V] transformed (sampled rows; None if all greedy),
     greedy [N] bool, seeds/positions [N] int64 keys of the draw."""
-    raw = logits[:, :vocab_size].float()
-    nonfinite = (torch.isnan(raw) | torch.isposinf(raw)).any(dim=-1)
-    no_token = torch.isneginf(raw).all(dim=-1)
-    tokens = torch.where(nonfinite[:, None], float("-inf"), raw).argmax(dim=-1)
+    tokens, nonfinite, no_token = greedy_scan(logits[:, :vocab_size].float())
     if probs is not None:
         sampled = ~greedy
         rows = sampled.nonzero().squeeze(1)

@@ -9,3 +9,13 @@ Codes are ordered so that the larger wins when a row collects several (`torch.ma
 ROW_OK = 0
 ROW_NO_TOKEN = 1  # the position that decides has no possible token (every logit -inf, no mass)
 ROW_NONFINITE = 2  # a NaN or +inf among the row's logits or probabilities
+
+
+def greedy_scan(logits):
+    """(tokens, nonfinite, no_token) over the last dimension of float logits [..., V], in one
+    read: the first maximal id, whether a NaN or +inf is among the logits, whether every one is
+    -inf. torch.max propagates NaN, and +inf is its own maximum, so the maximum alone says which:
+    one pass instead of the five (isnan, isposinf, any, isneginf-all, argmax) it replaces, which
+    at SmolLM2's 49152 ids were ~1 ms of a CPU decode step per call."""
+    values, tokens = logits.max(dim=-1)
+    return tokens, values.isnan() | values.isposinf(), values.isneginf()

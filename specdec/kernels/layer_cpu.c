@@ -3,7 +3,8 @@
  * are mostly dispatch (docs/QUANTIZATION.md has the profile):
  * - specdec_attention: the rotary embedding of q and k, the cache write of k and v, and
  *   softmax(q kᵀ × scale) v against each row's own slot;
- * - specdec_rms_norm: x / sqrt(mean(x²) + eps) × w, a row at a time.
+ * - specdec_rms_norm: x / sqrt(mean(x²) + eps) × w, a row at a time;
+ * - specdec_silu_mul: silu(gate) × up from the fused gate/up projection's output.
  *
  * What they compute is the decoder's tensor-op path (specdec/models/decoder.py: Attention.forward
  * with apply_rope, KVCache.write/read and an attention backend; RMSNorm); tests/models/
@@ -19,7 +20,7 @@
  *
  * Layouts (all contiguous): qkv [B, T, H + 2 KVH, D] (q heads, then k, then v: the fused
  * projection's output); cos, sin [P, rotary_dim]; one layer's cache k, v [slots, KVH, C, D];
- * out [B, T, H, D].
+ * out [B, T, H, D] (the o projection's input, [B, T, H × D]).
  */
 #include <math.h>
 #include <stdint.h>
@@ -146,5 +147,14 @@ void specdec_rms_norm(const float *rows, const float *w, int64_t r, int64_t n, f
         for (int64_t j = 0; j < n; j++) squares += (double)x[j] * (double)x[j];
         const float inv = 1.0f / sqrtf((float)(squares / (double)n) + eps);
         for (int64_t j = 0; j < n; j++) o[j] = w[j] * (x[j] * inv);
+    }
+}
+
+/* rows [r, 2n] (gate, then up) -> out [r, n]: gate × (1 / (1 + exp(-gate))) × up. */
+void specdec_silu_mul(const float *rows, int64_t r, int64_t n, float *out) {
+    for (int64_t i = 0; i < r; i++) {
+        const float *gate = rows + i * 2 * n, *up = gate + n;
+        float *o = out + i * n;
+        for (int64_t j = 0; j < n; j++) o[j] = gate[j] * (1.0f / (1.0f + expf(-gate[j]))) * up[j];
     }
 }

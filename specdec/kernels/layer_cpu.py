@@ -46,6 +46,17 @@ class LayerKernels:
         self._rms_norm = lib.specdec_rms_norm
         self._rms_norm.argtypes = [ptr, ptr, i64, i64, f32, ptr]
         self._rms_norm.restype = None
+        self._silu_mul = lib.specdec_silu_mul
+        self._silu_mul.argtypes = [ptr, i64, i64, ptr]
+        self._silu_mul.restype = None
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) × up for gate_up [..., 2 I] (the fused projection's output; float32)."""
+        gate_up = gate_up.contiguous()
+        n = gate_up.shape[-1] // 2
+        out = torch.empty((*gate_up.shape[:-1], n), dtype=torch.float32)
+        self._silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, out.data_ptr())
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm over x's last dimension (x and weight float32; the weight contiguous)."""
@@ -60,6 +71,7 @@ class LayerKernels:
         qkv: torch.Tensor,
         heads: int,
         kv_heads: int,
+        head_dim: int,
         cos: torch.Tensor,
         sin: torch.Tensor,
         start: torch.Tensor,
@@ -71,15 +83,14 @@ class LayerKernels:
         window: int | None,
         scale: float,
     ) -> torch.Tensor:
-        """qkv [B, T, H + 2 KVH, D] (the fused projection's output, viewed by head); cos, sin
-        [positions, rotary_dim] (the whole tables); start, n_valid, slots [B] int64; one layer's
-        cache k, v [slots, KVH, capacity, D], written in place. Returns [B, T, H, D]."""
-        b, t, _, d = qkv.shape
-        for tensor in (qkv, cos, sin, k_cache, v_cache):
-            assert tensor.dtype == torch.float32 and tensor.is_contiguous(), "contiguous float32 only"
-        for tensor in (start, n_valid, slots):
-            assert tensor.dtype == torch.int64 and tensor.is_contiguous()
-        out = torch.empty(b, t, heads, d, dtype=torch.float32)
+        """qkv [B, T, (H + 2 KVH) × D] (the fused projection's output; or viewed by head); cos,
+        sin [positions, rotary_dim] (the whole tables); start, n_valid, slots [B] int64; one
+        layer's cache k, v [slots, KVH, capacity, D], written in place. Returns [B, T, H × D]."""
+        b, t, d = qkv.shape[0], qkv.shape[1], head_dim
+        assert qkv.numel() == b * t * (heads + 2 * kv_heads) * d and qkv.is_contiguous()
+        assert qkv.dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+        assert start.dtype == n_valid.dtype == slots.dtype == torch.int64  # and contiguous (_context)
+        out = torch.empty((b, t, heads * d), dtype=torch.float32)
         status = self._attention(
             qkv.data_ptr(),
             b,

@@ -89,9 +89,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
-        qkv = self.qkv_proj(x).view(b, t, heads + 2 * kv_heads, cfg.head_dim)
+        qkv = self.qkv_proj(x)
         if ctx.fused_attention is not None and not _recording(qkv):
-            return self.o_proj(self._fused(qkv, ctx).view(b, t, cfg.q_size))
+            return self.o_proj(self._fused(qkv, ctx))
+        qkv = qkv.view(b, t, heads + 2 * kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(qkv[:, :, :heads]), self.k_norm(qkv[:, :, heads : heads + kv_heads])
             qk = torch.cat([q, k], dim=2)
@@ -108,10 +109,12 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_size))
 
     def _fused(self, qkv: torch.Tensor, ctx: _PassContext) -> torch.Tensor:
-        """The lines above from the rotary embedding to the attention output, in one C call
-        (specdec/kernels/layer_cpu.py): [B, T, H, D]."""
+        """The lines below from the rotary embedding to the attention output, in one C call
+        (specdec/kernels/layer_cpu.py): qkv [B, T, (H + 2 KVH) × D] -> [B, T, H × D], with no
+        view in between (each is a few microseconds of dispatch at a decode's width)."""
         cfg, heads, kv_heads = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads
         if cfg.qk_norm:
+            qkv = qkv.view(*qkv.shape[:2], heads + 2 * kv_heads, cfg.head_dim)
             q, k = self.q_norm(qkv[:, :, :heads]), self.k_norm(qkv[:, :, heads : heads + kv_heads])
             qkv = torch.cat([q, k, qkv[:, :, heads + kv_heads :]], dim=2)
         cache, layer = ctx.cache, self.layer_idx
@@ -119,6 +122,7 @@ class Attention(nn.Module):
             qkv.contiguous(),
             heads,
             kv_heads,
+            cfg.head_dim,
             ctx.rope_cos,
             ctx.rope_sin,
             ctx.start,
@@ -140,7 +144,12 @@ class MLP(nn.Module):
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if not self.gelu and gate_up.dtype == torch.float32 and gate_up.is_cpu and not _recording(gate_up):
+            kernels = layer_cpu.layer_kernels()
+            if kernels is not None:  # one C call for chunk, silu and the product (three ops)
+                return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
 
@@ -248,7 +257,7 @@ class Decoder(nn.Module):
             cache=cache,
             cos=cos,
             sin=sin,
-            slots=batch.slots,
+            slots=batch.slots.contiguous(),
             slot_index=batch.slots[:, None].expand(b, t),
             write_positions=write_positions,
             kv_write_index=cache.write_index(batch.slots, write_positions),
@@ -258,8 +267,8 @@ class Decoder(nn.Module):
             fused_attention=self._fused_attention(t, cache),
             rope_cos=self.rope_cos,
             rope_sin=self.rope_sin,
-            start=batch.start,
-            n_valid=batch.n_valid,
+            start=batch.start.contiguous(),  # the C reads them as plain arrays
+            n_valid=batch.n_valid.contiguous(),
         )
 
     def _fused_attention(self, t: int, cache: KVCache) -> layer_cpu.LayerKernels | None:

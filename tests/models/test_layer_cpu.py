@@ -100,7 +100,8 @@ def test_equals_the_decoders_tensor_ops(attention, case):
     kv_len = 34
     args = (c["heads"], c["kv_heads"], cos, sin, start, n_valid, slots)
     k_ours, v_ours = k_cache.clone(), v_cache.clone()
-    ours = attention(qkv, *args, k_ours, v_ours, kv_len, c["window"], 0.3)
+    ours = attention(qkv, *args[:2], c["d"], *args[2:], k_ours, v_ours, kv_len, c["window"], 0.3)
+    ours = ours.view(*qkv.shape[:2], c["heads"], c["d"])
     expected = tensor_ops(qkv, *args, k_cache, v_cache, kv_len, c["window"], 0.3)
     scratch = CAPACITY - 1  # written by padding in a nondeterministic order: compared apart
     assert torch.equal(k_ours[:, :, :scratch], k_cache[:, :, :scratch])
@@ -113,7 +114,7 @@ def test_padding_writes_only_the_scratch_row(attention):
     rows = [(1, 5, 6, 2)]
     qkv, slots, start, n_valid, k_cache, v_cache = random_case(4, 2, 16, rows, seed=1)
     before = k_cache.clone()
-    attention(qkv, 4, 2, *tables(16), start, n_valid, slots, k_cache, v_cache, 11, None, 0.25)
+    attention(qkv, 4, 2, 16, *tables(16), start, n_valid, slots, k_cache, v_cache, 11, None, 0.25)
     changed = (k_cache != before).any(dim=-1).nonzero().tolist()  # (slot, head, position)
     assert {(s, p) for s, _h, p in changed} == {(1, 5), (1, 6), (1, CAPACITY - 1)}
 
@@ -126,7 +127,20 @@ def test_a_row_is_bitwise_the_same_in_any_pass_and_thread_count(attention):
         heads, kv_heads, d, [(2, 20, 5, 5), (0, 3, 5, 5), (1, 9, 5, 2)], seed=2
     )
     wide = attention(
-        qkv, heads, kv_heads, cos, sin, start, n_valid, slots, k_cache.clone(), v_cache.clone(), 25, None, 0.2
+        qkv,
+        heads,
+        kv_heads,
+        d,
+        cos,
+        sin,
+        start,
+        n_valid,
+        slots,
+        k_cache.clone(),
+        v_cache.clone(),
+        25,
+        None,
+        0.2,
     )
     alone_args = (cos, sin, start[:1], torch.ones(1, dtype=torch.int64), slots[:1])
     threads = torch.get_num_threads()
@@ -137,6 +151,7 @@ def test_a_row_is_bitwise_the_same_in_any_pass_and_thread_count(attention):
                 qkv[:1, :1].contiguous(),
                 heads,
                 kv_heads,
+                d,
                 *alone_args,
                 k_cache.clone(),
                 v_cache.clone(),
@@ -153,7 +168,7 @@ def test_enough_work_runs_on_every_thread_with_the_same_numbers(attention):
     heads, kv_heads, d = 8, 2, 64
     rows = [(s, 0, 16, 16) for s in range(4)]
     qkv, slots, start, n_valid, k_cache, v_cache = random_case(heads, kv_heads, d, rows, seed=3)
-    args = (qkv, heads, kv_heads, *tables(d), start, n_valid, slots)
+    args = (qkv, heads, kv_heads, d, *tables(d), start, n_valid, slots)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -267,3 +282,11 @@ def test_the_decoders_norm_takes_it_outside_training(kernels, llama, monkeypatch
     finally:
         norm.requires_grad_(False)
     assert calls == [1] and norm.weight.grad is not None
+
+
+def test_silu_mul_equals_the_tensor_ops(kernels):
+    gate_up = torch.randn(2, 3, 2 * 40, generator=torch.Generator().manual_seed(6)) * 6
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(kernels.silu_mul(gate_up), expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(kernels.silu_mul(gate_up[1:, 2:]), kernels.silu_mul(gate_up)[1:, 2:])

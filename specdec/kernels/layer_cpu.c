@@ -16,7 +16,10 @@
  * - Each query token is computed alone, its keys and values summed in position order with a fixed
  *   lane split, whatever the batch, the pass's width or the thread count: a row's output is
  *   bitwise the same in a 1-token decode and in a 5-token verify, which keeps speculative output
- *   equal to the target alone.
+ *   equal to the target alone. For head_dim 64 and 128 a vector loop reads each key and value
+ *   row once for all the queries of a KV head, with bitwise the scalar loop's numbers.
+ * - The softmax's exponential is our own (`exp16`, relative error below 2e-7), the same function
+ *   in both loops: libm's expf per score was half the time at long contexts.
  *
  * Layouts (all contiguous): qkv [B, T, H + 2 KVH, D] (q heads, then k, then v: the fused
  * projection's output); cos, sin [P, rotary_dim]; one layer's cache k, v [slots, KVH, C, D];
@@ -34,6 +37,50 @@
 #define MAX_HEAD_DIM 512
 /* Below this many multiply-adds a call runs on one thread: waking the others costs more. */
 #define PARALLEL_WORK (1 << 17)
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+#pragma GCC diagnostic ignored "-Wpsabi" /* only ever inlined: no v16 crosses a call */
+
+__attribute__((always_inline)) static inline v16 load16(const float *p) {
+    v16 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+__attribute__((always_inline)) static inline void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
+
+__attribute__((always_inline)) static inline float hsum16(v16 a) {
+    a = a + __builtin_shuffle(a, (i16){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
+    a = a + __builtin_shuffle(a, (i16){4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
+    a = a + __builtin_shuffle(a, (i16){2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
+    a = a + __builtin_shuffle(a, (i16){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+    return a[0];
+}
+
+/* e^x for x <= 0 (a score minus its row's maximum), 16 lanes at a time: x = n ln 2 + r with
+ * |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial (relative error below 2e-7), times 2^n
+ * built in the exponent bits. Below -87 it returns e^-87 (~1.6e-38, nothing next to the maximum's
+ * 1); a NaN stays NaN. Elementwise IEEE operations only, so a lane's result never depends on the
+ * vector width or on the other lanes: the scalar loop calls it too (`exp_one`), and both loops
+ * give bitwise the same numbers. Four times cheaper than calling expf per score. */
+__attribute__((always_inline)) static inline v16 exp16(v16 x) {
+    const v16 floor = (v16){0} - 87.0f, magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23: rounds */
+    const i16 low = x < floor;                                          /* NaN compares false */
+    x = (v16)(((i16)x & ~low) | ((i16)floor & low));
+    const v16 n = (x * 1.44269504f + magic) - magic;
+    const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    v16 p = r * (1.0f / 720.0f) + (1.0f / 120.0f);
+    p = p * r + (1.0f / 24.0f);
+    p = p * r + (1.0f / 6.0f);
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+    return p * (v16)bits;
+}
+
+static float exp_one(float x) { return exp16((v16){0} + x)[0]; }
 
 /* out = x rotated (rotate_half: out[i] = x[i] c[i] - x[i + h] s[i], out[i + h] = x[i + h] c[i + h]
  * + x[i] s[i + h] for i < h = rotary_dim / 2), the features past rotary_dim copied. apply_rope
@@ -71,7 +118,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t lo, i
     }
     float total = 0.0f;
     for (int64_t p = lo; p <= hi; p++) {
-        const float e = expf(scores[p - lo] - top);
+        const float e = exp_one(scores[p - lo] - top);
         scores[p - lo] = e;
         total += e;
         const float *vp = v + p * d;
@@ -81,7 +128,69 @@ static void attend(const float *q, const float *k, const float *v, int64_t lo, i
     for (int64_t i = 0; i < d; i++) out[i] *= inv;
 }
 
+/* `attend` for every query that shares one KV head's rows (a row's tokens × the query heads of
+ * its group), with head_dim = 16 × ND: each key and value row is read once for all of them,
+ * instead of once a query, and the 16 lanes of `dot` are one vector (GCC's vector extension: one
+ * zmm on AVX-512, two ymm on AVX2, four xmm otherwise; `target_clones` builds each and picks at
+ * load time). Each query still gets exactly `attend`'s operations in `attend`'s order -
+ * elementwise IEEE float32 without contraction, the shuffle tree adding acc[j] + acc[j + w] as
+ * `dot` does, its own positions in increasing order - so the numbers are bitwise `attend`'s on
+ * every ISA and whatever else is in the group (tests/models/test_layer_cpu.py holds them equal).
+ * q [nq, d] rotated; query i attends to [lo[i], hi[i]] (non-empty); scores [nq, span] and acc
+ * [nq, d] are scratch; out[i] is where query i's output goes. */
+#define ATTEND_GROUP(ND)                                                                               \
+    __attribute__((target_clones("avx512f", "avx2", "default"))) static void attend_group##ND(         \
+        const float *q, int64_t nq, const int64_t *lo, const int64_t *hi, const float *k, const float *v, \
+        float scale, float *scores, float *acc, float **out) {                                         \
+        const int64_t d = 16 * (ND);                                                                   \
+        int64_t first = lo[0], last = hi[0];                                                           \
+        for (int64_t i = 1; i < nq; i++) {                                                             \
+            if (lo[i] < first) first = lo[i];                                                          \
+            if (hi[i] > last) last = hi[i];                                                            \
+        }                                                                                              \
+        const int64_t span = last - first + 1;                                                         \
+        float top[nq], total[nq];                                                                      \
+        for (int64_t i = 0; i < nq; i++) top[i] = -INFINITY, total[i] = 0.0f;                          \
+        for (int64_t p = first; p <= last; p++) {                                                      \
+            v16 kv[ND];                                                                                \
+            for (int c = 0; c < (ND); c++) kv[c] = load16(k + p * d + 16 * c);                         \
+            for (int64_t i = 0; i < nq; i++) {                                                         \
+                if (p < lo[i] || p > hi[i]) continue;                                                  \
+                v16 sum = (v16){0};                                                                    \
+                for (int c = 0; c < (ND); c++) sum = sum + load16(q + i * d + 16 * c) * kv[c];         \
+                const float score = hsum16(sum) * scale;                                               \
+                scores[i * span + p - first] = score;                                                  \
+                if (score > top[i]) top[i] = score;                                                    \
+            }                                                                                          \
+        }                                                                                              \
+        for (int64_t i = 0; i < nq; i++) {                                                             \
+            for (int c = 0; c < (ND); c++) store16(acc + i * d + 16 * c, (v16){0});                    \
+            float *row = scores + i * span - first;                                                    \
+            int64_t p = lo[i];                                                                         \
+            for (; p + 16 <= hi[i] + 1; p += 16) store16(row + p, exp16(load16(row + p) - top[i]));    \
+            for (; p <= hi[i]; p++) row[p] = exp_one(row[p] - top[i]);                                 \
+            for (p = lo[i]; p <= hi[i]; p++) total[i] += row[p];                                       \
+        }                                                                                              \
+        for (int64_t p = first; p <= last; p++) {                                                      \
+            v16 vv[ND];                                                                                \
+            for (int c = 0; c < (ND); c++) vv[c] = load16(v + p * d + 16 * c);                         \
+            for (int64_t i = 0; i < nq; i++) {                                                         \
+                if (p < lo[i] || p > hi[i]) continue;                                                  \
+                const float e = scores[i * span + p - first];                                          \
+                for (int c = 0; c < (ND); c++)                                                         \
+                    store16(acc + i * d + 16 * c, load16(acc + i * d + 16 * c) + e * vv[c]);           \
+            }                                                                                          \
+        }                                                                                              \
+        for (int64_t i = 0; i < nq; i++) {                                                             \
+            const float inv = 1.0f / total[i];                                                         \
+            for (int c = 0; c < (ND); c++) store16(out[i] + 16 * c, load16(acc + i * d + 16 * c) * inv); \
+        }                                                                                              \
+    }
+ATTEND_GROUP(4) /* head_dim 64 (SmolLM2, Llama 3.2 1B) */
+ATTEND_GROUP(8) /* head_dim 128 (Llama 3 8B, Qwen, Mistral) */
+
 /* Returns 0, -1 if scratch could not be allocated, -2 if head_dim is past MAX_HEAD_DIM.
+ * `portable`: the scalar `attend` for every head_dim (the tests compare the two).
  * Token j of row r sits at position start[r] + j; the first n_valid[r] are real and write their
  * k, v there, the rest are padding and write to the scratch position (capacity - 1), as
  * KVCache.write does. Every token attends causally to positions < kv_len of its row's slot (and,
@@ -91,7 +200,7 @@ int specdec_attention(const float *qkv, int64_t b, int64_t t, int64_t heads, int
                       int64_t rotary_dim, const float *cos, const float *sin, int64_t table_positions,
                       const int64_t *start, const int64_t *n_valid, const int64_t *slots, float *k_cache,
                       float *v_cache, int64_t capacity, int64_t kv_len, int64_t window, float scale,
-                      float *out, int threads) {
+                      float *out, int threads, int portable) {
     if (d > MAX_HEAD_DIM) return -2;
     const int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
 
@@ -109,30 +218,69 @@ int specdec_attention(const float *qkv, int64_t b, int64_t t, int64_t heads, int
             }
         }
 
-    const int64_t tasks = b * t * heads;
+    /* One task per (row, KV head, part of the row's tokens): those tokens × the query heads of the
+     * KV head's group. A row's tokens are split in parts only to give every thread work (a decode
+     * has as many tasks as KV heads); which queries share a task never changes their numbers. */
+    const int vector = !portable && (d == 64 || d == 128);
     if (threads < 1) threads = 1;
-    if ((double)tasks * (double)kv_len * (double)d < (double)PARALLEL_WORK) threads = 1;
+    if ((double)b * (double)t * (double)heads * (double)kv_len * (double)d < (double)PARALLEL_WORK) threads = 1;
+    int64_t parts = 1;
+    while (parts < t && b * kv_heads * parts < 2 * threads) parts++;
+    const int64_t tasks = b * kv_heads * parts, nq_max = ((t + parts - 1) / parts) * group;
     if (threads > tasks) threads = (int)(tasks > 0 ? tasks : 1);
-    float *scratch = malloc(sizeof(float) * (size_t)(threads * (kv_len > 0 ? kv_len : 1)));
-    if (!scratch) return -1;
+    const int64_t span = kv_len > 0 ? kv_len : 1;
+    /* Per thread: rotated q, scores and accumulators of nq_max queries, their bounds and outputs. */
+    const int64_t per_thread = nq_max * (2 * d + span);
+    float *scratch = malloc(sizeof(float) * (size_t)(threads * per_thread));
+    int64_t *bounds = malloc(sizeof(int64_t) * (size_t)(threads * 2 * nq_max));
+    float **outs = malloc(sizeof(float *) * (size_t)(threads * nq_max));
+    if (!scratch || !bounds || !outs) {
+        free(scratch);
+        free(bounds);
+        free(outs);
+        return -1;
+    }
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
     for (int64_t task = 0; task < tasks; task++) {
 #ifdef _OPENMP
-        float *scores = scratch + (int64_t)omp_get_thread_num() * kv_len;
+        const int64_t me = omp_get_thread_num();
 #else
-        float *scores = scratch;
+        const int64_t me = 0;
 #endif
-        const int64_t h = task % heads, token = task / heads, r = token / t, j = token % t;
-        const int64_t pos = start[r] + j, row = pos < table_positions ? pos : table_positions - 1;
-        float q[MAX_HEAD_DIM];
-        rotate(qkv + token * width + h * d, cos + row * rotary_dim, sin + row * rotary_dim, rotary_dim, d, q);
-        const int64_t hi = pos < kv_len - 1 ? pos : kv_len - 1;
-        const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-        const int64_t base = (slots[r] * kv_heads + h / group) * capacity * d;
-        attend(q, k_cache + base, v_cache + base, lo, hi, d, scale, scores, out + (token * heads + h) * d);
+        float *q = scratch + me * per_thread, *acc = q + nq_max * d, *scores = acc + nq_max * d;
+        int64_t *lo = bounds + me * 2 * nq_max, *hi = lo + nq_max;
+        float **out_of = outs + me * nq_max;
+        const int64_t part = task % parts, r = task / parts / kv_heads, kvh = task / parts % kv_heads;
+        const int64_t base = (slots[r] * kv_heads + kvh) * capacity * d;
+        const int64_t j0 = part * t / parts, j1 = (part + 1) * t / parts;
+        int64_t nq = 0;
+        for (int64_t j = j0; j < j1; j++) {
+            const int64_t pos = start[r] + j, row = pos < table_positions ? pos : table_positions - 1;
+            const int64_t last = pos < kv_len - 1 ? pos : kv_len - 1;
+            const int64_t first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+            for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                const int64_t token = r * t + j;
+                float *o = out + (token * heads + h) * d;
+                float *qi = vector ? q + nq * d : q;
+                rotate(qkv + token * width + h * d, cos + row * rotary_dim, sin + row * rotary_dim, rotary_dim,
+                       d, qi);
+                if (!vector || first > last) { /* the scalar loop, or nothing to attend to: zeros */
+                    attend(qi, k_cache + base, v_cache + base, first, last, d, scale, scores, o);
+                    continue;
+                }
+                lo[nq] = first, hi[nq] = last, out_of[nq] = o;
+                nq++;
+            }
+        }
+        if (nq && d == 64)
+            attend_group4(q, nq, lo, hi, k_cache + base, v_cache + base, scale, scores, acc, out_of);
+        else if (nq)
+            attend_group8(q, nq, lo, hi, k_cache + base, v_cache + base, scale, scores, acc, out_of);
     }
+    free(bounds);
+    free(outs);
     free(scratch);
     return 0;
 }

@@ -5,8 +5,12 @@
   each row's own slot - in one call instead of a dozen tensor ops. At a decode's width those ops
   are mostly dispatch (about 0.1 ms a layer of SmolLM2 here, docs/QUANTIZATION.md). Each query
   token is computed alone, in a fixed order, so a row's output is bitwise the same at any batch
-  size and pass width. Used for passes of at most `MAX_TOKENS` tokens a row (decodes, verifies,
-  catch-ups); prefills keep SDPA, whose blocked kernels are faster over long prompts.
+  size and pass width; for head_dim 64 and 128 a vector loop (AVX-512, AVX2 or SSE, chosen at
+  load) reads each cached row once for all the queries of a KV head, with bitwise the scalar
+  loop's numbers (`scalar()`). Used for passes of at most `MAX_TOKENS` tokens a row (decodes,
+  verifies, catch-ups); prefills keep SDPA, whose blocked kernels are faster over long prompts.
+  Measured against SDPA on SmolLM2's shapes here: faster for one token at every context up to
+  4096, about even for 5 tokens past 2048 positions (docs/QUANTIZATION.md).
 - `rms_norm`: RMSNorm, one call (torch's F.rms_norm is about 25 us for one 576-wide row here,
   this about 5).
 
@@ -37,11 +41,12 @@ MAX_HEAD_DIM = 512  # the C's bound on head_dim
 class LayerKernels:
     """`layer_cpu.c`'s functions on contiguous float32 CPU tensors."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, portable: bool = False):
         i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+        self.lib, self.portable = lib, portable
         self._attention = lib.specdec_attention
         self._attention.argtypes = [ptr, *[i64] * 6, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, *[i64] * 3]
-        self._attention.argtypes += [f32, ptr, i32]
+        self._attention.argtypes += [f32, ptr, i32, i32]
         self._attention.restype = i32
         self._rms_norm = lib.specdec_rms_norm
         self._rms_norm.argtypes = [ptr, ptr, i64, i64, f32, ptr]
@@ -57,6 +62,11 @@ class LayerKernels:
         out = torch.empty((*gate_up.shape[:-1], n), dtype=torch.float32)
         self._silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, out.data_ptr())
         return out
+
+    def scalar(self) -> LayerKernels:
+        """The same library with attention's scalar loop for every head_dim (the vector one,
+        for head_dim 64 and 128, must give its numbers bitwise: the tests compare them)."""
+        return LayerKernels(self.lib, portable=True)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm over x's last dimension (x and weight float32; the weight contiguous)."""
@@ -113,6 +123,7 @@ class LayerKernels:
             scale,
             out.data_ptr(),
             torch.get_num_threads(),
+            self.portable,
         )
         if status != 0:
             raise MemoryError(f"CPU attention over {kv_len} positions: scratch allocation failed")

@@ -10,6 +10,8 @@ test_decoder_reference.py.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -87,6 +89,9 @@ CASES = {
     "mha, head_dim not a multiple of 16": dict(heads=3, kv_heads=3, d=40, rotary_dim=40, window=None),
     "partial rotary": dict(heads=4, kv_heads=1, d=32, rotary_dim=16, window=None),
     "sliding window": dict(heads=4, kv_heads=2, d=16, rotary_dim=16, window=5),
+    # head_dim 64 and 128 take the vector loop over a KV head's whole group of queries
+    "vector, head_dim 64": dict(heads=6, kv_heads=2, d=64, rotary_dim=64, window=None),
+    "vector, head_dim 128, window, partial rotary": dict(heads=4, kv_heads=1, d=128, rotary_dim=64, window=6),
 }
 
 
@@ -110,6 +115,21 @@ def test_equals_the_decoders_tensor_ops(attention, case):
     torch.testing.assert_close(ours[valid], expected[valid], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_vector_loop_gives_the_scalar_loops_numbers(kernels, case):
+    """Bitwise, for every query of a ragged batch, whichever ISA the vector loop was built for."""
+    c = CASES[case]
+    rows = [(2, 7, 4, 4), (0, 0, 4, 1), (3, 30, 4, 3), (1, 12, 4, 2)]
+    qkv, slots, start, n_valid, k_cache, v_cache = random_case(
+        c["heads"], c["kv_heads"], c["d"], rows, seed=7
+    )
+    cos, sin = tables(c["rotary_dim"])
+    args = (qkv, c["heads"], c["kv_heads"], c["d"], cos, sin, start, n_valid, slots)
+    fast = kernels.attention(*args, k_cache.clone(), v_cache.clone(), 34, c["window"], 0.3)
+    slow = kernels.scalar().attention(*args, k_cache.clone(), v_cache.clone(), 34, c["window"], 0.3)
+    assert torch.equal(fast, slow)
+
+
 def test_padding_writes_only_the_scratch_row(attention):
     rows = [(1, 5, 6, 2)]
     qkv, slots, start, n_valid, k_cache, v_cache = random_case(4, 2, 16, rows, seed=1)
@@ -121,7 +141,7 @@ def test_padding_writes_only_the_scratch_row(attention):
 
 def test_a_row_is_bitwise_the_same_in_any_pass_and_thread_count(attention):
     """Its first token decoded alone, and verified in a 5-token pass beside two other rows."""
-    heads, kv_heads, d = 6, 2, 32
+    heads, kv_heads, d = 6, 2, 64
     cos, sin = tables(d)
     qkv, slots, start, n_valid, k_cache, v_cache = random_case(
         heads, kv_heads, d, [(2, 20, 5, 5), (0, 3, 5, 5), (1, 9, 5, 2)], seed=2
@@ -236,6 +256,19 @@ def test_training_keeps_the_tensor_ops(attention, llama, monkeypatch):
     assert not calls and llama.model.layers[0].self_attn.qkv_proj.weight.grad is not None
 
 
+def test_without_a_compiler_the_tensor_ops_run_and_say_why(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.delenv("SPECDEC_KERNELS", raising=False)
+    layer_cpu.layer_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=layer_cpu.__name__):
+            assert layer_cpu.layer_kernels() is None
+        assert "did not build" in caplog.text and "tensor ops" in caplog.text
+    finally:
+        layer_cpu.layer_kernels.cache_clear()
+
+
 def test_the_tensor_ops_can_be_forced(monkeypatch):
     monkeypatch.setenv("SPECDEC_KERNELS", "reference")
     layer_cpu.layer_kernels.cache_clear()
@@ -290,3 +323,18 @@ def test_silu_mul_equals_the_tensor_ops(kernels):
     expected = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(kernels.silu_mul(gate_up), expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(kernels.silu_mul(gate_up[1:, 2:]), kernels.silu_mul(gate_up)[1:, 2:])
+
+
+@pytest.mark.parametrize("d", [16, 64])  # the scalar loop and the vector one
+def test_peaked_scores_underflow_to_nothing_as_in_the_tensor_ops(attention, d):
+    """Scores hundreds apart: most weights are below float32's range (the C's exponential
+    floors at e^-87, which next to the maximum's 1 is nothing)."""
+    rows = [(0, 10, 3, 3), (1, 25, 3, 2)]
+    qkv, slots, start, n_valid, k_cache, v_cache = random_case(4, 2, d, rows, seed=8)
+    qkv = qkv * 30
+    cos, sin = tables(d)
+    args = (4, 2, cos, sin, start, n_valid, slots)
+    ours = attention(qkv, *args[:2], d, *args[2:], k_cache.clone(), v_cache.clone(), 28, None, 1.0)
+    expected = tensor_ops(qkv, *args, k_cache, v_cache, 28, None, 1.0)
+    valid = torch.arange(3)[None, :] < n_valid[:, None]
+    torch.testing.assert_close(ours.view(2, 3, 4, d)[valid], expected[valid], atol=1e-5, rtol=1e-5)

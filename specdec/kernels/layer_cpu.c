@@ -18,8 +18,8 @@
  *   bitwise the same in a 1-token decode and in a 5-token verify, which keeps speculative output
  *   equal to the target alone. For head_dim 64 and 128 a vector loop reads each key and value
  *   row once for all the queries of a KV head, with bitwise the scalar loop's numbers.
- * - The softmax's exponential is our own (`exp16`, relative error below 2e-7), the same function
- *   in both loops: libm's expf per score was half the time at long contexts.
+ * - The softmax's exponential is our own (`exp_scalar`, relative error below 2e-7; `exp16` is it
+ *   on 16 lanes): libm's expf per score was half the time at long contexts.
  *
  * Layouts (all contiguous): qkv [B, T, H + 2 KVH, D] (q heads, then k, then v: the fused
  * projection's output); cos, sin [P, rotary_dim]; one layer's cache k, v [slots, KVH, C, D];
@@ -38,49 +38,35 @@
 /* Below this many multiply-adds a call runs on one thread: waking the others costs more. */
 #define PARALLEL_WORK (1 << 17)
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-#pragma GCC diagnostic ignored "-Wpsabi" /* only ever inlined: no v16 crosses a call */
-
-__attribute__((always_inline)) static inline v16 load16(const float *p) {
-    v16 x;
-    memcpy(&x, p, sizeof x);
-    return x;
-}
-
-__attribute__((always_inline)) static inline void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
-
-__attribute__((always_inline)) static inline float hsum16(v16 a) {
-    a = a + __builtin_shuffle(a, (i16){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
-    a = a + __builtin_shuffle(a, (i16){4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
-    a = a + __builtin_shuffle(a, (i16){2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
-    a = a + __builtin_shuffle(a, (i16){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
-    return a[0];
-}
-
-/* e^x for x <= 0 (a score minus its row's maximum), 16 lanes at a time: x = n ln 2 + r with
- * |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial (relative error below 2e-7), times 2^n
- * built in the exponent bits. Below -87 it returns e^-87 (~1.6e-38, nothing next to the maximum's
- * 1); a NaN stays NaN. Elementwise IEEE operations only, so a lane's result never depends on the
- * vector width or on the other lanes: the scalar loop calls it too (`exp_one`), and both loops
- * give bitwise the same numbers. Four times cheaper than calling expf per score. */
-__attribute__((always_inline)) static inline v16 exp16(v16 x) {
-    const v16 floor = (v16){0} - 87.0f, magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23: rounds */
-    const i16 low = x < floor;                                          /* NaN compares false */
-    x = (v16)(((i16)x & ~low) | ((i16)floor & low));
-    const v16 n = (x * 1.44269504f + magic) - magic;
-    const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    v16 p = r * (1.0f / 720.0f) + (1.0f / 120.0f);
+/* e^x for x <= 0 (a score minus its row's maximum): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
+ * its degree-6 Taylor polynomial (relative error below 2e-7), times 2^n built in the exponent
+ * bits. Below -87 it returns e^-87 (~1.6e-38, nothing next to the maximum's 1); a NaN stays NaN.
+ * Four times cheaper than libm's expf per score. `exp16` (the vector loop's) is the same
+ * operations on 16 lanes - elementwise IEEE float32, no contraction - so both loops give bitwise
+ * the same numbers. */
+static inline float exp_scalar(float x) {
+    if (x < -87.0f) x = -87.0f;
+    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* 1.5 * 2^23: rounds */
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = r * (1.0f / 720.0f) + (1.0f / 120.0f);
     p = p * r + (1.0f / 24.0f);
     p = p * r + (1.0f / 6.0f);
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-    return p * (v16)bits;
+    const int32_t bits = (x == x ? (int32_t)n + 127 : 127) * (1 << 23); /* a NaN's p is NaN anyway */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
-static float exp_one(float x) { return exp16((v16){0} + x)[0]; }
+/* The vector loop needs GCC's vector extensions (__builtin_shuffle) and target_clones; other
+ * compilers build the scalar loop alone (the same numbers, slower). */
+#if defined(__GNUC__) && !defined(__clang__) && !defined(SPECDEC_NO_VECTOR)
+#define VECTOR_LOOP 1
+#else
+#define VECTOR_LOOP 0
+#endif
 
 /* out = x rotated (rotate_half: out[i] = x[i] c[i] - x[i + h] s[i], out[i + h] = x[i + h] c[i + h]
  * + x[i] s[i + h] for i < h = rotary_dim / 2), the features past rotary_dim copied. apply_rope
@@ -118,7 +104,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t lo, i
     }
     float total = 0.0f;
     for (int64_t p = lo; p <= hi; p++) {
-        const float e = exp_one(scores[p - lo] - top);
+        const float e = exp_scalar(scores[p - lo] - top);
         scores[p - lo] = e;
         total += e;
         const float *vp = v + p * d;
@@ -128,6 +114,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t lo, i
     for (int64_t i = 0; i < d; i++) out[i] *= inv;
 }
 
+#if VECTOR_LOOP
 /* `attend` for every query that shares one KV head's rows (a row's tokens × the query heads of
  * its group), with head_dim = 16 × ND: each key and value row is read once for all of them,
  * instead of once a query, and the 16 lanes of `dot` are one vector (GCC's vector extension: one
@@ -138,6 +125,44 @@ static void attend(const float *q, const float *k, const float *v, int64_t lo, i
  * every ISA and whatever else is in the group (tests/models/test_layer_cpu.py holds them equal).
  * q [nq, d] rotated; query i attends to [lo[i], hi[i]] (non-empty); scores [nq, span] and acc
  * [nq, d] are scratch; out[i] is where query i's output goes. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+#pragma GCC diagnostic ignored "-Wpsabi" /* only ever inlined: no v16 crosses a call */
+
+__attribute__((always_inline)) static inline v16 load16(const float *p) {
+    v16 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+__attribute__((always_inline)) static inline void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
+
+__attribute__((always_inline)) static inline float hsum16(v16 a) {
+    a = a + __builtin_shuffle(a, (i16){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
+    a = a + __builtin_shuffle(a, (i16){4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
+    a = a + __builtin_shuffle(a, (i16){2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
+    a = a + __builtin_shuffle(a, (i16){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+    return a[0];
+}
+
+/* `exp_scalar` on 16 lanes, operation for operation. */
+__attribute__((always_inline)) static inline v16 exp16(v16 x) {
+    const v16 floor = (v16){0} - 87.0f, magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23: rounds */
+    const i16 low = x < floor;                                          /* NaN compares false */
+    x = (v16)(((i16)x & ~low) | ((i16)floor & low));
+    const v16 n = (x * 1.44269504f + magic) - magic;
+    const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    v16 p = r * (1.0f / 720.0f) + (1.0f / 120.0f);
+    p = p * r + (1.0f / 24.0f);
+    p = p * r + (1.0f / 6.0f);
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+    return p * (v16)bits;
+}
+
+
 #define ATTEND_GROUP(ND)                                                                               \
     __attribute__((target_clones("avx512f", "avx2", "default"))) static void attend_group##ND(         \
         const float *q, int64_t nq, const int64_t *lo, const int64_t *hi, const float *k, const float *v, \
@@ -168,7 +193,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t lo, i
             float *row = scores + i * span - first;                                                    \
             int64_t p = lo[i];                                                                         \
             for (; p + 16 <= hi[i] + 1; p += 16) store16(row + p, exp16(load16(row + p) - top[i]));    \
-            for (; p <= hi[i]; p++) row[p] = exp_one(row[p] - top[i]);                                 \
+            for (; p <= hi[i]; p++) row[p] = exp_scalar(row[p] - top[i]);                              \
             for (p = lo[i]; p <= hi[i]; p++) total[i] += row[p];                                       \
         }                                                                                              \
         for (int64_t p = first; p <= last; p++) {                                                      \
@@ -188,6 +213,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t lo, i
     }
 ATTEND_GROUP(4) /* head_dim 64 (SmolLM2, Llama 3.2 1B) */
 ATTEND_GROUP(8) /* head_dim 128 (Llama 3 8B, Qwen, Mistral) */
+#endif
 
 /* Returns 0, -1 if scratch could not be allocated, -2 if head_dim is past MAX_HEAD_DIM.
  * `portable`: the scalar `attend` for every head_dim (the tests compare the two).
@@ -221,7 +247,7 @@ int specdec_attention(const float *qkv, int64_t b, int64_t t, int64_t heads, int
     /* One task per (row, KV head, part of the row's tokens): those tokens × the query heads of the
      * KV head's group. A row's tokens are split in parts only to give every thread work (a decode
      * has as many tasks as KV heads); which queries share a task never changes their numbers. */
-    const int vector = !portable && (d == 64 || d == 128);
+    const int vector = VECTOR_LOOP && !portable && (d == 64 || d == 128);
     if (threads < 1) threads = 1;
     if ((double)b * (double)t * (double)heads * (double)kv_len * (double)d < (double)PARALLEL_WORK) threads = 1;
     int64_t parts = 1;
@@ -274,10 +300,14 @@ int specdec_attention(const float *qkv, int64_t b, int64_t t, int64_t heads, int
                 nq++;
             }
         }
+#if VECTOR_LOOP
         if (nq && d == 64)
             attend_group4(q, nq, lo, hi, k_cache + base, v_cache + base, scale, scores, acc, out_of);
         else if (nq)
             attend_group8(q, nq, lo, hi, k_cache + base, v_cache + base, scale, scores, acc, out_of);
+#else
+        (void)acc;
+#endif
     }
     free(bounds);
     free(outs);

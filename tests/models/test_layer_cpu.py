@@ -10,6 +10,7 @@ test_decoder_reference.py.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 
 from specdec.batching import Row, make_batch
 from specdec.kernels import layer_cpu
+from specdec.kernels.native import built_library
 from specdec.models import CacheLayout, KVCache, load_checkpoint
 from specdec.models.attention import math_attention
 from specdec.models.rope import apply_rope
@@ -128,6 +130,22 @@ def test_the_vector_loop_gives_the_scalar_loops_numbers(kernels, case):
     fast = kernels.attention(*args, k_cache.clone(), v_cache.clone(), 34, c["window"], 0.3)
     slow = kernels.scalar().attention(*args, k_cache.clone(), v_cache.clone(), 34, c["window"], 0.3)
     assert torch.equal(fast, slow)
+
+
+def test_a_compiler_without_gccs_vectors_builds_the_same_numbers(kernels, tmp_path, monkeypatch):
+    """Other compilers (clang) build the scalar loop alone: the same file with the vector loop
+    compiled out gives bitwise the vector loop's numbers."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "cc -DSPECDEC_NO_VECTOR -std=c99 -pedantic-errors")
+    plain = layer_cpu.LayerKernels(ctypes.CDLL(str(built_library(layer_cpu.SOURCE))))
+    c = CASES["vector, head_dim 64"]
+    rows = [(2, 7, 4, 4), (0, 0, 4, 1), (3, 30, 4, 3)]
+    qkv, slots, start, n_valid, k_cache, v_cache = random_case(
+        c["heads"], c["kv_heads"], c["d"], rows, seed=9
+    )
+    args = (qkv, c["heads"], c["kv_heads"], c["d"], *tables(c["rotary_dim"]), start, n_valid, slots)
+    ours = kernels.attention(*args, k_cache.clone(), v_cache.clone(), 34, None, 0.3)
+    assert torch.equal(plain.attention(*args, k_cache.clone(), v_cache.clone(), 34, None, 0.3), ours)
 
 
 def test_padding_writes_only_the_scratch_row(attention):

@@ -41,19 +41,22 @@
 /* e^x for x <= 0 (a score minus its row's maximum): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
  * its degree-6 Taylor polynomial (relative error below 2e-7), times 2^n built in the exponent
  * bits. Below -87 it returns e^-87 (~1.6e-38, nothing next to the maximum's 1); a NaN stays NaN.
- * Four times cheaper than libm's expf per score. `exp16` (the vector loop's) is the same
- * operations on 16 lanes - elementwise IEEE float32, no contraction - so both loops give bitwise
+ * Four times cheaper than libm's expf per score. `exp16` (the vector loop's) runs the same
+ * EXP_REDUCED on 16 lanes - elementwise IEEE float32, no contraction - so both loops give bitwise
  * the same numbers. */
+#define EXP_REDUCED(T, x, n, p) /* for x (float or v16, floored): n, and p = e^(x - n ln 2) */      \
+    const T n = ((x) * 1.44269504f + 12582912.0f) - 12582912.0f; /* 1.5 * 2^23: rounds */        \
+    const T p##_r = ((x) - n * 0.693359375f) - n * -2.12194440e-4f;                              \
+    T p = p##_r * (1.0f / 720.0f) + (1.0f / 120.0f);                                             \
+    p = p * p##_r + (1.0f / 24.0f);                                                              \
+    p = p * p##_r + (1.0f / 6.0f);                                                               \
+    p = p * p##_r + 0.5f;                                                                        \
+    p = p * p##_r + 1.0f;                                                                        \
+    p = p * p##_r + 1.0f
+
 static inline float exp_scalar(float x) {
     if (x < -87.0f) x = -87.0f;
-    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* 1.5 * 2^23: rounds */
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = r * (1.0f / 720.0f) + (1.0f / 120.0f);
-    p = p * r + (1.0f / 24.0f);
-    p = p * r + (1.0f / 6.0f);
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    EXP_REDUCED(float, x, n, p);
     const int32_t bits = (x == x ? (int32_t)n + 127 : 127) * (1 << 23); /* a NaN's p is NaN anyway */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
@@ -145,19 +148,12 @@ __attribute__((always_inline)) static inline float hsum16(v16 a) {
     return a[0];
 }
 
-/* `exp_scalar` on 16 lanes, operation for operation. */
+/* `exp_scalar` on 16 lanes: the same floor, EXP_REDUCED and scaling by 2^n. */
 __attribute__((always_inline)) static inline v16 exp16(v16 x) {
-    const v16 floor = (v16){0} - 87.0f, magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23: rounds */
-    const i16 low = x < floor;                                          /* NaN compares false */
+    const v16 floor = (v16){0} - 87.0f;
+    const i16 low = x < floor; /* NaN compares false */
     x = (v16)(((i16)x & ~low) | ((i16)floor & low));
-    const v16 n = (x * 1.44269504f + magic) - magic;
-    const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    v16 p = r * (1.0f / 720.0f) + (1.0f / 120.0f);
-    p = p * r + (1.0f / 24.0f);
-    p = p * r + (1.0f / 6.0f);
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    EXP_REDUCED(v16, x, n, p);
     const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
     return p * (v16)bits;
 }

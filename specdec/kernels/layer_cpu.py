@@ -12,7 +12,8 @@
   Measured against SDPA on SmolLM2's shapes here: faster for one token at every context up to
   4096, about even for 5 tokens past 2048 positions (docs/QUANTIZATION.md).
 - `rms_norm`: RMSNorm, one call (torch's F.rms_norm is about 25 us for one 576-wide row here,
-  this about 5).
+  RMSNorm's call of this about 10).
+- `silu_mul`: silu(gate) × up from the fused gate/up output (chunk, silu and a product in torch).
 
 The decoder's tensor ops are their reference (tests/models/test_layer_cpu.py). Compiled at first
 use (specdec/kernels/native.py); where no compiler works, or with SPECDEC_KERNELS=reference, the

@@ -107,7 +107,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--heldout", action="store_true", help="the held-out instructions instead of the training ones"
     )
     data.add_argument("--max-new-tokens", type=int, default=160)
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="the sampled answers' seeds follow it")
+    data.add_argument(
+        "--all-sampled",
+        action="store_true",
+        help="sample every answer (default: half greedy): more answers to the same instructions under another --seed",
+    )
     data.add_argument("--max-batch-size", type=int, default=16)
     data.set_defaults(func=run_distill_data)
 
@@ -205,7 +210,15 @@ def run_distill_data(args: argparse.Namespace) -> int:
         ),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tokens = write_answers(engine, prompts, args.out, args.max_new_tokens, args.seed, first=args.start)
+    tokens = write_answers(
+        engine,
+        prompts,
+        args.out,
+        args.max_new_tokens,
+        args.seed,
+        first=args.start,
+        all_sampled=args.all_sampled,
+    )
     print(f"specdec: {len(prompts)} answers, {tokens} tokens, in {args.out}", file=sys.stderr)
     return 0
 

@@ -114,18 +114,26 @@ def instructions(count: int, heldout: bool = False) -> list[str]:
 
 
 def write_answers(
-    engine: Any, prompts: list[str], out: Path, max_new_tokens: int, seed: int = 0, first: int = 0
+    engine: Any,
+    prompts: list[str],
+    out: Path,
+    max_new_tokens: int,
+    seed: int = 0,
+    first: int = 0,
+    all_sampled: bool = False,
 ) -> int:
     """Generate the target's answer to every instruction with `engine` (target alone) and write the
     JSONL documents; returns the number of answer tokens. `first`: the index of prompts[0] in the
-    fixed order (which instructions are sampled, and their seeds, follow the index)."""
+    fixed order (which instructions are sampled, and their seeds, follow the index). `all_sampled`:
+    sample every answer - a further set of answers to the same instructions under another `seed`
+    (the greedy half would only repeat the first set's)."""
     from specdec.request import Mode
     from specdec.sampling import SamplingParams
 
     requests, sampled = [], []
     for k, instruction in enumerate(prompts, start=first):
         ids = engine.render_chat([{"role": "user", "content": instruction}])
-        sample = k % 2 == 1
+        sample = all_sampled or k % 2 == 1
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=0.8 if sample else 0.0,

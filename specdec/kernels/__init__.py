@@ -1,6 +1,7 @@
 """Triton kernels of the speculative hot loop, each with a pure-PyTorch reference beside it; and
 C for the CPU, each beside its tensor ops: int8's product (`int8_linear`) and a float32 layer's
-attention core and norm (`layer_cpu`), built at first use (`native`).
+attention core and norm (`layer_cpu`) and the sampling draws' Philox (`philox`), built at first
+use (`native`).
 
 Installed as ``specdec.kernels``. The references are also the CPU path; `use_triton` says which of
 the two the engine runs. On a machine without a GPU the kernels themselves run only under

@@ -53,7 +53,7 @@ class LayerKernels:
         self._rms_norm.argtypes = [ptr, ptr, i64, i64, f32, ptr]
         self._rms_norm.restype = None
         self._silu_mul = lib.specdec_silu_mul
-        self._silu_mul.argtypes = [ptr, i64, i64, ptr]
+        self._silu_mul.argtypes = [ptr, i64, i64, ptr, i32]
         self._silu_mul.restype = None
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,8 @@ class LayerKernels:
         gate_up = gate_up.contiguous()
         n = gate_up.shape[-1] // 2
         out = torch.empty((*gate_up.shape[:-1], n), dtype=torch.float32)
-        self._silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, out.data_ptr())
+        rows = gate_up.numel() // (2 * n) if n else 0
+        self._silu_mul(gate_up.data_ptr(), rows, n, out.data_ptr(), torch.get_num_threads())
         return out
 
     def scalar(self) -> LayerKernels:

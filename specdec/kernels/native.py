@@ -1,4 +1,4 @@
-"""Building specdec's C kernels (`int8_linear.c`, `layer_cpu.c`) at first use.
+"""Building specdec's C kernels (`int8_linear.c`, `layer_cpu.c`, `philox_cpu.c`) at first use.
 
 Each source is compiled with the system's C compiler (`$CC`, else `cc`; with OpenMP where the
 compiler has it) into specdec's cache and loaded through ctypes by its own module, which falls

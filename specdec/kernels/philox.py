@@ -12,12 +12,23 @@ size or any global generator state, so a seeded request draws the same numbers w
 Offsets never multiply position by vocabulary size: both are separate counter words.
 
 `philox_uniform` is the Triton device function the kernels inline; `uniform_reference` is its
-bit-exact PyTorch mirror, used by the reference implementations (and so by the CPU path).
+bit-exact PyTorch mirror. The reference implementations (and so the CPU path) draw through
+`uniform`: the same numbers from C (`philox_cpu.c`, built at first use like specdec's other C
+kernels) on CPU tensors, the tensor ops elsewhere, with SPECDEC_KERNELS=reference or where no
+compiler works.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
 import torch
+
+from specdec.kernels.native import BUILD_ERRORS, built_library
 
 try:  # Triton is optional on CPU machines; the references below never need it.
     import triton
@@ -134,6 +145,49 @@ def uniform_reference(
     # One Philox call yields four lanes: interleave the words back into lane order.
     lanes = torch.stack(words, dim=-1).reshape(seed.shape[0], groups * 4)[:, :n_lanes]
     return _to_uniform(lanes)
+
+
+SOURCE = Path(__file__).with_name("philox_cpu.c")
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _cpu_uniform() -> ctypes._CFuncPtr | None:
+    """`philox_cpu.c`'s specdec_uniform if it builds and loads here, else None (logged once)."""
+    if os.environ.get("SPECDEC_KERNELS") == "reference":
+        return None
+    try:
+        fn = ctypes.CDLL(str(built_library(SOURCE))).specdec_uniform
+    except BUILD_ERRORS as e:
+        log.warning("CPU sampling: the C Philox did not build (%s); using tensor ops (slower)", e)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, ptr, i64, ctypes.c_uint32, i64, ptr, ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+def uniform(seed: torch.Tensor, stream: int, position: torch.Tensor, n_lanes: int = 1) -> torch.Tensor:
+    """`uniform_reference`'s numbers [N, n_lanes] for N rows of (seed [N], position [N]), bitwise:
+    from C on CPU tensors where it built (a 49152-lane row in 0.35 ms on one thread here, where
+    the tensor ops take 15 ms), from the tensor ops elsewhere."""
+    fn = _cpu_uniform() if seed.device.type == "cpu" else None
+    if fn is None:
+        return uniform_reference(seed, stream, position, n_lanes)
+    seed = seed.to(torch.int64).reshape(-1).contiguous()
+    position = position.to(torch.int64).reshape(-1).contiguous()
+    assert seed.shape == position.shape, "one seed and one position per row"
+    out = torch.empty((seed.numel(), n_lanes), dtype=torch.float32)
+    fn(
+        seed.data_ptr(),
+        position.data_ptr(),
+        seed.numel(),
+        stream,
+        n_lanes,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def uniform_triton(seed: torch.Tensor, stream: int, position: torch.Tensor, n_lanes: int = 1) -> torch.Tensor:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.kernels.philox import HAVE_TRITON, STREAM_ACCEPT, STREAM_RESAMPLE, uniform_reference
+from specdec.kernels.philox import HAVE_TRITON, STREAM_ACCEPT, STREAM_RESAMPLE, uniform
 from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK
 
 if HAVE_TRITON:
@@ -102,9 +102,7 @@ def rejection_sample_reference(
 
     p_d = torch.gather(p[:, :g], 2, d[..., None])[..., 0]
     q_d = torch.gather(q_dense, 2, d[..., None])[..., 0]
-    u = uniform_reference(
-        seeds.repeat_interleave(g), STREAM_ACCEPT, (positions[:, None] + steps[None, :g]).flatten()
-    )
+    u = uniform(seeds.repeat_interleave(g), STREAM_ACCEPT, (positions[:, None] + steps[None, :g]).flatten())
     ok = accept_rule(p_d, q_d, u.view(b_size, g)) & is_draft & in_vocab
     accepted = ok.long().cumprod(-1).sum(-1)  # [B]
 
@@ -118,7 +116,7 @@ def rejection_sample_reference(
     weights = torch.where(rejected[:, None], residual_rule(p_at, q_at), p_at)
     weights = torch.where((weights.sum(-1) > 0)[:, None], weights, p_at)  # no residual mass: fall back to p
     weights = torch.where(torch.isfinite(weights), weights, 0.0)
-    noise = -torch.log(uniform_reference(seeds, STREAM_RESAMPLE, positions + accepted, vocab_size))
+    noise = -torch.log(uniform(seeds, STREAM_RESAMPLE, positions + accepted, vocab_size))
     choice = (weights / noise).argmax(-1)
 
     tokens = torch.zeros((b_size, g1), dtype=torch.int64, device=device)

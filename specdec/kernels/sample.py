@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.kernels.philox import HAVE_TRITON, uniform_reference
+from specdec.kernels.philox import HAVE_TRITON, uniform
 from specdec.kernels.status import ROW_NO_TOKEN, ROW_NONFINITE, ROW_OK, greedy_scan
 
 if HAVE_TRITON:
@@ -45,7 +45,7 @@ def sample_reference(
         if rows.numel():
             p = probs[rows, :vocab_size].float()
             p_nonfinite = ~torch.isfinite(p).all(dim=-1)
-            u = uniform_reference(seeds[rows], stream, positions[rows], vocab_size)
+            u = uniform(seeds[rows], stream, positions[rows], vocab_size)
             scores = torch.where(torch.isfinite(p), p, 0.0) / -torch.log(u)
             tokens[rows] = scores.argmax(dim=-1)
             nonfinite[rows] = p_nonfinite

@@ -85,3 +85,34 @@ def test_validation_names_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs).validate(vocab_size=300)
     assert e.value.field == field and str(e.value).startswith(field)
+
+
+@pytest.mark.parametrize("candidates", [4, 12])
+def test_candidate_selection_matches_definition_and_the_whole_sort(monkeypatch, candidates):
+    """Top-k / top-p read each row's best `CANDIDATES` logits and sort a row whole only when its
+    kept tokens may pass them: with the count shrunk below the vocabulary, rows of every kind -
+    top-k inside and past the candidates, a nucleus inside them and one past them (a flat row),
+    no truncation beside truncating rows - still match the definition, and the same row gives the
+    same probabilities alone as in the batch."""
+    import specdec.sampling as sampling
+
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, 50, generator=g) * 3
+    logits[3] = torch.randn(50, generator=g) * 0.05  # flat: a 0.9 nucleus holds most of the row
+    params = [
+        SamplingParams(temperature=1.0, top_k=3),  # inside the candidates
+        SamplingParams(temperature=0.9, top_k=30),  # past them: sorted whole
+        SamplingParams(temperature=1.0, top_p=0.5),  # a peaked nucleus inside them
+        SamplingParams(temperature=1.0, top_p=0.9),  # past them
+        SamplingParams(temperature=1.2, top_k=20, top_p=0.6),
+        SamplingParams(temperature=1.0),  # no truncation, in a truncating batch
+        SamplingParams(temperature=0.7, top_k=2, top_p=0.99),
+    ]
+    got = probabilities(logits, _tensors(params))
+    for row, sp in enumerate(params):
+        want = _brute(logits[row], sp.temperature, sp.top_k, sp.top_p)
+        torch.testing.assert_close(got[row], want, atol=1e-6, rtol=1e-5)
+        alone = probabilities(logits[row : row + 1], _tensors([sp]))
+        torch.testing.assert_close(alone[0], got[row], atol=0, rtol=0)
+    assert (got[3] > 0).sum() > candidates  # the flat row's nucleus did pass the candidates

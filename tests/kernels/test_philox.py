@@ -1,4 +1,4 @@
-"""Counter-based randomness: the Triton function and its PyTorch mirror agree bit for bit."""
+"""Counter-based randomness: the Triton function, the CPU's C and the PyTorch mirror agree bit for bit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 from specdec.kernels.philox import (
     STREAM_ACCEPT,
     STREAM_DRAFT,
+    _cpu_uniform,
     philox4x32_reference,
+    uniform,
     uniform_reference,
     uniform_triton,
 )
@@ -47,6 +49,43 @@ def test_triton_equals_reference_bit_for_bit():
             uniform_triton(seeds, stream, positions, lanes),
             uniform_reference(seeds, stream, positions, lanes),
         )
+
+
+def test_cpu_c_equals_reference_bit_for_bit(monkeypatch):
+    """`uniform` (the sampling references' draw) is philox_cpu.c on the CPU: bitwise the tensor
+    ops for every seed (negative ones too: their high word is the two's complement's), position,
+    stream, lane count (not only multiples of 4) and thread count."""
+    if _cpu_uniform() is None:
+        pytest.skip("no C compiler here: `uniform` is the tensor ops themselves")
+    g = torch.Generator().manual_seed(1)
+    seeds = torch.cat(
+        [
+            torch.tensor([0, -1, -(2**63), 2**63 - 1, 2**32]),
+            torch.randint(-(2**62), 2**62, (27,), generator=g),
+        ]
+    )
+    positions = torch.cat(
+        [torch.tensor([0, 2**31 - 1, 2**32 - 1, 1, 5]), torch.randint(0, 2**20, (27,), generator=g)]
+    )
+    for stream, lanes in ((STREAM_DRAFT, 1), (STREAM_ACCEPT, 7), (2, 333), (2, 4099)):
+        expected = uniform_reference(seeds, stream, positions, lanes)
+        for threads in (1, 2):
+            monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+            assert torch.equal(uniform(seeds, stream, positions, lanes), expected), (stream, lanes, threads)
+    assert uniform(seeds[:0], 0, positions[:0], 5).shape == (0, 5)
+
+
+def test_reference_kernels_forced_use_tensor_ops(monkeypatch):
+    """SPECDEC_KERNELS=reference bypasses the C (to bisect a suspected kernel bug)."""
+    monkeypatch.setenv("SPECDEC_KERNELS", "reference")
+    _cpu_uniform.cache_clear()
+    try:
+        assert _cpu_uniform() is None
+        seeds, positions = torch.tensor([3, 4]), torch.tensor([0, 9])
+        assert torch.equal(uniform(seeds, 2, positions, 9), uniform_reference(seeds, 2, positions, 9))
+    finally:
+        monkeypatch.delenv("SPECDEC_KERNELS")
+        _cpu_uniform.cache_clear()
 
 
 def test_uniforms_are_open_interval_and_uniform():

@@ -341,6 +341,9 @@ def test_silu_mul_equals_the_tensor_ops(kernels):
     expected = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(kernels.silu_mul(gate_up), expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(kernels.silu_mul(gate_up[1:, 2:]), kernels.silu_mul(gate_up)[1:, 2:])
+    # A batch wide enough to split over threads: each row's numbers are the row's alone.
+    wide = torch.randn(64, 2 * 1536, generator=torch.Generator().manual_seed(7)) * 6
+    assert torch.equal(kernels.silu_mul(wide)[5], kernels.silu_mul(wide[5:6])[0])
 
 
 @pytest.mark.parametrize("d", [16, 64])  # the scalar loop and the vector one

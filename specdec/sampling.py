@@ -205,11 +205,15 @@ def probabilities(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 # this project's 2-core machine, as much as a decode pass, and a 1024-candidate topk under half a
 # millisecond. A row whose kept tokens could reach past its candidates (top-k above CANDIDATES, or
 # candidates holding less than top_p of the mass) is sorted whole instead. The count is fixed, not
-# chosen per batch, so a row's result never depends on what else is in the batch.
+# chosen per batch, so a row's result never depends on what else is in the batch. CPU only: which
+# rows fall back is read on the host, which on a GPU would sync every step, and there the sort is
+# cheap.
 CANDIDATES = 1024
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu":
+        return _top_k_top_p_sorted(x, top_k, top_p)
     vocab = x.shape[-1]
     n = min(vocab, CANDIDATES)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
